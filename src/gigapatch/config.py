@@ -1,0 +1,239 @@
+"""Run configuration: typed dataclasses, YAML files, ``--set key=value`` overrides.
+
+A config has four sections (``data``, ``model``, ``method``, ``train``) plus ``name`` and
+``seed``. Unknown keys and wrongly typed values are refused with a :class:`ConfigError` that
+names the key, suggests close matches and says what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gigapatch.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the images are. CSV files hold ``path,label`` (paths relative to the CSV)."""
+
+    train_csv: str = "data/ultramnist/train.csv"
+    val_csv: str = "data/ultramnist/test.csv"
+    num_classes: int = 10
+    in_chans: int = 1
+    num_workers: int = 0
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """θ1 (encoder) and θ2 (head) by name; ``latent_dim`` is the channel count C of Z."""
+
+    encoder: str = "tiny_cnn"
+    pretrained: bool = False
+    latent_dim: int = 64
+    head: str = "conv"
+    head_width: int = 64
+
+
+@dataclass
+class MethodConfig:
+    """Training method and its settings (fields a method does not use are ignored by it)."""
+
+    name: str = "patchgd"
+    patch_size: int = 32
+    stride: int | None = None
+    sample_fraction: float = 0.25
+    inner_steps: int | None = None
+    accumulate: bool = True
+    fill_chunk: int = 256
+    fill_mode: str = "train"
+    global_context: str = "none"
+    downsample_to: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and memory settings."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"
+    grad_clip: float | None = None
+    device: str = "auto"
+    out_dir: str = "runs"
+    memory_budget: str | None = None
+    measure_memory: bool = True
+    progress: bool = True
+    max_train_batches: int | None = None
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-serialisable)."""
+        return asdict(self)
+
+    def validate(self) -> Config:
+        """Check value ranges and choices; returns ``self``."""
+        _check(self.data.num_classes >= 2, "data.num_classes", self.data.num_classes, "≥ 2")
+        _check(self.data.in_chans >= 1, "data.in_chans", self.data.in_chans, "≥ 1")
+        _check(self.data.std > 0, "data.std", self.data.std, "> 0")
+        _check(self.model.latent_dim >= 1, "model.latent_dim", self.model.latent_dim, "≥ 1")
+        m = self.method
+        _check(m.patch_size >= 1, "method.patch_size", m.patch_size, "≥ 1")
+        _check(
+            0 < m.sample_fraction <= 1, "method.sample_fraction", m.sample_fraction, "in (0, 1]"
+        )
+        _check(
+            m.inner_steps is None or m.inner_steps >= 1,
+            "method.inner_steps",
+            m.inner_steps,
+            "≥ 1 or null (= ceil(1/sample_fraction))",
+        )
+        _check(m.fill_chunk >= 1, "method.fill_chunk", m.fill_chunk, "≥ 1")
+        _choice("method.fill_mode", m.fill_mode, ("train", "eval"))
+        _choice("method.global_context", m.global_context, ("none", "add", "concat"))
+        t = self.train
+        _check(t.epochs >= 1, "train.epochs", t.epochs, "≥ 1")
+        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "≥ 1")
+        _check(t.lr > 0, "train.lr", t.lr, "> 0")
+        _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "≥ 0")
+        _choice("train.optimizer", t.optimizer, ("adamw", "adam", "sgd"))
+        _choice("train.schedule", t.schedule, ("cosine", "linear", "constant"))
+        if t.memory_budget is not None:
+            from gigapatch.memory import parse_bytes
+
+            parse_bytes(t.memory_budget)
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}.")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key} = {value!r} is invalid.{hint} Choose one of {list(choices)}.")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a :class:`Config` from nested dicts, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}.")
+    return _build(Config, raw, prefix="", source=source).validate()
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config and apply ``key=value`` overrides (dotted keys, YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass an existing YAML file.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override to a nested dict (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got {item!r}.")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {p!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key {full!r}.{hint} "
+                f"Known keys here: {', '.join(prefix + k for k in known)}."
+            )
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full!r} must be a section (mapping).")
+            kwargs[key] = _build(hint_t, value, prefix=f"{full}.", source=source)
+        else:
+            kwargs[key] = _coerce(value, hint_t, full, source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(float(value)):
+            raise ConfigError(f"{source}: {key} = nan is invalid.")
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"{source}: {key} = {value!r} has the wrong type: expected {tp.__name__}"
+        + (" or null" if type(None) in args else "")
+        + "."
+    )

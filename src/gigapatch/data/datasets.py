@@ -1,0 +1,169 @@
+"""Image-classification datasets listed in a CSV file.
+
+The CSV needs at least the columns ``path`` and ``label`` (extra columns are ignored).
+Every problem a user can cause -- missing CSV, missing columns, bad labels, missing
+image files -- is reported at construction time with the file, row and value at fault;
+corrupt image files are reported when read.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gigapatch.errors import ConfigError, DataError
+from gigapatch.io.image import read_image
+
+__all__ = ["CSVImageDataset"]
+
+REQUIRED_COLUMNS = ("path", "label")
+_MAX_LISTED = 5  # missing files named in one error message
+
+
+class CSVImageDataset(Dataset):
+    """Images and integer labels listed in a CSV with columns ``path,label``.
+
+    Args:
+        csv_path: the CSV file (UTF-8, optional BOM; header row required).
+        root: directory that relative image paths are resolved against; defaults to the
+            CSV's directory. Absolute paths in the CSV are used as they are.
+        num_classes: if given, every label must be in ``[0, num_classes)``; otherwise labels
+            must be >= 0 and ``num_classes`` is inferred as ``max(label) + 1``.
+
+    Items are ``(image, label)``: ``image`` is a ``uint8`` tensor of shape ``(C, H, W)``
+    (C = 1 grayscale or 3 RGB, see :func:`gigapatch.io.image.read_image`), ``label`` an
+    ``int64`` tensor of shape ``()``.
+
+    Raises:
+        DataError: the CSV is missing or empty, lacks a column, has a non-integer or
+            out-of-range label, or lists image files that do not exist.
+        ConfigError: ``num_classes`` is not a positive integer.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike[str],
+        root: str | os.PathLike[str] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        self.csv_path = Path(csv_path)
+        if num_classes is not None and (
+            isinstance(num_classes, bool)
+            or not isinstance(num_classes, (int, np.integer))
+            or num_classes < 1
+        ):
+            raise ConfigError(f"num_classes={num_classes!r} is invalid; use an integer >= 1.")
+        if not self.csv_path.is_file():
+            raise DataError(
+                f"Dataset CSV not found: {self.csv_path}. Check the path, or generate the "
+                "dataset first (e.g. UltraMNIST)."
+            )
+        self.root = Path(root) if root is not None else self.csv_path.parent
+        if not self.root.is_dir():
+            raise DataError(
+                f"Image root directory not found: {self.root} (for {self.csv_path}). Check root."
+            )
+        paths, labels = self._read_rows(num_classes)
+        self._paths = paths
+        self._labels = labels
+        self._num_classes = int(num_classes) if num_classes is not None else max(labels) + 1
+        self._check_files_exist()
+
+    def _read_rows(self, num_classes: int | None) -> tuple[list[Path], list[int]]:
+        """Parse and validate the CSV rows; returns resolved image paths and labels."""
+        paths: list[Path] = []
+        labels: list[int] = []
+        try:
+            with open(self.csv_path, newline="", encoding="utf-8-sig") as handle:
+                reader = csv.DictReader(handle, skipinitialspace=True)
+                fields = [name.strip() for name in (reader.fieldnames or [])]
+                missing = [c for c in REQUIRED_COLUMNS if c not in fields]
+                if missing:
+                    raise DataError(
+                        f"Dataset CSV {self.csv_path} lacks column(s) {missing}; found columns "
+                        f"{fields}. The first line must be a header with at least 'path,label'."
+                    )
+                reader.fieldnames = fields
+                for row in reader:
+                    line = reader.line_num
+                    path_text = (row.get("path") or "").strip()
+                    label_text = (row.get("label") or "").strip()
+                    if not path_text:
+                        raise DataError(
+                            f"Dataset CSV {self.csv_path}, line {line}: empty 'path'. Every "
+                            "row needs an image path."
+                        )
+                    labels.append(self._parse_label(label_text, line, num_classes))
+                    path = Path(path_text)
+                    paths.append(path if path.is_absolute() else self.root / path)
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"Dataset CSV {self.csv_path} is not valid UTF-8 text ({exc}). Save it as UTF-8."
+            ) from exc
+        except csv.Error as exc:
+            raise DataError(f"Dataset CSV {self.csv_path} cannot be parsed: {exc}.") from exc
+        if not labels:
+            raise DataError(
+                f"Dataset CSV {self.csv_path} has no rows below its header; it must list at "
+                "least one image."
+            )
+        return paths, labels
+
+    def _parse_label(self, text: str, line: int, num_classes: int | None) -> int:
+        """The integer label on CSV line ``line``; DataError if not an integer in range."""
+        try:
+            label = int(text)
+        except ValueError:
+            raise DataError(
+                f"Dataset CSV {self.csv_path}, line {line}: label {text!r} is not an integer. "
+                "Labels must be class indices 0, 1, 2, ..."
+            ) from None
+        upper = "num_classes" if num_classes is None else str(num_classes)
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise DataError(
+                f"Dataset CSV {self.csv_path}, line {line}: label {label} is out of range "
+                f"[0, {upper}). Fix the label"
+                + (" or pass a larger num_classes." if num_classes is not None else ".")
+            )
+        return label
+
+    def _check_files_exist(self) -> None:
+        """DataError naming the listed image files that do not exist (a stat per file)."""
+        missing = [path for path in self._paths if not path.is_file()]
+        if missing:
+            shown = ", ".join(str(p) for p in missing[:_MAX_LISTED])
+            more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+            raise DataError(
+                f"Dataset CSV {self.csv_path} lists {len(missing)} image file(s) that do not "
+                f"exist: {shown}{more}. Check the paths (relative to {self.root}) or regenerate "
+                "the dataset."
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: as given, or ``max(label) + 1``."""
+        return self._num_classes
+
+    @property
+    def labels(self) -> list[int]:
+        """The label of every item, in CSV order (a copy)."""
+        return list(self._labels)
+
+    @property
+    def paths(self) -> list[Path]:
+        """The resolved image path of every item, in CSV order (a copy)."""
+        return list(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image uint8 (C, H, W), label int64 ())``; DataError names a corrupt file."""
+        array = read_image(self._paths[index])  # (H, W, C) uint8
+        image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return image, torch.tensor(self._labels[index], dtype=torch.int64)

@@ -1,0 +1,130 @@
+"""Reading and writing single images with Pillow.
+
+:func:`read_image` always returns ``uint8`` arrays of shape ``(H, W, C)`` with ``C`` = 1
+(grayscale) or 3 (RGB), whatever the file's mode, so callers never branch on modes.
+Pillow's decompression-bomb guard stays on: an image above ``PIL.Image.MAX_IMAGE_PIXELS``
+is refused with a :class:`~gigapatch.errors.DataError` that says how to proceed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gigapatch.errors import DataError
+
+__all__ = ["read_image", "write_png"]
+
+# Modes that become a single grayscale channel; everything else becomes RGB.
+_GRAY_MODES = {"1", "L", "LA", "La"}
+_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file into a ``uint8`` array of shape ``(H, W, C)``.
+
+    ``C`` is 1 for grayscale files (modes ``1``, ``L``, ``LA``; 16-bit ``I;16``/``I``
+    scaled from 0..65535 to 0..255) and 3 for everything else (``RGB``; ``RGBA``/``LA``
+    lose their alpha channel; palette, CMYK, YCbCr ... are converted to RGB).
+    Multi-frame files (GIF, multi-page TIFF) give their first frame.
+
+    Raises:
+        DataError: the file is missing, cannot be decoded (corrupt, truncated, not an
+            image), is floating point, or exceeds Pillow's decompression-bomb limit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not an image file" if path.is_dir() else "not found"
+        raise DataError(f"Image file {what}: {path}. Check the path (and the CSV that lists it).")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_uint8_hwc(img, path)
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"Image {path} is larger than Pillow's decompression-bomb limit "
+            f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels): {exc}. "
+            "Store huge images as tiled TIFFs read region by region, or, if you trust the "
+            "file, raise PIL.Image.MAX_IMAGE_PIXELS before loading."
+        ) from exc
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # UnidentifiedImageError is an OSError; truncated data raises OSError;
+        # some plugins raise SyntaxError / ValueError on malformed headers.
+        raise DataError(
+            f"Image {path} cannot be decoded (corrupt, truncated or not an image file): {exc}. "
+            "Re-export or re-download the file, or remove it from the dataset."
+        ) from exc
+
+
+def _to_uint8_hwc(img: Image.Image, path: Path) -> np.ndarray:
+    """Convert a loaded Pillow image to ``uint8`` ``(H, W, 1)`` or ``(H, W, 3)``."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        wide = np.array(img, dtype=np.int64)
+        gray = (np.clip(wide, 0, 65535) + 128) // 257  # 0..65535 -> 0..255, rounded
+        return gray.astype(np.uint8)[:, :, None]
+    if mode == "F":
+        raise DataError(
+            f"Image {path} has floating-point pixels (mode 'F'); gigapatch reads 8-bit or "
+            "16-bit images. Convert it to an 8-bit PNG or TIFF first."
+        )
+    if mode in _GRAY_MODES:
+        array = np.array(img.convert("L"))
+        return array[:, :, None]
+    try:
+        if mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        array = np.array(img.convert("RGB"))
+    except ValueError as exc:
+        raise DataError(
+            f"Image {path} has pixel mode {mode!r}, which cannot be converted to RGB ({exc}). "
+            "Convert it to an 8-bit RGB or grayscale PNG/TIFF first."
+        ) from exc
+    return np.ascontiguousarray(array)
+
+
+def write_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Write a ``uint8`` array to ``path`` as PNG, atomically.
+
+    Args:
+        path: destination file; parent directories are created.
+        array: ``uint8`` of shape ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``.
+
+    The image is written to a temporary file in the same directory and moved into place
+    with :func:`os.replace`, so a crash never leaves a half-written PNG at ``path``.
+    Output is deterministic: the same array always gives the same bytes.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: ``array`` is not ``uint8`` or has an unsupported shape.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"write_png needs a uint8 array, got dtype {array.dtype} for {path}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(
+            f"write_png needs shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+            f"got {array.shape} for {path}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique sibling name opened with "xb" (not mkstemp, which would force mode 0600).
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp_path, "xb") as handle:
+            Image.fromarray(np.ascontiguousarray(array)).save(handle, format="PNG")
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,318 @@
+"""Measure the peak memory of one training step, on CPU as well as CUDA.
+
+gigapatch promises that training memory is set by the patch, not the image. This module
+measures that honestly:
+
+* On CUDA, :func:`measure_step_peak` reads the caching allocator's own peak statistic.
+* Elsewhere (CPU), :class:`TensorMemoryTracker` watches every dispatched ATen op, forward and
+  backward, and counts the bytes of each *newly allocated* tensor storage until it is freed.
+
+:func:`parse_bytes` and :func:`format_bytes` convert between byte counts and strings such as
+``"2GiB"`` or ``"1.5 GB"``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from gigapatch.errors import ConfigError
+
+__all__ = [
+    "TensorMemoryTracker",
+    "format_bytes",
+    "measure_step_peak",
+    "parse_bytes",
+    "persistent_bytes",
+]
+
+# Unit names, lower-cased: binary units have an "i", decimal ones do not.
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([a-zA-Z]*)\s*$")
+_EXAMPLES = '"2GiB", "512MiB", "1.5 GB", "300kB", "1024" or 1024'
+
+
+def _bad_bytes(text: object, why: str) -> ConfigError:
+    return ConfigError(f"invalid memory size {text!r}: {why}. Valid examples: {_EXAMPLES}.")
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse a memory size into a number of bytes.
+
+    Binary units ``KiB, MiB, GiB, TiB`` are powers of 1024, decimal units ``kB, MB, GB, TB``
+    powers of 1000; unit letters are case-insensitive (``"gib"`` = ``"GiB"``), ``"B"`` or no
+    unit means bytes. Bare ``K``/``M``/``G`` are rejected as ambiguous. Fractional results are
+    rounded to the nearest byte.
+
+    Raises:
+        ConfigError: ``text`` is negative, not finite, or not a recognised size.
+    """
+    if isinstance(text, bool):
+        raise _bad_bytes(text, "a boolean is not a size")
+    if isinstance(text, int):
+        value = Decimal(text)
+        factor = 1
+    elif isinstance(text, float):
+        if text != text or text in (float("inf"), float("-inf")):
+            raise _bad_bytes(text, "not a finite number")
+        value = Decimal(text)
+        factor = 1
+    elif isinstance(text, str):
+        match = _BYTES_RE.match(text)
+        if match is None:
+            raise _bad_bytes(text, "expected a non-negative number followed by an optional unit")
+        number, exponent, unit = match.groups()
+        if unit.lower() not in _UNITS:
+            raise _bad_bytes(
+                text, f"unknown unit {unit!r} (use B, KiB, MiB, GiB, TiB, kB, MB, GB or TB)"
+            )
+        try:
+            value = Decimal(number) * Decimal(10) ** int(exponent or 0)
+        except (InvalidOperation, ValueError) as err:  # pragma: no cover - regex guards this
+            raise _bad_bytes(text, "not a number") from err
+        factor = _UNITS[unit.lower()]
+    else:
+        raise _bad_bytes(text, f"expected a string or a number, got {type(text).__name__}")
+    if value < 0:
+        raise _bad_bytes(text, "a size cannot be negative")
+    return int((value * factor).to_integral_value())
+
+
+def format_bytes(n: int) -> str:
+    """Format a byte count with binary units and three significant digits.
+
+    Examples: ``512 -> "512 B"``, ``12 * 2**20 -> "12.0 MiB"``, ``3 * 2**29 -> "1.50 GiB"``.
+    Negative counts (memory deltas) keep their sign.
+    """
+    n = int(n)
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n < 1024:
+        return f"{sign}{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        digits = 2 if value < 9.995 else 1 if value < 99.95 else 0
+        text = f"{value:.{digits}f}"
+        if float(text) < 1024 or unit == "PiB":
+            return f"{sign}{text} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _storage_of(obj: object) -> torch.UntypedStorage | None:
+    """The untyped storage behind ``obj`` if it is a plain dense tensor with real memory."""
+    if not isinstance(obj, torch.Tensor) or obj.layout != torch.strided or obj.is_meta:
+        return None
+    try:
+        return obj.untyped_storage()
+    except (NotImplementedError, RuntimeError, TypeError):  # subclasses without a storage
+        return None
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Count the bytes of live tensor storages allocated while the mode is active.
+
+    Every dispatched ATen op is seen, including the backward ops autograd runs on behalf of
+    ``loss.backward()``. An output counts as a new allocation only if its storage is neither
+    tracked already nor the storage of one of the op's inputs (compared by storage identity and
+    data pointer), so views (``view``, slicing, ``t()``) and in-place ops (``add_``,
+    ``relu_``) are not counted twice. A weakref callback on the storage subtracts its bytes when
+    it is freed, even after the mode has exited.
+
+    Allocations made before entering the mode are invisible unless passed to :meth:`adopt`
+    (counted, and released when freed) or summarised in ``external_bytes`` (a constant added to
+    :attr:`current` and :attr:`peak`).
+
+    Example::
+
+        with TensorMemoryTracker() as tracker:
+            loss = model(x).sum()
+            loss.backward()
+        print(format_bytes(tracker.peak))
+    """
+
+    def __init__(self, external_bytes: int = 0) -> None:
+        super().__init__()
+        self.external_bytes = int(external_bytes)
+        self.current_by_device: dict[str, int] = {}
+        self.peak_by_device: dict[str, int] = {}
+        self._tracked_current = 0
+        self._tracked_peak = 0
+        # id(storage) -> (weakref keeping the callback alive, counted bytes, device key)
+        self._live: dict[int, tuple[weakref.ref[torch.UntypedStorage], int, str]] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def current(self) -> int:
+        """Bytes live now: tracked storages plus ``external_bytes``."""
+        return self.external_bytes + self._tracked_current
+
+    @property
+    def peak(self) -> int:
+        """Highest :attr:`current` seen since creation or the last :meth:`reset_peak`."""
+        return self.external_bytes + self._tracked_peak
+
+    def reset_peak(self) -> None:
+        """Forget the peak so far: the peak becomes the current count."""
+        with self._lock:
+            self._tracked_peak = self._tracked_current
+            self.peak_by_device = dict(self.current_by_device)
+
+    def adopt(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Count existing tensors (e.g. parameters) as live until their storages are freed.
+
+        Storages already tracked are skipped, so shared storages count once.
+        Returns the number of bytes newly counted.
+        """
+        before = self._tracked_current
+        for tensor in tensors:
+            storage = _storage_of(tensor)
+            if storage is not None:
+                self._track(storage, tensor.device)
+        return self._tracked_current - before
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [s for s in map(_storage_of, tree_flatten((args, kwargs))[0]) if s is not None]
+        input_ids = {id(s) for s in inputs}
+        input_ptrs = {s.data_ptr() for s in inputs} - {0}
+        for tensor in tree_flatten(out)[0]:
+            storage = _storage_of(tensor)
+            if storage is None:
+                continue
+            if id(storage) in self._live:
+                self._resize(storage)  # e.g. an ``out=`` tensor or ``resize_`` grew it
+            elif id(storage) not in input_ids and storage.data_ptr() not in input_ptrs:
+                self._track(storage, tensor.device)
+        return out
+
+    def _track(self, storage: torch.UntypedStorage, device: torch.device) -> None:
+        key, nbytes, dev = id(storage), storage.nbytes(), str(device)
+        with self._lock:
+            if key in self._live:
+                return
+            ref = weakref.ref(storage, lambda _ref, key=key: self._release(key))
+            self._live[key] = (ref, nbytes, dev)
+            self._add(dev, nbytes)
+
+    def _resize(self, storage: torch.UntypedStorage) -> None:
+        with self._lock:
+            ref, counted, dev = self._live[id(storage)]
+            if storage.nbytes() != counted:
+                self._live[id(storage)] = (ref, storage.nbytes(), dev)
+                self._add(dev, storage.nbytes() - counted)
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            entry = self._live.pop(key, None)
+            if entry is not None:
+                self._add(entry[2], -entry[1])
+
+    def _add(self, dev: str, delta: int) -> None:
+        self._tracked_current += delta
+        self._tracked_peak = max(self._tracked_peak, self._tracked_current)
+        now = self.current_by_device.get(dev, 0) + delta
+        self.current_by_device[dev] = now
+        self.peak_by_device[dev] = max(self.peak_by_device.get(dev, 0), now)
+
+
+def _state_tensors(
+    model: nn.Module | None, optimizer: torch.optim.Optimizer | None
+) -> list[torch.Tensor]:
+    """Parameters, buffers, their ``.grad`` and optimizer state tensors (may repeat)."""
+    tensors: list[torch.Tensor] = []
+    if model is not None:
+        params = list(model.parameters())
+        tensors += params + list(model.buffers())
+        tensors += [p.grad for p in params if p.grad is not None]
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                tensors.append(p)
+                if p.grad is not None:
+                    tensors.append(p.grad)
+        for state in optimizer.state.values():
+            tensors += [t for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor)]
+    return tensors
+
+
+def persistent_bytes(
+    model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None
+) -> int:
+    """Bytes of the training state that outlives a step, each shared storage counted once.
+
+    Counts parameters and buffers of ``model``, existing ``.grad`` tensors, and the tensors in
+    ``optimizer.state`` (e.g. AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step``).
+    """
+    sizes: dict[int, int] = {}
+    for tensor in _state_tensors(model, optimizer):
+        storage = _storage_of(tensor)
+        if storage is not None:
+            sizes[id(storage)] = storage.nbytes()
+    return sum(sizes.values())
+
+
+def measure_step_peak(
+    step_fn: Callable[[], Any],
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Peak bytes of memory used while ``step_fn()`` runs one training step.
+
+    On CUDA this is ``torch.cuda.max_memory_allocated`` over the step, which already includes
+    everything allocated beforehand. On other devices it is the persistent state existing at
+    the start (see :func:`persistent_bytes`) plus the peak of tensor storages allocated during
+    the step, as counted by :class:`TensorMemoryTracker`. Persistent tensors freed during the
+    step (e.g. by ``optimizer.zero_grad()``) stop counting when freed. Tensors created before
+    the call and not reachable from ``model``/``optimizer`` (such as the input batch) are not
+    counted unless ``step_fn`` creates them.
+
+    Raises:
+        ConfigError: ``device`` is not a valid torch device.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(
+            f"invalid device {device!r}: use e.g. 'cpu', 'cuda' or 'cuda:0'"
+        ) from err
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step_fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    tracker = TensorMemoryTracker()
+    tracker.adopt(_state_tensors(model, optimizer))
+    with tracker:
+        step_fn()
+    return tracker.peak

@@ -1,0 +1,105 @@
+"""The interface every training method implements, and the method registry.
+
+A method owns its networks and turns a batch of large images into loss, gradients and
+optimizer steps within its memory profile (:meth:`Method.train_step`), and one batch of
+images into logits (:meth:`Method.predict`). The training loop, data, logging and memory
+accounting are shared; adding a method means adding one file that registers a subclass.
+
+Images arrive as they come from the data loader: ``(B, C, H, W)`` ``uint8`` (or float in
+[0, 1]) on the host. Each method decides what goes to the device and when.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gigapatch.config import Config
+from gigapatch.models.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+class Method(nn.Module):
+    """Base class: shared input preparation, loss and optimizer step."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.data.num_classes
+        self.in_chans = cfg.data.in_chans
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the parameters."""
+        return next(self.parameters()).dtype
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Move pixels to the device as normalised floats.
+
+        ``(…, C, h, w)`` ``uint8`` (scaled by 1/255) or float in [0, 1] →
+        ``(…, C, h, w)`` float on :attr:`device`, ``(x - mean) / std``.
+        """
+        x = x.to(self.device, non_blocking=True)
+        if not x.is_floating_point():
+            x = x.to(self.dtype).div_(255.0)
+        else:
+            x = x.to(self.dtype)
+        mean, std = self.cfg.data.mean, self.cfg.data.std
+        if mean != 0.0 or std != 1.0:
+            x = (x - mean) / std
+        return x
+
+    def host_transform(self, images: torch.Tensor) -> torch.Tensor:
+        """Host-side preprocessing applied by the data pipeline before :meth:`train_step`."""
+        return images
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of ``(B, K)`` logits against ``(B,)`` class indices."""
+        return F.cross_entropy(logits, targets.to(logits.device))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip (if configured), step and clear gradients."""
+        clip = self.cfg.train.grad_clip
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ interface
+    def train_step(
+        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> float:
+        """One training step on a batch (may take several optimizer steps); returns mean loss.
+
+        Args:
+            images: ``(B, C, H, W)`` host tensor after :meth:`host_transform`.
+            targets: ``(B,)`` long class indices.
+        """
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K)`` for host images ``(B, C, H, W)`` (call in eval mode)."""
+        raise NotImplementedError
+
+
+def create_method(cfg: Config) -> Method:
+    """Build the method named by ``cfg.method.name`` with its encoder and head."""
+    # Importing the method modules registers them.
+    from gigapatch.methods import full, patchgd  # noqa: F401
+
+    return METHODS.get(cfg.method.name)(cfg)
+
+
+def method_names() -> list[str]:
+    """Registered method names."""
+    from gigapatch.methods import full, patchgd  # noqa: F401
+
+    return METHODS.names()

@@ -1,0 +1,171 @@
+"""Patch Gradient Descent (PatchGD), with optional global context.
+
+For a batch of B images cut into an m×n grid of p×p patches (N = m·n):
+
+1. **Fill Z** ``(B, C, m, n)`` without gradients: encode every patch with θ1 in chunks of
+   ``method.fill_chunk`` patches.
+2. **J inner steps.** Each samples k = round(s·N) cells per image (s = ``sample_fraction``;
+   without replacement across the J steps while k·J ≤ N), re-encodes those patches *with*
+   gradients, scatters them differentiably into a copy of ``Z.detach()``, applies θ2, and
+   back-propagates; then writes the new (detached) embeddings into Z for the later steps.
+3. **Update.** With ``accumulate`` (default) the loss is divided by J and the optimizer steps
+   once after the J inner steps; otherwise it steps after every inner step.
+4. **Predict.** Eval mode, fill Z with every patch, apply θ2 once.
+
+Global context (``method.global_context``): the whole image resized to p×p (antialiased,
+on the host) is encoded by θ1 *with* gradients at every inner step into g ``(B, C)`` and fused
+with Z: ``add`` (Z + g broadcast over the grid) or ``concat`` (channel concatenation, θ2 takes
+2C channels).
+
+**Train/eval policy of the fill.** ``fill_mode: train`` (default) fills Z with θ1 in train
+mode, the same function the inner steps use, so filled and re-encoded cells are comparable
+(BatchNorm layers then use chunk statistics and update their running statistics; dropout is
+active). ``fill_mode: eval`` fills in eval mode (running statistics, no dropout), which is
+steadier for BatchNorm encoders fine-tuned with small k. Encoders with GroupNorm/LayerNorm and
+no dropout (e.g. ``tiny_cnn``) give identical fills in both modes. Prediction always fills in
+eval mode.
+
+Memory: parameters, gradients and optimizer state + activations of B·k patches (+ B global
+patches) + Z and θ2's activations over the grid. Only the sampled patches are copied out of
+the host image; the image itself never moves to the device.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from gigapatch.config import Config
+from gigapatch.data.grid import PatchGrid
+from gigapatch.methods.base import METHODS, Method
+from gigapatch.models.encoders import create_encoder
+from gigapatch.models.heads import create_head
+
+
+def sample_cells(batch: int, num_cells: int, count: int, device: torch.device | None = None
+                 ) -> torch.Tensor:
+    """Random cell indices ``(batch, count)``, each row without repetition while it can.
+
+    Rows are concatenations of independent random permutations of ``range(num_cells)``, so the
+    first ``num_cells`` entries of a row are distinct. Uses the global torch RNG.
+    """
+    reps = math.ceil(count / num_cells)
+    perms = [torch.argsort(torch.rand(batch, num_cells), dim=1) for _ in range(reps)]
+    return torch.cat(perms, dim=1)[:, :count].to(device)
+
+
+@METHODS.register("patchgd")
+class PatchGD(Method):
+    """PatchGD over a latent grid Z with θ1 = encoder, θ2 = head."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        m, mc = cfg.method, cfg.model
+        self.latent_dim = mc.latent_dim
+        self.encoder = create_encoder(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained)
+        head_in = 2 * mc.latent_dim if m.global_context == "concat" else mc.latent_dim
+        self.head = create_head(mc.head, head_in, self.num_classes, mc.head_width)
+
+    # ------------------------------------------------------------------ pieces
+    def grid(self, images: torch.Tensor) -> PatchGrid:
+        """The patch grid of a ``(B, C, H, W)`` batch."""
+        h, w = images.shape[-2:]
+        return PatchGrid(h, w, self.cfg.method.patch_size, self.cfg.method.stride)
+
+    def plan(self, grid: PatchGrid) -> tuple[int, int]:
+        """``(k, J)``: patches per inner step and number of inner steps for this grid."""
+        m = self.cfg.method
+        k = max(1, min(grid.num_patches, round(m.sample_fraction * grid.num_patches)))
+        j = m.inner_steps if m.inner_steps is not None else math.ceil(1 / m.sample_fraction)
+        return k, j
+
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """θ1 on host patches: ``(P, C_in, p, p)`` → ``(P, C)`` on the device."""
+        return self.encoder(self.prepare(patches))
+
+    def fill(self, images: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+        """Encode every patch in chunks (call under ``no_grad``/``inference_mode``).
+
+        ``(B, C_in, H, W)`` host images → Z as ``(B, N, C)`` on the device (row-major cells).
+        """
+        b, n = images.shape[0], grid.num_patches
+        view = grid.patch_view(images)  # (B, m, n, C_in, p, p), no copy
+        z = torch.empty(b, n, self.latent_dim, device=self.device, dtype=self.dtype)
+        chunk = self.cfg.method.fill_chunk
+        for start in range(0, b * n, chunk):
+            flat = torch.arange(start, min(start + chunk, b * n))
+            bi, cell = flat // n, flat % n
+            patches = view[bi, cell // grid.cols, cell % grid.cols]  # (P, C_in, p, p) copy
+            z[bi.to(self.device), cell.to(self.device)] = self.encode(patches)
+        return z
+
+    def global_patch(self, images: torch.Tensor) -> torch.Tensor:
+        """The whole image resized to p×p on the host: ``(B, C_in, p, p)`` float in [0, 1]."""
+        p = self.cfg.method.patch_size
+        x = images.float() / 255.0 if not images.is_floating_point() else images.float()
+        return F.interpolate(x, size=(p, p), mode="bilinear", antialias=True, align_corners=False)
+
+    def logits(self, z: torch.Tensor, grid: PatchGrid, g: torch.Tensor | None) -> torch.Tensor:
+        """θ2 over Z ``(B, N, C)`` fused with global embedding g ``(B, C)`` → ``(B, K)``."""
+        b = z.shape[0]
+        zg = z.transpose(1, 2).reshape(b, self.latent_dim, grid.rows, grid.cols)
+        mode = self.cfg.method.global_context
+        if mode == "add":
+            zg = zg + g[:, :, None, None]
+        elif mode == "concat":
+            zg = torch.cat([zg, g[:, :, None, None].expand_as(zg)], dim=1)
+        return self.head(zg)
+
+    @contextmanager
+    def _fill_mode(self, mode: str) -> Iterator[None]:
+        was_training = self.encoder.training
+        self.encoder.train(mode == "train")
+        try:
+            yield
+        finally:
+            self.encoder.train(was_training)
+
+    # ------------------------------------------------------------------ interface
+    def train_step(
+        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> float:
+        grid = self.grid(images)
+        b = images.shape[0]
+        k, steps = self.plan(grid)
+        accumulate = self.cfg.method.accumulate
+        use_global = self.cfg.method.global_context != "none"
+        gpatch = self.global_patch(images) if use_global else None
+
+        with torch.no_grad(), self._fill_mode(self.cfg.method.fill_mode):
+            z = self.fill(images, grid)  # (B, N, C)
+        order = sample_cells(b, grid.num_patches, k * steps)  # (B, k·J) on the host
+
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for j in range(steps):
+            idx = order[:, j * k : (j + 1) * k]  # (B, k)
+            emb = self.encode(grid.gather(images, idx).flatten(0, 1)).view(b, k, -1)
+            where = idx.to(self.device)[:, :, None].expand(-1, -1, self.latent_dim)
+            z_j = z.scatter(1, where, emb)  # differentiable w.r.t. emb only
+            g = self.encode(gpatch) if use_global else None
+            loss = self.loss(self.logits(z_j, grid, g), targets)
+            (loss / steps if accumulate else loss).backward()
+            z.scatter_(1, where, emb.detach())
+            total += float(loss.detach())
+            if not accumulate:
+                self.optimizer_step(optimizer)
+        if accumulate:
+            self.optimizer_step(optimizer)
+        return total / steps
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.grid(images)
+        z = self.fill(images, grid)
+        g = None
+        if self.cfg.method.global_context != "none":
+            g = self.encode(self.global_patch(images))
+        return self.logits(z, grid, g)

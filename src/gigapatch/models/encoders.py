@@ -1,0 +1,195 @@
+"""Patch encoders θ1, built by name.
+
+Every encoder maps ``(B, in_chans, h, w)`` to ``(B, out_dim)`` for any ``h, w`` large enough for
+its strides (global average pooling at the end). Names:
+
+- ``tiny_cnn``: a small CNN (4 strided 3×3 convs + GroupNorm) for tests and CPU demos;
+- torchvision: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet18_layer2`` (ResNet-18 cut after
+  ``layer2``, as in the IPS paper), ``mobilenet_v2``, ``mobilenet_v3_small``,
+  ``mobilenet_v3_large``;
+- ``timm:<model>`` for any timm model when timm is installed (e.g. ``timm:resnet10t``).
+
+``pretrained=True`` asks torchvision/timm for ImageNet weights; they are fetched by those
+libraries (or read from their cache). Nothing in gigapatch downloads on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from gigapatch.errors import ConfigError
+from gigapatch.models.registry import Registry
+
+EncoderBuilder = Callable[[int, int, bool], nn.Module]
+ENCODERS: Registry[EncoderBuilder] = Registry("encoder")
+
+
+def create_encoder(
+    name: str, out_dim: int, in_chans: int = 3, pretrained: bool = False
+) -> nn.Module:
+    """Build the encoder ``name``: ``(B, in_chans, h, w)`` → ``(B, out_dim)``.
+
+    Args:
+        name: a registered name (see :func:`encoder_names`) or ``timm:<model>``.
+        out_dim: size of the output vector (the latent channels ``C`` of PatchGD's Z).
+        in_chans: input channels (1 for grayscale, 3 for RGB).
+        pretrained: load ImageNet weights through torchvision/timm.
+    """
+    if not (isinstance(out_dim, int) and out_dim > 0):
+        raise ConfigError(f"encoder out_dim must be a positive integer, got {out_dim!r}.")
+    if not (isinstance(in_chans, int) and in_chans > 0):
+        raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}.")
+    if isinstance(name, str) and name.startswith("timm:"):
+        return _timm_encoder(name[len("timm:") :], out_dim, in_chans, pretrained)
+    return ENCODERS.get(name)(out_dim, in_chans, pretrained)
+
+
+def encoder_names() -> list[str]:
+    """Names accepted by :func:`create_encoder` (besides ``timm:<model>``)."""
+    return ENCODERS.names()
+
+
+# --------------------------------------------------------------------------- tiny CNN
+
+
+class TinyCNN(nn.Module):
+    """Four strided 3×3 conv blocks (GroupNorm, ReLU), global average pool, linear.
+
+    GroupNorm (not BatchNorm) keeps each patch's embedding independent of the other patches
+    encoded with it, so PatchGD's no-grad fill and its inner steps see the same function.
+    ``(B, in_chans, h, w)`` → ``(B, out_dim)``; total stride 16.
+    """
+
+    def __init__(
+        self, out_dim: int, in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64, 64)
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_chans
+        for w in widths:
+            layers += [
+                nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(max(1, min(8, w // 4)), w),
+                nn.ReLU(inplace=True),
+            ]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+@ENCODERS.register("tiny_cnn")
+def _tiny_cnn(out_dim: int, in_chans: int, pretrained: bool) -> nn.Module:
+    if pretrained:
+        raise ConfigError("tiny_cnn has no pretrained weights; set pretrained: false.")
+    return TinyCNN(out_dim, in_chans)
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _adapt_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
+    """A copy of ``conv`` taking ``in_chans`` channels (pretrained RGB weights averaged/tiled)."""
+    if conv.in_channels == in_chans:
+        return conv
+    new = nn.Conv2d(
+        in_chans,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        mean = conv.weight.mean(dim=1, keepdim=True)  # (O, 1, k, k)
+        new.weight.copy_(mean.repeat(1, in_chans, 1, 1) * (3 / in_chans))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def _weights(pretrained: bool) -> str | None:
+    return "DEFAULT" if pretrained else None
+
+
+def _resnet(arch: str, out_dim: int, in_chans: int, pretrained: bool) -> nn.Module:
+    net = getattr(torchvision.models, arch)(weights=_weights(pretrained))
+    net.conv1 = _adapt_first_conv(net.conv1, in_chans)
+    net.fc = nn.Linear(net.fc.in_features, out_dim)
+    return net
+
+
+for _arch in ("resnet18", "resnet34", "resnet50"):
+    ENCODERS.register(_arch)(
+        lambda out_dim, in_chans, pretrained, _a=_arch: _resnet(_a, out_dim, in_chans, pretrained)
+    )
+
+
+class ResNetLayer2(nn.Module):
+    """ResNet-18 stem + ``layer1`` + ``layer2`` (stride 8, 128 channels), pool, linear."""
+
+    def __init__(self, out_dim: int, in_chans: int, pretrained: bool) -> None:
+        super().__init__()
+        net = torchvision.models.resnet18(weights=_weights(pretrained))
+        self.features = nn.Sequential(
+            _adapt_first_conv(net.conv1, in_chans),
+            net.bn1,
+            net.relu,
+            net.maxpool,
+            net.layer1,
+            net.layer2,
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+ENCODERS.register("resnet18_layer2")(ResNetLayer2)
+
+
+def _mobilenet(arch: str, out_dim: int, in_chans: int, pretrained: bool) -> nn.Module:
+    net = getattr(torchvision.models, arch)(weights=_weights(pretrained))
+    first = net.features[0][0]
+    net.features[0][0] = _adapt_first_conv(first, in_chans)
+    last = net.classifier[-1]
+    if arch == "mobilenet_v2":
+        net.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last.in_features, out_dim))
+    else:
+        net.classifier[-1] = nn.Linear(last.in_features, out_dim)
+    return net
+
+
+for _arch in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
+    ENCODERS.register(_arch)(
+        lambda out_dim, in_chans, pretrained, _a=_arch: _mobilenet(
+            _a, out_dim, in_chans, pretrained
+        )
+    )
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _timm_encoder(model: str, out_dim: int, in_chans: int, pretrained: bool) -> nn.Module:
+    try:
+        import timm
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ConfigError(
+            f"encoder 'timm:{model}' needs timm: pip install 'gigapatch[timm]'."
+        ) from None
+    if not timm.is_model(model):
+        import difflib
+
+        close = difflib.get_close_matches(model, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown timm model {model!r}.{hint}")
+    return timm.create_model(model, pretrained=pretrained, num_classes=out_dim, in_chans=in_chans)

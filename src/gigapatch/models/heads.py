@@ -1,0 +1,63 @@
+"""Heads θ2 over the latent grid Z, built by name.
+
+A head maps ``Z: (B, C, m, n)`` to logits ``(B, num_classes)`` for any grid size ``m × n``.
+
+- ``conv``: the PatchGD paper's small CNN over Z: a 3×3 conv, two strided 3×3 convs (each with
+  GroupNorm and ReLU), global average pooling and a linear layer. Striding early keeps its
+  activations small when the grid is large.
+- ``linear``: global average pooling over the grid, then one linear layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from gigapatch.models.registry import Registry
+
+HeadBuilder = Callable[..., nn.Module]
+HEADS: Registry[HeadBuilder] = Registry("head")
+
+
+def create_head(name: str, in_chans: int, num_classes: int, width: int = 64) -> nn.Module:
+    """Build the head ``name``: ``(B, in_chans, m, n)`` → ``(B, num_classes)``."""
+    return HEADS.get(name)(in_chans, num_classes, width)
+
+
+def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(max(1, min(8, cout // 4)), cout),
+        nn.ReLU(inplace=True),
+    ]
+
+
+@HEADS.register("conv")
+class ConvHead(nn.Module):
+    """3×3 conv (stride 1) → 3×3 conv (stride 2) → 3×3 conv (stride 2) → pool → linear."""
+
+    def __init__(self, in_chans: int, num_classes: int, width: int = 64) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *_block(in_chans, width, 1), *_block(width, width, 2), *_block(width, width, 2)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.body(z)).flatten(1))
+
+
+@HEADS.register("linear")
+class LinearHead(nn.Module):
+    """Global average pooling over the grid, then a linear layer (``width`` is unused)."""
+
+    def __init__(self, in_chans: int, num_classes: int, width: int = 64) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_chans, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(z).flatten(1))
