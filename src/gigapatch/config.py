@@ -43,6 +43,7 @@ class ModelConfig:
     latent_dim: int = 64
     head: str = "conv"
     head_width: int = 64
+    head_pool: str = "avg"
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Config:
         _check(self.data.in_chans >= 1, "data.in_chans", self.data.in_chans, "≥ 1")
         _check(self.data.std > 0, "data.std", self.data.std, "> 0")
         _check(self.model.latent_dim >= 1, "model.latent_dim", self.model.latent_dim, "≥ 1")
+        _choice("model.head_pool", self.model.head_pool, ("avg", "max"))
         m = self.method
         _check(m.patch_size >= 1, "method.patch_size", m.patch_size, "≥ 1")
         _check(

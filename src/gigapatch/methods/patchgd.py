@@ -68,7 +68,7 @@ class PatchGD(Method):
         self.latent_dim = mc.latent_dim
         self.encoder = create_encoder(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained)
         head_in = 2 * mc.latent_dim if m.global_context == "concat" else mc.latent_dim
-        self.head = create_head(mc.head, head_in, self.num_classes, mc.head_width)
+        self.head = create_head(mc.head, head_in, self.num_classes, mc.head_width, mc.head_pool)
 
     # ------------------------------------------------------------------ pieces
     def grid(self, images: torch.Tensor) -> PatchGrid:

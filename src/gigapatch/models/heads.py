@@ -3,9 +3,11 @@
 A head maps ``Z: (B, C, m, n)`` to logits ``(B, num_classes)`` for any grid size ``m × n``.
 
 - ``conv``: the PatchGD paper's small CNN over Z: a 3×3 conv, two strided 3×3 convs (each with
-  GroupNorm and ReLU), global average pooling and a linear layer. Striding early keeps its
+  GroupNorm and ReLU), global pooling and a linear layer. Striding early keeps its
   activations small when the grid is large.
-- ``linear``: global average pooling over the grid, then one linear layer.
+- ``linear``: global pooling over the grid, then one linear layer.
+
+Both end in a global pooling, average (default) or max (see :func:`create_head`).
 """
 
 from __future__ import annotations
@@ -15,15 +17,31 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from gigapatch.errors import ConfigError
 from gigapatch.models.registry import Registry
 
 HeadBuilder = Callable[..., nn.Module]
 HEADS: Registry[HeadBuilder] = Registry("head")
 
 
-def create_head(name: str, in_chans: int, num_classes: int, width: int = 64) -> nn.Module:
-    """Build the head ``name``: ``(B, in_chans, m, n)`` → ``(B, num_classes)``."""
-    return HEADS.get(name)(in_chans, num_classes, width)
+def create_head(
+    name: str, in_chans: int, num_classes: int, width: int = 64, pool: str = "avg"
+) -> nn.Module:
+    """Build the head ``name``: ``(B, in_chans, m, n)`` → ``(B, num_classes)``.
+
+    ``pool`` is the global pooling over the grid: ``avg`` suits labels that add up evidence
+    from many cells (counts, sums, grades); ``max`` suits labels decided by one small region
+    (a single lesion, one digit on a large canvas) and learns those much faster.
+    """
+    return HEADS.get(name)(in_chans, num_classes, width, _pool(pool))
+
+
+def _pool(kind: str) -> nn.Module:
+    if kind == "avg":
+        return nn.AdaptiveAvgPool2d(1)
+    if kind == "max":
+        return nn.AdaptiveMaxPool2d(1)
+    raise ConfigError(f"model.head_pool = {kind!r} is invalid: choose 'avg' or 'max'.")
 
 
 def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -36,14 +54,16 @@ def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
 
 @HEADS.register("conv")
 class ConvHead(nn.Module):
-    """3×3 conv (stride 1) → 3×3 conv (stride 2) → 3×3 conv (stride 2) → pool → linear."""
+    """3×3 conv (stride 1) → 3×3 conv (stride 2) → 3×3 conv (stride 2) → global pool → linear."""
 
-    def __init__(self, in_chans: int, num_classes: int, width: int = 64) -> None:
+    def __init__(
+        self, in_chans: int, num_classes: int, width: int = 64, pool: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.body = nn.Sequential(
             *_block(in_chans, width, 1), *_block(width, width, 2), *_block(width, width, 2)
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = pool or nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -52,11 +72,13 @@ class ConvHead(nn.Module):
 
 @HEADS.register("linear")
 class LinearHead(nn.Module):
-    """Global average pooling over the grid, then a linear layer (``width`` is unused)."""
+    """Global pooling over the grid, then a linear layer (``width`` is unused)."""
 
-    def __init__(self, in_chans: int, num_classes: int, width: int = 64) -> None:
+    def __init__(
+        self, in_chans: int, num_classes: int, width: int = 64, pool: nn.Module | None = None
+    ) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = pool or nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_chans, num_classes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

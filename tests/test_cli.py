@@ -1,0 +1,120 @@
+"""The command line: every user error is one clear message (exit code 2), never a traceback."""
+
+import json
+import shutil
+
+import pytest
+
+from gigapatch.cli import main
+from gigapatch.config import save_config
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _config_file(cfg, tmp_path, **changes):
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    path = tmp_path / "cfg.yaml"
+    save_config(cfg, path)
+    return path
+
+
+@pytest.mark.parametrize("sub", [[], ["data", "ultramnist"], ["train"], ["eval"], ["predict"],
+                                 ["demo"], ["encoders"]])
+def test_help_everywhere(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*sub, "--help"])
+    assert e.value.code == 0
+    assert "usage: gigapatch" in capsys.readouterr().out
+
+
+def test_train_eval_predict_end_to_end(tiny_config, tmp_path, capsys):
+    tiny_config.train.epochs = 1
+    path = _config_file(tiny_config, tmp_path)
+    code, out, _ = _run(capsys, "train", "--config", str(path), "--set", "name=cli")
+    assert code == 0
+    summary = json.loads(out[out.index("{"):])
+    assert summary["method"] == "patchgd"
+    ckpt = tmp_path / "runs/cli/best.pt"
+
+    code, out, _ = _run(capsys, "eval", "--checkpoint", str(ckpt), "--data",
+                        tiny_config.data.val_csv, "--quiet")
+    assert code == 0
+    result = json.loads(out)
+    assert result["accuracy"] == pytest.approx(summary["val_accuracy"])
+
+    image = str(tmp_path.parent / "x.png")
+    shutil.copy(tiny_config.data.val_csv.replace("test.csv", "test/000000.png"), image)
+    code, out, _ = _run(capsys, "predict", image, "--checkpoint", str(ckpt))
+    assert code == 0
+    pred = json.loads(out)
+    assert 0 <= pred["prediction"] < 4 and len(pred["probabilities"]) == 4
+    assert sum(pred["probabilities"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def _csv_with(tmp_path, src_dir, rows):
+    (tmp_path / "bad").mkdir(exist_ok=True)
+    csv = tmp_path / "bad" / "train.csv"
+    csv.write_text("path,label\n" + "".join(f"{p},{lbl}\n" for p, lbl in rows))
+    return csv
+
+
+def test_missing_image_is_named(tiny_config, tmp_path, capsys):
+    csv = _csv_with(tmp_path, None, [("nowhere.png", 1)])
+    path = _config_file(tiny_config, tmp_path, data__train_csv=str(csv))
+    code, _, err = _run(capsys, "train", "--config", str(path))
+    assert code == 2 and "nowhere.png" in err and "Traceback" not in err
+
+
+def test_corrupt_image_is_named(tiny_config, tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    csv = _csv_with(tmp_path, None, [("broken.png", 1)])
+    path = _config_file(tiny_config, tmp_path, data__train_csv=str(csv))
+    code, _, err = _run(capsys, "train", "--config", str(path))
+    assert code == 2 and "broken.png" in err
+
+
+def test_label_out_of_range(tiny_config, tmp_path, capsys):
+    src = tiny_config.data.train_csv.replace("train.csv", "train/000000.png")
+    csv = _csv_with(tmp_path, None, [(src, 7)])
+    path = _config_file(tiny_config, tmp_path, data__train_csv=str(csv))
+    code, _, err = _run(capsys, "train", "--config", str(path))
+    assert code == 2 and "7" in err and "range" in err
+
+
+def test_patch_larger_than_image(tiny_config, tmp_path, capsys):
+    path = _config_file(tiny_config, tmp_path, method__patch_size=128)
+    code, _, err = _run(capsys, "train", "--config", str(path))
+    assert code == 2 and "patch_size 128 is larger than the image" in err
+
+
+def test_unknown_encoder(tiny_config, tmp_path, capsys):
+    path = _config_file(tiny_config, tmp_path, model__encoder="resnet81")
+    code, _, err = _run(capsys, "train", "--config", str(path))
+    assert code == 2 and "resnet81" in err and "resnet18" in err
+
+
+def test_config_typo_and_bad_budget(tiny_config, tmp_path, capsys):
+    path = _config_file(tiny_config, tmp_path)
+    code, _, err = _run(capsys, "train", "--config", str(path), "--set", "train.epocs=3")
+    assert code == 2 and "train.epochs" in err
+    code, _, err = _run(capsys, "train", "--config", str(path), "--set",
+                        "train.memory_budget=lots")
+    assert code == 2 and "lots" in err
+
+
+def test_budget_too_small_is_refused(tiny_config, tmp_path, capsys):
+    path = _config_file(tiny_config, tmp_path, train__memory_budget="10kB")
+    code, _, err = _run(capsys, "train", "--config", str(path))
+    assert code == 2 and "memory budget" in err
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    code, _, err = _run(capsys, "predict", "x.png", "--checkpoint", str(tmp_path / "no.pt"))
+    assert code == 2 and "no.pt" in err

@@ -1,0 +1,90 @@
+import copy
+import csv
+import json
+
+import pytest
+import torch
+
+import gigapatch.train
+
+from gigapatch.checkpoint import load_checkpoint
+from gigapatch.data.datasets import CSVImageDataset
+from gigapatch.methods.base import create_method
+from gigapatch.train import lr_factor, make_optimizer, train
+
+
+@pytest.mark.parametrize("method", ["patchgd", "full"])
+def test_a_few_steps_drive_the_training_loss_down(tiny_config, method):
+    torch.manual_seed(0)
+    cfg = tiny_config
+    cfg.method.name = method
+    ds = CSVImageDataset(cfg.data.train_csv, num_classes=4)
+    images = torch.stack([ds[i][0] for i in range(4)])
+    targets = torch.stack([ds[i][1] for i in range(4)])
+    m = create_method(cfg)
+    opt = make_optimizer(m, cfg)
+    images = m.host_transform(images)
+    losses = [m.train_step(images, targets, opt) for _ in range(25)]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+
+def test_run_writes_its_files(tiny_config):
+    summary = train(tiny_config)
+    run = tiny_config.train.out_dir + "/tiny"
+    for name in ["config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt",
+                 "training_curve.png", "train.log"]:
+        assert (tmp := __import__("pathlib").Path(run) / name).is_file(), tmp
+    on_disk = json.loads(open(f"{run}/summary.json").read())
+    assert on_disk == summary
+    for key in ["method", "image_size", "patch_size", "epochs", "val_accuracy",
+                "final_val_accuracy", "peak_memory_bytes", "train_seconds", "images_per_second"]:
+        assert key in summary
+    assert summary["image_size"] == 64 and summary["epochs"] == 2
+    assert summary["peak_memory_bytes"] > 0
+    rows = list(csv.DictReader(open(f"{run}/metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert summary["val_accuracy"] == max(float(r["val_accuracy"]) for r in rows)
+
+
+@pytest.mark.parametrize("method", ["patchgd", "full"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(
+    tiny_config, tmp_path, monkeypatch, method
+):
+    tiny_config.method.name = method
+    tiny_config.train.epochs = 3
+    whole = copy.deepcopy(tiny_config)
+    whole.train.out_dir = str(tmp_path / "whole")
+    train(whole)
+
+    cut = copy.deepcopy(tiny_config)
+    cut.train.out_dir = str(tmp_path / "cut")
+    calls = []
+
+    def crash_in_second_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during epoch 2, after epoch 1's checkpoint
+        return real_evaluate(*args, **kwargs)
+
+    real_evaluate = gigapatch.train.evaluate
+    monkeypatch.setattr(gigapatch.train, "evaluate", crash_in_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut)
+    monkeypatch.setattr(gigapatch.train, "evaluate", real_evaluate)
+    assert load_checkpoint(tmp_path / "cut/tiny/last.pt")["epoch"] == 0
+    train(copy.deepcopy(cut), resume=True)
+
+    a = load_checkpoint(tmp_path / "whole/tiny/last.pt")
+    b = load_checkpoint(tmp_path / "cut/tiny/last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, total=100, warmup=10, schedule="cosine") for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] < 0.01
