@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compute_ratios(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+def compute_ratios(
+    rows: list[dict[str, Any]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """PatchGD largest/small side (target ≤ 1.10) and full/PatchGD at the compare side (≥ 30)."""
     peak = {(r["encoder"], r["method"], r["side"]): r for r in rows}
     largest = max(args.sides)

@@ -64,7 +64,6 @@ def _peak_rss() -> int | None:
     ("cfg", "shape"),
     [
         pytest.param(_cfg(method="full"), (1, 64, 64), id="tiny-full"),
-        pytest.param(_cfg(), (1, 64, 64), id="tiny-patchgd"),
         # padded 4×4 grid (100×90 is not a multiple of the stride), overlap, B = 3, J = 5,
         # fill chunks spanning images, one optimizer step per inner step
         pytest.param(
@@ -74,11 +73,8 @@ def _peak_rss() -> int | None:
             id="tiny-patchgd-concat-padded",
         ),
         pytest.param(_cfg("resnet18", "full"), (3, 64, 64), id="resnet18-full"),
-        pytest.param(
-            _cfg("resnet18", batch=1, global_context="concat", patch_size=64, sample_fraction=0.5),
-            (3, 128, 128),
-            id="resnet18-patchgd-concat",
-        ),
+        pytest.param(_cfg("resnet18", global_context="concat", sample_fraction=0.5), (3, 64, 64),
+                     id="resnet18-patchgd-concat"),
     ],
 )
 def test_estimate_agrees_with_measurement(cfg: Config, shape: tuple[int, int, int]) -> None:
@@ -88,14 +84,13 @@ def test_estimate_agrees_with_measurement(cfg: Config, shape: tuple[int, int, in
 
 
 def test_shortcuts_do_not_change_the_peak() -> None:
-    # N = 16 cells, k = 2, J = 8 inner steps, 2·16/4 = 8 fill chunks: the fast estimate
-    # runs 3 of each, the exact one all of them.
-    cfg = _cfg(global_context="add", sample_fraction=1 / 8, fill_chunk=4)
+    # N = 16 cells, k = 3, J = 6 inner steps, 2·16/6 = 6 fill chunks (the last one smaller):
+    # the fast estimate runs 3 of each, the exact estimate and the measurement all of them.
+    cfg = _cfg(sample_fraction=1 / 6, fill_chunk=6)
     fast = estimate_step(cfg, (1, 128, 128))
     exact = estimate_step(cfg, (1, 128, 128), exact=True)
-    assert fast.peak == exact.peak
+    assert fast.peak == exact.peak == measure_method_peak(cfg, (1, 128, 128))
     assert fast.persistent == exact.persistent
-    assert fast.seconds < exact.seconds
 
 
 def test_huge_images_are_estimated_quickly_without_allocating() -> None:
@@ -129,16 +124,13 @@ def test_full_image_memory_grows_linearly_with_pixels() -> None:
 
 def test_table_keeps_k_fixed_and_patchgd_flat() -> None:
     cfg = _cfg(batch=1, patch_size=32, fill_chunk=4)
-    rows = estimate_table(cfg, [128, 512], ["patchgd", "patchgd+add"], patches_per_step=4)
-    assert [(r["method"], r["side"]) for r in rows] == [
-        ("patchgd", 128), ("patchgd", 512), ("patchgd+add", 128), ("patchgd+add", 512)
-    ]
+    rows = estimate_table(cfg, [128, 512], ["patchgd"], patches_per_step=4)
+    assert [(r["method"], r["side"]) for r in rows] == [("patchgd", 128), ("patchgd", 512)]
     assert set(rows[0]) == {
         "method", "side", "estimated_bytes", "persistent_bytes", "input_bytes", "seconds"
     }
     small, big = rows[0]["estimated_bytes"], rows[1]["estimated_bytes"]
     assert big < 1.3 * small, (small, big)  # 16× the pixels, same k = 4
-    assert rows[2]["estimated_bytes"] > small  # + the global patch's activations
     with pytest.raises(ConfigError):
         estimate_table(cfg, [128], ["patchgd+sum"])
 
@@ -147,10 +139,11 @@ def test_cuda_estimate_needs_no_gpu_and_skips_host_tensors() -> None:
     cfg = _cfg(batch=1, global_context="concat", patch_size=64, sample_fraction=4 / 256)
     cpu = estimate_step(cfg, (1, 1024, 1024), "cpu")
     cuda = estimate_step(cfg, (1, 1024, 1024), "cuda")
-    # PatchGD resizes the global patch from float copies of the whole image on the host
-    # (2 × 4 MiB): the CPU peak, not on the device.
-    assert cpu.peak > 2 * 1024**2 * 4
-    assert cuda.peak < cpu.peak - 1024**2 * 4
+    # The global patch is resized on the host in uint8: no float copy of the whole image
+    # (1024² × 4 B = 4 MiB) appears on either side. The small host patch copies count on the
+    # CPU only, the 512-byte block rounding on CUDA only: the two nearly agree.
+    assert cpu.peak < 1024**2 * 4
+    assert cuda.peak == pytest.approx(cpu.peak, rel=0.05)
     assert cuda.persistent >= cpu.persistent  # 512-byte allocator blocks
     full = _cfg(method="full")
     assert estimate_step_peak(full, (1, 256, 256), "cuda") == pytest.approx(

@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +30,29 @@ log = logging.getLogger("gigapatch")
 class DemoSettings:
     """Everything the demo fixes: data, shared model/optimizer, budget, per-method settings."""
 
-    side: int = 512
-    n_train: int = 2000
-    n_test: int = 400
+    side: int = 256
+    n_train: int = 3000
+    n_test: int = 500
     digits_per_image: tuple[int, int] = (1, 1)
-    scale_range: tuple[float, float] = (0.5, 1.0)
+    scale_range: tuple[float, float] = (0.5, 0.75)
     num_classes: int = 10
     data_seed: int = 0
-    epochs: int = 6
+    epochs: int = 10
     batch_size: int = 16
     lr: float = 3e-3
-    memory_budget: str = "16MiB"
-    patch_size: int = 32
+    memory_budget: str = "10MiB"
+    patch_size: int = 64
     sample_fraction: float = 1 / 16
-    inner_steps: int = 2
-    fill_chunk: int = 64
+    inner_steps: int = 4
+    accumulate: bool = True
+    fill_chunk: int = 16
     latent_dim: int = 32
-    extra: dict[str, Any] = field(default_factory=dict)
+    head: str = "linear"
+    head_pool: str = "max"
 
 
 QUICK = DemoSettings(side=128, n_train=48, n_test=24, epochs=1, batch_size=8,
-                     memory_budget="4MiB", sample_fraction=0.25)
+                     memory_budget="6MiB", patch_size=32, sample_fraction=1 / 16)
 
 
 def demo_configs(s: DemoSettings, data_dir: Path, out_dir: Path) -> list[Config]:
@@ -63,6 +65,8 @@ def demo_configs(s: DemoSettings, data_dir: Path, out_dir: Path) -> list[Config]
     base.model.encoder = "tiny_cnn"
     base.model.latent_dim = s.latent_dim
     base.model.head_width = s.latent_dim
+    base.model.head = s.head
+    base.model.head_pool = s.head_pool
     base.train.epochs = s.epochs
     base.train.batch_size = s.batch_size
     base.train.lr = s.lr
@@ -81,6 +85,7 @@ def demo_configs(s: DemoSettings, data_dir: Path, out_dir: Path) -> list[Config]
     pgd.method.sample_fraction = s.sample_fraction
     pgd.method.inner_steps = s.inner_steps
     pgd.method.fill_chunk = s.fill_chunk
+    pgd.method.accumulate = s.accumulate
     return [full.validate(), pgd.validate()]
 
 

@@ -26,9 +26,9 @@ CUDA peak a little higher (cuDNN/cuBLAS workspaces, fragmentation).
 
 **Shortcuts** (``exact=False``, the default). Fake mode still runs Python for every op, and
 PatchGD's step loops over ``N / fill_chunk`` fill chunks and ``J`` inner steps (4,096 chunks
-and 16,384 steps at 65,536² with patch 256, fill_chunk 16, k = 4). The iterations of both loops are identical in shape
-and free their tensors before the next one starts, so only the 1st, 2nd and last iteration of
-each are run: the 2nd sees the 1st's tensors being replaced (and accumulates into the 1st's
+and 16,384 steps at 65,536² with patch 256, fill_chunk 16, k = 4). The iterations of both
+loops are identical in shape and free their tensors before the next one starts, so only the
+1st, 2nd and last iteration of each are run: the 2nd sees the 1st's tensors being replaced (and accumulates into the 1st's
 gradients); every later one repeats it. The cell order is still drawn for all ``J`` steps.
 The warm-up step, which only creates the optimizer state, runs the 1st and last iteration.
 ``tests/test_estimate.py`` checks that ``exact=True`` (every iteration) gives the same bytes.
@@ -40,10 +40,8 @@ estimated and raise :class:`~gigapatch.errors.ConfigError`.
 
 from __future__ import annotations
 
-import builtins
 import copy
 import dataclasses
-import sys
 import threading
 import time
 import warnings
@@ -191,62 +189,26 @@ _ITEM = torch.ops.aten._local_scalar_dense.default
 # --------------------------------------------------------------------------- shortcuts
 
 
-class _FewIterations:
-    """A stand-in for ``range`` that keeps a few iterations of the loops of one fake method.
+def _few_iterations(method: Any, warmup: bool) -> Any:
+    """Shorten the loops a method marks with :func:`~gigapatch.methods.base.repeated`.
 
-    Installed as the global ``range`` of a method's module, it returns the full range to every
-    caller except the functions whose code objects are in ``codes`` *called on* ``owner``
-    (so real training elsewhere in the process is not affected); those get the first ``head``
-    iterations and the last one. Only loops whose iterations are identical in shape and free
-    their tensors before the next iteration may be shortened like this.
+    Measured step: iterations 1, 2 and the last (the 1st creates the gradients, the 2nd runs
+    while the 1st's tensors are being replaced and accumulates into them; every later one
+    repeats the 2nd). Warm-up step (it only has to create the optimizer state): the 1st and
+    the last. For PatchGD these are the fill chunks and the inner steps; the cell order is
+    still sampled for all J steps.
     """
+    from gigapatch.methods.base import abridged_loops
 
-    def __init__(self, owner: Any, codes: set[Any], head: int) -> None:
-        self.owner, self.codes, self.head = owner, codes, head
-
-    def __call__(self, *args: int) -> Iterable[int]:
-        full = builtins.range(*args)
-        if len(full) <= self.head + 1:
-            return full
-        caller = sys._getframe(1)
-        if caller.f_code not in self.codes or caller.f_locals.get("self") is not self.owner:
-            return full
-        return [*full[: self.head], full[-1]]
+    return abridged_loops(1 if warmup else 2)
 
 
-@contextmanager
-def _few_patchgd_iterations(method: Any, warmup: bool) -> Iterator[None]:
-    """Shorten PatchGD's fill loop (chunks) and inner-step loop.
-
-    Measured step: chunks 1, 2 and the last; inner steps 1, 2 and the last (the 1st creates
-    the gradients, the 2nd runs while the 1st step's tensors are being replaced and
-    accumulates into them; every later one repeats the 2nd). The cell order is still sampled
-    for all J steps. Warm-up step (it only has to create the optimizer state): one chunk, one
-    inner step and the last.
-    """
-    from gigapatch.methods import patchgd
-
-    cls = type(method)
-    codes = {cls.fill.__code__, cls.train_step.__code__}
-    saved = patchgd.__dict__.get("range", _MISSING)
-    few = _FewIterations(method, codes, head=1 if warmup else 2)
-    patchgd.range = few  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if saved is _MISSING:
-            del patchgd.range  # type: ignore[attr-defined]
-        else:
-            patchgd.range = saved  # type: ignore[attr-defined]
-
-
-_MISSING = object()
 _LOCK = threading.RLock()
 
 #: Per method: a context manager ``(method, warmup) -> ...`` that makes its step cheaper to
 #: run on fake tensors without changing its peak (checked against ``exact=True`` in tests).
 _METHOD_SHORTCUTS: dict[str, Callable[[Any, bool], Any]] = {
-    "patchgd": _few_patchgd_iterations,
+    "patchgd": _few_iterations,
 }
 
 
@@ -334,7 +296,7 @@ class _FakeTrainer:
             yield
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor, warmup: bool) -> None:
-        with _LOCK, ExitStack() as stack:  # shortcuts patch module globals: one at a time
+        with _LOCK, ExitStack() as stack:
             if self.shortcut is not None:
                 stack.enter_context(self.shortcut(self.method, warmup))
             self.method.train_step(images, targets, self.optimizer)

@@ -11,6 +11,10 @@ Images arrive as they come from the data loader: ``(B, C, H, W)`` ``uint8`` (or 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +23,31 @@ from gigapatch.config import Config
 from gigapatch.models.registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+_LOOP_HEAD: ContextVar[int | None] = ContextVar("gigapatch_loop_head", default=None)
+
+
+def repeated(r: range) -> range | list[int]:
+    """The iterations of a loop whose iterations are alike (same shapes, tensors freed between).
+
+    Normally ``r`` itself. Inside :func:`abridged_loops` (used by memory *estimates*, where
+    every iteration costs Python time but identical iterations cannot raise the peak) only the
+    first ``head`` iterations and the last one are run.
+    """
+    head = _LOOP_HEAD.get()
+    if head is None or len(r) <= head + 1:
+        return r
+    return [*r[:head], r[-1]]
+
+
+@contextmanager
+def abridged_loops(head: int) -> Iterator[None]:
+    """Make :func:`repeated` loops run only their first ``head`` and last iterations."""
+    token = _LOOP_HEAD.set(head)
+    try:
+        yield
+    finally:
+        _LOOP_HEAD.reset(token)
 
 
 class Method(nn.Module):

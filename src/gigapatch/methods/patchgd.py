@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from gigapatch.config import Config
 from gigapatch.data.grid import PatchGrid
-from gigapatch.methods.base import METHODS, Method
+from gigapatch.methods.base import METHODS, Method, repeated
 from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import create_head
 
@@ -96,7 +96,7 @@ class PatchGD(Method):
         view = grid.patch_view(images)  # (B, m, n, C_in, p, p), no copy
         z = torch.empty(b, n, self.latent_dim, device=self.device, dtype=self.dtype)
         chunk = self.cfg.method.fill_chunk
-        for start in range(0, b * n, chunk):
+        for start in repeated(range(0, b * n, chunk)):
             flat = torch.arange(start, min(start + chunk, b * n))
             bi, cell = flat // n, flat % n
             patches = view[bi, cell // grid.cols, cell % grid.cols]  # (P, C_in, p, p) copy
@@ -106,8 +106,9 @@ class PatchGD(Method):
     def global_patch(self, images: torch.Tensor) -> torch.Tensor:
         """The whole image resized to p×p on the host: ``(B, C_in, p, p)`` float in [0, 1]."""
         p = self.cfg.method.patch_size
-        x = images.float() / 255.0 if not images.is_floating_point() else images.float()
-        return F.interpolate(x, size=(p, p), mode="bilinear", antialias=True, align_corners=False)
+        # Resize first (uint8 in, uint8 out): never a float copy of the whole image.
+        x = F.interpolate(images, size=(p, p), mode="bilinear", antialias=True, align_corners=False)
+        return x.float() / 255.0 if not images.is_floating_point() else x.float()
 
     def logits(self, z: torch.Tensor, grid: PatchGrid, g: torch.Tensor | None) -> torch.Tensor:
         """θ2 over Z ``(B, N, C)`` fused with global embedding g ``(B, C)`` → ``(B, K)``."""
@@ -146,7 +147,7 @@ class PatchGD(Method):
 
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for j in range(steps):
+        for j in repeated(range(steps)):
             idx = order[:, j * k : (j + 1) * k]  # (B, k)
             emb = self.encode(grid.gather(images, idx).flatten(0, 1)).view(b, k, -1)
             where = idx.to(self.device)[:, :, None].expand(-1, -1, self.latent_dim)
