@@ -18,6 +18,11 @@ from gigapatch.memory import format_bytes, measure_step_peak
 
 log = logging.getLogger("gigapatch")
 
+#: Granularity (pixels) of the input side chosen for ``full`` under a memory budget.
+_SIDE_STEP = 4
+#: Smallest input side tried.
+_MIN_SIDE = 16
+
 
 def measure_method_peak(
     cfg: Config, image_shape: tuple[int, int, int], device: torch.device | str = "cpu"
@@ -56,7 +61,7 @@ def fit_to_budget(
 ) -> Config:
     """Adjust ``cfg`` in place so that one training step fits in ``budget`` bytes.
 
-    - ``full`` without ``downsample_to``: the largest input side (multiple of 16) that fits.
+    - ``full`` without ``downsample_to``: the largest input side (multiple of 4 px) that fits.
     - otherwise: check that the configured setting fits.
 
     Raises :class:`ConfigError` saying what would fit when nothing does.
@@ -90,8 +95,9 @@ def fit_to_budget(
 def _largest_fitting_side(
     cfg: Config, image_shape: tuple[int, int, int], budget: int, device: torch.device | str
 ) -> int:
+    """Binary search for the largest longer side (a multiple of ``_SIDE_STEP``) that fits."""
     c, h, w = image_shape
-    longest = max(h, w)
+    longest, unit = max(h, w), _SIDE_STEP
 
     def peak_at(side: int) -> int:
         trial = copy.deepcopy(cfg)
@@ -100,17 +106,18 @@ def _largest_fitting_side(
 
     if peak_at(longest) <= budget:
         return longest
-    lo, hi = 1, longest // 16  # in units of 16 px; hi does not fit
-    if peak_at(16) > budget:
+    smallest = peak_at(_MIN_SIDE)
+    if smallest > budget:
         raise ConfigError(
             f"full-image training does not fit the memory budget of {format_bytes(budget)} even "
-            f"downsampled to 16 px ({format_bytes(peak_at(16))}). Raise train.memory_budget, "
+            f"downsampled to {_MIN_SIDE} px ({format_bytes(smallest)}). Raise train.memory_budget, "
             "lower train.batch_size or use a smaller encoder."
         )
+    lo, hi = _MIN_SIDE // unit, -(-longest // unit)  # in units; lo fits, hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if peak_at(16 * mid) <= budget:
+        if peak_at(unit * mid) <= budget:
             lo = mid
         else:
             hi = mid
-    return 16 * lo
+    return unit * lo
