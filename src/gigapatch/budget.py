@@ -52,7 +52,6 @@ def measure_method_peak(
             optimizer=optimizer,
             device=device,
         )
-        del method, optimizer
     return peak
 
 

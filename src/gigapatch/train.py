@@ -31,8 +31,14 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from gigapatch.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
-from gigapatch.config import Config, save_config
+from gigapatch.checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_text,
+)
+from gigapatch.config import Config, config_from_dict, save_config
 from gigapatch.data.datasets import CSVImageDataset
 from gigapatch.errors import ConfigError, DataError
 from gigapatch.memory import format_bytes, measure_step_peak, parse_bytes
@@ -153,11 +159,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     state: dict[str, Any] | None = None
     if resume:
         state = load_checkpoint(run_dir / "last.pt")
-        from gigapatch.config import config_from_dict
-
         saved = config_from_dict(state["config"], source=f"{run_dir / 'last.pt'}")
-        if saved.train.epochs != cfg.train.epochs:
-            saved.train.epochs = cfg.train.epochs  # allow extending a finished run
+        saved.train.epochs = cfg.train.epochs  # a resumed run may be extended
         cfg = saved
     seed_everything(cfg.seed)
 
@@ -350,6 +353,4 @@ def _plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    from gigapatch.checkpoint import atomic_write
-
     atomic_write(path, lambda f: f.write(buf.getvalue()))
