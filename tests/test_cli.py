@@ -25,7 +25,7 @@ def _config_file(cfg, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("sub", [[], ["data", "ultramnist"], ["train"], ["eval"], ["predict"],
-                                 ["demo"], ["encoders"]])
+                                 ["demo"], ["encoders"], ["memory"]])
 def test_help_everywhere(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([*sub, "--help"])

@@ -48,3 +48,14 @@ def test_bad_override_syntax():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_bare_keys_go_to_their_only_section():
+    raw: dict = {}
+    apply_override(raw, "memory_budget=2GiB")
+    apply_override(raw, "seed=3")
+    apply_override(raw, "fill_chunk=8")
+    assert raw == {"train": {"memory_budget": "2GiB"}, "seed": 3, "method": {"fill_chunk": 8}}
+    apply_override(raw, "nonsense=1")  # left for validation to name, with a suggestion
+    with pytest.raises(ConfigError, match="unknown key 'nonsense'"):
+        config_from_dict(raw)

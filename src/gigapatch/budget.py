@@ -1,14 +1,28 @@
-"""Measure a method's training-step memory on a synthetic batch, and fit settings to a budget.
+"""Measure a method's training-step memory, and fit its settings to a memory budget.
 
-Measurements run real training steps on a throwaway copy of the method (random ``uint8``
-images of the requested shape), under :func:`gigapatch.memory.measure_step_peak`, with the
-global RNG state restored afterwards so that fitting never changes a run's results.
+:func:`measure_method_peak` runs real training steps on a throwaway copy of the method (random
+``uint8`` images of the requested shape) under :func:`gigapatch.memory.measure_step_peak`,
+with the global RNG state restored afterwards so that fitting never changes a run's results.
+
+:func:`fit_to_budget` chooses the largest setting whose step fits a budget:
+
+- ``full``: the largest input side (a multiple of 4 px, from 16 px up to full resolution);
+- ``patchgd``: first the most patches per inner step k (up to the configured
+  ``sample_fraction``), then the largest no-grad fill chunk (up to ``method.fill_chunk``).
+  k matters for learning, the fill chunk only for speed, hence this order.
+
+Candidates are priced with fake-tensor estimates (:class:`gigapatch.estimate.StepEstimator`,
+no memory allocated, byte-equal to the CPU measurement), falling back to real measurements for
+steps fake tensors cannot run. On CUDA the estimate does not see cuDNN/cuBLAS workspaces or
+allocator fragmentation, so :data:`CUDA_HEADROOM` of the budget is kept free.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
+from typing import Any
 
 import torch
 
@@ -22,6 +36,8 @@ log = logging.getLogger("gigapatch")
 _SIDE_STEP = 4
 #: Smallest input side tried.
 _MIN_SIDE = 16
+#: Share of a CUDA budget kept free for what estimates do not see (workspaces, fragmentation).
+CUDA_HEADROOM = 0.10
 
 
 def measure_method_peak(
@@ -58,65 +74,180 @@ def measure_method_peak(
 def fit_to_budget(
     cfg: Config, image_shape: tuple[int, int, int], budget: int, device: torch.device | str
 ) -> Config:
-    """Adjust ``cfg`` in place so that one training step fits in ``budget`` bytes.
+    """Adjust ``cfg`` in place so that one training step on ``(C, H, W)`` fits ``budget`` bytes.
 
-    - ``full`` without ``downsample_to``: the largest input side (multiple of 4 px) that fits.
-    - otherwise: check that the configured setting fits.
+    - ``full`` without ``downsample_to``: the largest input side (multiple of 4 px) that fits;
+      full resolution when it fits.
+    - ``patchgd``: the largest k ≤ the configured one (``method.sample_fraction`` is lowered;
+      with ``inner_steps`` unset, J = ⌈1/s⌉ grows so an epoch still covers the grid), then the
+      largest ``method.fill_chunk`` ≤ the configured one.
+    - other methods: check that the configured setting fits.
 
-    Raises :class:`ConfigError` saying what would fit when nothing does.
+    Logs what it chose and why. Raises :class:`ConfigError` saying what the smallest setting
+    needs and what to change when nothing fits.
     """
-    c, h, w = image_shape
+    device = torch.device(device)
+    usable = int(budget * (1 - CUDA_HEADROOM)) if device.type == "cuda" else budget
+    pricer = _Pricer(cfg, image_shape, device)
     if cfg.method.name == "full" and cfg.method.downsample_to is None:
-        side = _largest_fitting_side(cfg, image_shape, budget, device)
-        if side < max(h, w):
-            cfg.method.downsample_to = side
-            log.info(
-                "memory budget %s: full-image training downsampled to longer side %d "
-                "(full resolution %d needs more)",
-                format_bytes(budget), side, max(h, w),
-            )
-        return cfg
-    peak = measure_method_peak(cfg, image_shape, device)
-    if peak > budget:
+        _fit_full(cfg, image_shape, budget, usable, pricer)
+    elif cfg.method.name == "patchgd":
+        _fit_patchgd(cfg, image_shape, budget, usable, pricer)
+    else:
+        _check_fits(cfg, image_shape, budget, usable, pricer)
+    return cfg
+
+
+class _Pricer:
+    """Peak bytes of ``cfg``'s step under changed method settings: estimated, else measured."""
+
+    def __init__(self, cfg: Config, image_shape: tuple[int, int, int], device: torch.device):
+        self.cfg, self.shape, self.device = cfg, image_shape, device
+        self._estimator = None
+        self._measure = False
+        self.cache: dict[tuple[tuple[str, Any], ...], int] = {}
+
+    def __call__(self, **settings: Any) -> int:
+        key = tuple(sorted(settings.items()))
+        if key not in self.cache:
+            self.cache[key] = self._price(settings)
+        return self.cache[key]
+
+    def _price(self, settings: dict[str, Any]) -> int:
+        from gigapatch.estimate import EstimateError, StepEstimator
+
+        if not self._measure:
+            try:
+                if self._estimator is None:
+                    self._estimator = StepEstimator(self.cfg, self.device)
+                return self._estimator.peak(self.shape, **settings)
+            except EstimateError as err:
+                log.info("memory budget: %s; measuring real steps instead", err)
+                self._measure = True
+        trial = copy.deepcopy(self.cfg)
+        for key, value in settings.items():
+            setattr(trial.method, key, value)
+        return measure_method_peak(trial, self.shape, self.device)
+
+
+def _largest(lo: int, hi: int, fits: Any) -> int:
+    """Largest ``v`` in ``[lo, hi]`` with ``fits(v)``, given ``fits(lo)`` (monotone)."""
+    if fits(hi):
+        return hi
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _fit_full(
+    cfg: Config, image_shape: tuple[int, int, int], budget: int, usable: int, price: _Pricer
+) -> None:
+    h, w = image_shape[1:]
+    longest, unit = max(h, w), _SIDE_STEP
+
+    def peak_at(side: int) -> int:
+        return price(downsample_to=side if side < longest else None)
+
+    if peak_at(longest) <= usable:
+        log.info(
+            "memory budget %s: full-image training at full resolution %d×%d needs %s, fits",
+            format_bytes(budget), h, w, format_bytes(peak_at(longest)),
+        )
+        return
+    smallest = peak_at(_MIN_SIDE)
+    if smallest > usable:
+        raise ConfigError(
+            f"full-image training does not fit the memory budget of {format_bytes(budget)} even "
+            f"downsampled to {_MIN_SIDE} px ({format_bytes(smallest)}). Raise train.memory_budget "
+            f"to at least {format_bytes(_needed(smallest, price.device))}, lower "
+            "train.batch_size or use a smaller encoder."
+        )
+    units = _largest(_MIN_SIDE // unit, -(-longest // unit) - 1, lambda u: peak_at(unit * u) <= usable)
+    side = unit * units
+    cfg.method.downsample_to = side
+    log.info(
+        "memory budget %s: full-image training downsampled to longer side %d px (%s per step); "
+        "%d px would need %s, full resolution %d px %s",
+        format_bytes(budget), side, format_bytes(peak_at(side)), side + unit,
+        format_bytes(peak_at(side + unit)), longest, format_bytes(peak_at(longest)),
+    )
+
+
+def _fit_patchgd(
+    cfg: Config, image_shape: tuple[int, int, int], budget: int, usable: int, price: _Pricer
+) -> None:
+    from gigapatch.data.grid import PatchGrid
+
+    h, w = image_shape[1:]
+    m = cfg.method
+    n = PatchGrid(h, w, m.patch_size, m.stride).num_patches
+    k_max = max(1, min(n, round(m.sample_fraction * n)))
+    chunk_max = max(1, m.fill_chunk)
+
+    def frac(k: int) -> float:
+        return k / n if k < k_max else m.sample_fraction
+
+    def peak(k: int, chunk: int) -> int:
+        return price(sample_fraction=frac(k), fill_chunk=chunk)
+
+    wanted = peak(k_max, chunk_max)
+    if wanted <= usable:
+        log.info(
+            "memory budget %s: patchgd at %d×%d with k=%d of %d patches per inner step and "
+            "fill_chunk %d needs %s, fits",
+            format_bytes(budget), h, w, k_max, n, chunk_max, format_bytes(wanted),
+        )
+        return
+    smallest = peak(1, 1)
+    if smallest > usable:
+        raise ConfigError(
+            f"patchgd does not fit the memory budget of {format_bytes(budget)} at {h}×{w} even "
+            f"with k=1 patch per inner step and fill_chunk 1: that needs {format_bytes(smallest)}"
+            f" (the configured k={k_max}, fill_chunk {chunk_max} needs {format_bytes(wanted)}). "
+            f"Raise train.memory_budget to at least {format_bytes(_needed(smallest, price.device))}"
+            ", or lower train.batch_size, method.patch_size or model.latent_dim, or use a "
+            "smaller encoder."
+        )
+    k = _largest(1, k_max, lambda v: peak(v, 1) <= usable)
+    chunk = _largest(1, chunk_max, lambda v: peak(k, v) <= usable)
+    old_fraction, old_chunk = m.sample_fraction, m.fill_chunk
+    m.sample_fraction, m.fill_chunk = frac(k), chunk
+    steps = m.inner_steps if m.inner_steps is not None else math.ceil(1 / m.sample_fraction)
+    why = (
+        f"k={k + 1} needs {format_bytes(peak(k + 1, 1))}" if k < k_max
+        else f"fill_chunk {chunk + 1} needs {format_bytes(peak(k, chunk + 1))}"
+    )
+    log.info(
+        "memory budget %s: patchgd at %d×%d (%d patches) uses k=%d patches per inner step "
+        "(configured %d; sample_fraction %.4g → %.4g, %d inner steps) and fill_chunk %d "
+        "(configured %d): %s per step; %s",
+        format_bytes(budget), h, w, n, k, k_max, old_fraction, m.sample_fraction, steps,
+        chunk, old_chunk, format_bytes(peak(k, chunk)), why,
+    )
+
+
+def _check_fits(
+    cfg: Config, image_shape: tuple[int, int, int], budget: int, usable: int, price: _Pricer
+) -> None:
+    h, w = image_shape[1:]
+    peak = price()
+    if peak > usable:
         raise ConfigError(
             f"{cfg.method.name} with these settings needs {format_bytes(peak)} per training step "
             f"at {h}×{w}, over the memory budget of {format_bytes(budget)}. Lower "
-            "train.batch_size, method.sample_fraction or method.patch_size, use a smaller "
-            "encoder, or raise train.memory_budget."
+            "train.batch_size or the method's patch settings, use a smaller encoder, or raise "
+            f"train.memory_budget to at least {format_bytes(_needed(peak, price.device))}."
         )
     log.info(
         "memory budget %s: %s needs %s per step, fits",
         format_bytes(budget), cfg.method.name, format_bytes(peak),
     )
-    return cfg
 
 
-def _largest_fitting_side(
-    cfg: Config, image_shape: tuple[int, int, int], budget: int, device: torch.device | str
-) -> int:
-    """Binary search for the largest longer side (a multiple of ``_SIDE_STEP``) that fits."""
-    c, h, w = image_shape
-    longest, unit = max(h, w), _SIDE_STEP
-
-    def peak_at(side: int) -> int:
-        trial = copy.deepcopy(cfg)
-        trial.method.downsample_to = side if side < longest else None
-        return measure_method_peak(trial, (c, h, w), device)
-
-    if peak_at(longest) <= budget:
-        return longest
-    smallest = peak_at(_MIN_SIDE)
-    if smallest > budget:
-        raise ConfigError(
-            f"full-image training does not fit the memory budget of {format_bytes(budget)} even "
-            f"downsampled to {_MIN_SIDE} px ({format_bytes(smallest)}). Raise train.memory_budget, "
-            "lower train.batch_size or use a smaller encoder."
-        )
-    lo, hi = _MIN_SIDE // unit, -(-longest // unit)  # in units; lo fits, hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if peak_at(unit * mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return unit * lo
+def _needed(peak: int, device: torch.device) -> int:
+    """The budget that leaves room for ``peak`` (plus the CUDA headroom on CUDA)."""
+    return math.ceil(peak / (1 - CUDA_HEADROOM)) if device.type == "cuda" else peak

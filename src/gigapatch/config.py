@@ -169,12 +169,29 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(raw, source=str(path))
 
 
+def _section_of(key: str) -> str | None:
+    """The one section that has a field ``key`` (``None`` if none or several do)."""
+    owners = [
+        f.name for f in fields(Config)
+        if dataclasses.is_dataclass(f.default_factory)  # type: ignore[arg-type]
+        and key in {g.name for g in fields(f.default_factory)}  # type: ignore[arg-type]
+    ]
+    return owners[0] if len(owners) == 1 else None
+
+
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``section.key=value`` override to a nested dict (value parsed as YAML)."""
+    """Apply one ``section.key=value`` override to a nested dict (value parsed as YAML).
+
+    A bare ``key=value`` whose key belongs to exactly one section is put there
+    (``memory_budget=2GiB`` is ``train.memory_budget=2GiB``).
+    """
     if "=" not in item:
         raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got {item!r}.")
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
+    top_level = {f.name for f in fields(Config)}
+    if len(parts) == 1 and parts[0] not in top_level and _section_of(parts[0]):
+        parts = [_section_of(parts[0]), parts[0]]
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:

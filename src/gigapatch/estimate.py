@@ -64,12 +64,19 @@ from gigapatch.errors import ConfigError
 from gigapatch.memory import TensorMemoryTracker, _state_tensors
 
 __all__ = [
+    "EstimateError",
     "StepEstimate",
+    "StepEstimator",
     "estimate_step",
     "estimate_step_peak",
     "estimate_table",
     "patchgd_fraction_for_k",
 ]
+
+
+class EstimateError(ConfigError):
+    """A step that fake tensors cannot run (data-dependent shapes, operators without a meta
+    kernel): measure it instead (:func:`gigapatch.budget.measure_method_peak`)."""
 
 
 @dataclass(frozen=True)
@@ -326,7 +333,7 @@ class _FakeTrainer:
                     self._step(images, targets, warmup=False)
                 del images, targets
         except _FAKE_ERRORS as err:
-            raise ConfigError(
+            raise EstimateError(
                 f"cannot estimate the memory of {cfg.method.name!r} without running it: "
                 f"{type(err).__name__} ({err}). Measure it instead "
                 "(gigapatch.budget.measure_method_peak)."
@@ -370,8 +377,9 @@ def estimate_step(
     the module docstring off (slow on big grids; for checking them).
 
     Raises:
-        ConfigError: bad device, or a step that fake tensors cannot run (data-dependent
-            shapes, operators without a meta kernel).
+        ConfigError: bad device.
+        EstimateError: a step that fake tensors cannot run (data-dependent shapes, operators
+            without a meta kernel).
     """
     start = time.perf_counter()
     est = _FakeTrainer(cfg, _as_device(device), exact).estimate(image_shape)
@@ -393,6 +401,35 @@ def estimate_step_peak(
     return estimate_step(cfg, image_shape, device, exact=exact).peak
 
 
+class StepEstimator:
+    """Estimates of one method under several method settings, built once.
+
+    The method and its optimizer state (one warm-up step) are created on the first call and
+    reused, so every further estimate costs one fake step. Only settings that do not change
+    the parameters may vary between calls (e.g. ``sample_fraction``, ``fill_chunk``,
+    ``downsample_to``), not the encoder, head or latent size::
+
+        est = StepEstimator(cfg)
+        est.peak((3, 4096, 4096), sample_fraction=0.01, fill_chunk=32)
+    """
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu") -> None:
+        self._trainer = _FakeTrainer(cfg, _as_device(device), exact=False)
+
+    def estimate(self, image_shape: tuple[int, int, int], **method_settings: Any) -> StepEstimate:
+        """:class:`StepEstimate` on images ``(C, H, W)`` with ``cfg.method`` fields changed."""
+        mcfg = self._trainer.method.cfg.method
+        for key, value in method_settings.items():
+            if not hasattr(mcfg, key):
+                raise ConfigError(f"method has no setting {key!r}")
+            setattr(mcfg, key, value)
+        return self._trainer.estimate(image_shape)
+
+    def peak(self, image_shape: tuple[int, int, int], **method_settings: Any) -> int:
+        """Estimated peak bytes on images ``(C, H, W)`` with ``cfg.method`` fields changed."""
+        return self.estimate(image_shape, **method_settings).peak
+
+
 def patchgd_fraction_for_k(side: int, patch_size: int, k: int, stride: int | None = None) -> float:
     """``sample_fraction`` that gives ``k`` patches per inner step on a ``side²`` image."""
     from gigapatch.data.grid import PatchGrid
@@ -408,6 +445,7 @@ def estimate_table(
     *,
     device: torch.device | str = "cpu",
     patches_per_step: int | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Estimated step peaks of several methods over square images of several sides.
 
@@ -422,12 +460,17 @@ def estimate_table(
         device: ``"cpu"`` or ``"cuda"`` (no GPU needed; counts that device's tensors only).
         patches_per_step: if set, PatchGD's ``sample_fraction`` is set per side so that every
             inner step samples this many patches (``k`` fixed across sizes).
+        progress: show a progress bar (one tick per row).
     Returns:
         One dict per (method, side), in that order: ``method, side, estimated_bytes,
         persistent_bytes, input_bytes, seconds``.
     """
+    from tqdm.auto import tqdm
+
     dev = _as_device(device)
     rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(methods) * len(sides), desc="estimating", unit="step",
+               disable=not progress, leave=False)
     for name in methods:
         base, _, context = name.partition("+")
         trial = copy.deepcopy(cfg)
@@ -452,4 +495,6 @@ def estimate_table(
                     "seconds": round(est.seconds, 3),
                 }
             )
+            bar.update()
+    bar.close()
     return rows

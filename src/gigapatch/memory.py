@@ -29,6 +29,7 @@ from gigapatch.errors import ConfigError
 
 __all__ = [
     "TensorMemoryTracker",
+    "estimate",
     "format_bytes",
     "measure_step_peak",
     "parse_bytes",
@@ -316,3 +317,24 @@ def measure_step_peak(
     with tracker:
         step_fn()
     return tracker.peak
+
+
+def estimate(
+    cfg: Any,
+    image_shape: tuple[int, int, int],
+    device: torch.device | str = "cpu",
+    *,
+    exact: bool = False,
+) -> int:
+    """Peak bytes of one training step of ``cfg``'s method on images ``(C, H, W)``, estimated
+    without allocating anything (fake tensors); seconds even at 65,536².
+
+    Same as :func:`gigapatch.estimate.estimate_step_peak` (see that module for what is
+    counted); compare :func:`gigapatch.budget.measure_method_peak` for the real step::
+
+        >>> format_bytes(estimate(cfg, (3, 8192, 8192)))  # full-image ResNet-50, batch 1
+        '108 GiB'
+    """
+    from gigapatch.estimate import estimate_step_peak
+
+    return estimate_step_peak(cfg, image_shape, device, exact=exact)
