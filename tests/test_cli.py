@@ -2,11 +2,12 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from gigapatch.cli import main
-from gigapatch.config import save_config
+from gigapatch.config import Config, save_config
 
 
 def _run(capsys, *argv):
@@ -118,3 +119,63 @@ def test_budget_too_small_is_refused(tiny_config, tmp_path, capsys):
 def test_missing_checkpoint(capsys, tmp_path):
     code, _, err = _run(capsys, "predict", "x.png", "--checkpoint", str(tmp_path / "no.pt"))
     assert code == 2 and "no.pt" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_megapixel(tmp_path_factory):
+    from gigapatch.data.megapixel_mnist import generate_megapixel_mnist
+
+    root = tmp_path_factory.mktemp("megapixel")
+    generate_megapixel_mnist(root, n_train=16, n_test=8, side=200, n_noise=5, seed=1,
+                             progress=False)
+    return root
+
+
+def test_ips_multi_task_train_eval_predict_explain(tiny_megapixel, tmp_path, capsys):
+    from gigapatch.data.megapixel_mnist import load_megapixel_mnist, render_image
+    from gigapatch.io.image import write_png
+
+    cfg = Config(name="ips_tiny")
+    cfg.data.kind, cfg.data.root = "megapixel_mnist", str(tiny_megapixel)
+    cfg.data.tasks, cfg.data.multilabel = ["majority", "max", "top", "multi"], ["multi"]
+    cfg.model.encoder, cfg.model.latent_dim, cfg.model.attn_heads = "tiny_cnn_small", 16, 2
+    cfg.method.name, cfg.method.patch_size = "ips", 40
+    cfg.method.memory_size, cfg.method.iter_size = 4, 8
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 1, 4, False
+    cfg.train.out_dir = str(tmp_path / "runs")
+    path = _config_file(cfg, tmp_path)
+    code, out, _ = _run(capsys, "train", "--config", str(path))
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["tasks"] == cfg.data.tasks
+    assert set(summary["best_epoch_task_accuracy"]) == set(cfg.data.tasks)
+    run = tmp_path / "runs" / "ips_tiny"
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "val_accuracy_multi" in header and "val_accuracy_top" in header
+
+    code, out, _ = _run(capsys, "eval", "--checkpoint", str(run / "best.pt"), "--quiet")
+    assert code == 0
+    result = json.loads(out)
+    assert result["images"] == 8 and 0 <= result["accuracy_majority"] <= 1
+
+    image = tmp_path / "canvas.png"
+    write_png(image, render_image(load_megapixel_mnist(tiny_megapixel, "test")[0]))
+    code, out, _ = _run(capsys, "predict", str(image), "--checkpoint", str(run / "best.pt"),
+                        "--explain", str(tmp_path / "why.png"))
+    assert code == 0
+    pred = json.loads(out)
+    assert set(pred["tasks"]) == set(cfg.data.tasks)
+    assert isinstance(pred["tasks"]["multi"]["present"], list)
+    assert (tmp_path / "why.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_patchgd_explain_and_full_refusal(tiny_config, tmp_path, capsys):
+    tiny_config.train.epochs = 1
+    path = _config_file(tiny_config, tmp_path)
+    assert _run(capsys, "train", "--config", str(path))[0] == 0
+    ckpt = tmp_path / "runs" / "tiny" / "best.pt"
+    image = sorted((Path(tiny_config.data.val_csv).parent / "test").glob("*.png"))[0]
+    code, out, _ = _run(capsys, "predict", str(image), "--checkpoint", str(ckpt),
+                        "--explain", str(tmp_path / "sal.png"))
+    assert code == 0 and json.loads(out)["explanation"].endswith("sal.png")
+    assert (tmp_path / "sal.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,12 @@
 import pytest
 
-from gigapatch.config import Config, apply_override, config_from_dict, load_config, save_config
+from gigapatch.config import (
+    Config,
+    apply_override,
+    config_from_dict,
+    load_config,
+    save_config,
+)
 from gigapatch.errors import ConfigError
 
 

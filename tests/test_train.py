@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import gigapatch.train
-
 from gigapatch.checkpoint import load_checkpoint
 from gigapatch.data.datasets import CSVImageDataset
 from gigapatch.methods.base import create_method

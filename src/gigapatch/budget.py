@@ -29,6 +29,7 @@ import torch
 from gigapatch.config import Config
 from gigapatch.errors import ConfigError
 from gigapatch.memory import format_bytes, measure_step_peak
+from gigapatch.tasks import random_targets
 
 log = logging.getLogger("gigapatch")
 
@@ -60,7 +61,8 @@ def measure_method_peak(
         b = cfg.train.batch_size
         images = torch.randint(0, 256, (b, *image_shape), dtype=torch.uint8)
         images = method.host_transform(images)
-        targets = torch.randint(0, cfg.data.num_classes, (b,))
+        d = cfg.data
+        targets = random_targets(b, d.num_classes, d.tasks, d.multilabel)
         method.train_step(images, targets, optimizer)
         peak = measure_step_peak(
             lambda: method.train_step(images, targets, optimizer),
@@ -166,7 +168,8 @@ def _fit_full(
             f"to at least {format_bytes(_needed(smallest, price.device))}, lower "
             "train.batch_size or use a smaller encoder."
         )
-    units = _largest(_MIN_SIDE // unit, -(-longest // unit) - 1, lambda u: peak_at(unit * u) <= usable)
+    top = -(-longest // unit) - 1  # in units of 4 px, below full resolution
+    units = _largest(_MIN_SIDE // unit, top, lambda u: peak_at(unit * u) <= usable)
     side = unit * units
     cfg.method.downsample_to = side
     log.info(

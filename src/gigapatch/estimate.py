@@ -62,6 +62,7 @@ from torch._subclasses.fake_tensor import (
 from gigapatch.config import Config
 from gigapatch.errors import ConfigError
 from gigapatch.memory import TensorMemoryTracker, _state_tensors
+from gigapatch.tasks import random_targets
 
 __all__ = [
     "EstimateError",
@@ -321,7 +322,8 @@ class _FakeTrainer:
             with self._active():
                 images = torch.empty((b, c, h, w), dtype=torch.uint8)  # fake: never allocated
                 images = self.method.host_transform(images)
-                targets = torch.randint(0, cfg.data.num_classes, (b,))
+                d = cfg.data
+                targets = random_targets(b, d.num_classes, d.tasks, d.multilabel)
                 if not self.warm:
                     with _FakeMemoryTracker():  # answers .item() in the warm-up too
                         self._step(images, targets, warmup=True)

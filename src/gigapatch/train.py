@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from gigapatch.checkpoint import (
@@ -39,10 +38,11 @@ from gigapatch.checkpoint import (
     write_text,
 )
 from gigapatch.config import Config, config_from_dict, save_config
-from gigapatch.data.datasets import CSVImageDataset
+from gigapatch.data.datasets import describe_data, open_dataset
 from gigapatch.errors import ConfigError, DataError
 from gigapatch.memory import format_bytes, measure_step_peak, parse_bytes
 from gigapatch.methods.base import Method, create_method
+from gigapatch.tasks import Targets, TaskMetrics, batch_len
 
 log = logging.getLogger("gigapatch")
 
@@ -69,18 +69,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(C, H, W)`` images and labels; differing sizes give a clear error."""
+def collate(batch: list[tuple[torch.Tensor, Targets]]) -> tuple[torch.Tensor, Targets]:
+    """Stack ``(C, H, W)`` images and their labels (tensors, or dicts of them per task);
+    differing image sizes give a clear error."""
     shapes = {tuple(img.shape) for img, _ in batch}
     if len(shapes) > 1:
         raise DataError(
             f"images in one batch differ in size {sorted(shapes)}; resize them to one size "
             "or use batch_size 1."
         )
-    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+    return torch.stack([b[0] for b in batch]), default_collate([b[1] for b in batch])
 
 
-def make_loader(ds: CSVImageDataset, cfg: Config, shuffle: bool, epoch: int = 0) -> DataLoader:
+def make_loader(ds: Dataset, cfg: Config, shuffle: bool, epoch: int = 0) -> DataLoader:
     """A DataLoader whose order depends only on ``(seed, epoch)``."""
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return DataLoader(
@@ -119,22 +120,26 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 @torch.inference_mode()
 def evaluate(method: Method, loader: DataLoader, progress: bool = False) -> dict[str, float]:
-    """Accuracy (torchmetrics) and mean cross-entropy of ``method`` on ``loader``."""
+    """Accuracy (torchmetrics) and mean loss of ``method`` on ``loader``.
+
+    Returns ``accuracy`` (the main task's) and ``loss``; with several tasks also
+    ``accuracy_<task>`` for each (see :class:`gigapatch.tasks.TaskMetrics`).
+    """
     was_training = method.training
     method.eval()
-    acc = MulticlassAccuracy(num_classes=method.num_classes, average="micro").to(method.device)
+    metrics = TaskMetrics(method.tasks, method.num_classes, method.multilabel, method.device)
     loss_sum, n = 0.0, 0
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
         logits = method.predict(images)
-        targets = targets.to(logits.device)
-        loss_sum += float(method.loss(logits, targets)) * len(targets)
-        n += len(targets)
-        acc.update(logits, targets)
+        count = batch_len(targets)
+        loss_sum += float(method.loss(logits, targets)) * count
+        n += count
+        metrics.update(logits, targets)
     method.train(was_training)
-    return {"accuracy": float(acc.compute()), "loss": loss_sum / max(1, n)}
+    return {**metrics.compute(), "loss": loss_sum / max(1, n)}
 
 
-def _image_size(ds: CSVImageDataset) -> tuple[int, int, int]:
+def _image_size(ds: Dataset) -> tuple[int, int, int]:
     img, _ = ds[0]
     return tuple(img.shape)  # type: ignore[return-value]
 
@@ -164,12 +169,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         cfg = saved
     seed_everything(cfg.seed)
 
-    train_ds = CSVImageDataset(cfg.data.train_csv, num_classes=cfg.data.num_classes)
-    val_ds = CSVImageDataset(cfg.data.val_csv, num_classes=cfg.data.num_classes)
+    train_ds, val_ds = open_dataset(cfg, "train"), open_dataset(cfg, "val")
     c, h, w = _image_size(train_ds)
     if c != cfg.data.in_chans:
         raise ConfigError(
-            f"images in {cfg.data.train_csv} have {c} channel(s) but data.in_chans = "
+            f"images in {describe_data(cfg)} have {c} channel(s) but data.in_chans = "
             f"{cfg.data.in_chans}; set data.in_chans={c}."
         )
 
@@ -246,7 +250,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
             scheduler.step()
             loss_sum += loss
             n_batches += 1
-            n_images += len(targets)
+            n_images += images.shape[0]
             bar.set_postfix(loss=f"{loss_sum / n_batches:.3f}")
         bar.close()
         epoch_train_seconds = time.perf_counter() - t0
@@ -261,6 +265,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
             "val_accuracy": val["accuracy"],
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - t0,
+            **{f"val_{k}": v for k, v in val.items() if k.startswith("accuracy_")},
         }
         history.append(row)
         log.info(
@@ -302,6 +307,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         "val_accuracy": best_acc,
         "best_epoch": best_epoch,
         "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
+        **(
+            {"tasks": cfg.data.tasks, "best_epoch_task_accuracy": {
+                t: history[best_epoch - 1].get(f"val_accuracy_{t}") for t in cfg.data.tasks
+            }} if len(cfg.data.tasks) > 1 and history else {}
+        ),
         "peak_memory_bytes": peak_memory,
         "peak_memory": format_bytes(peak_memory) if peak_memory is not None else None,
         "memory_budget": cfg.train.memory_budget,
@@ -325,7 +335,8 @@ def _input_size(cfg: Config, h: int, w: int) -> int | list[int]:
 
 def _write_metrics(history: list[dict[str, Any]], path: Path) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    extra = [k for k in history[0] if k not in METRIC_FIELDS] if history else []
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + extra)
     writer.writeheader()
     writer.writerows(history)
     write_text(path, buf.getvalue())

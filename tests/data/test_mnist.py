@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gigapatch.errors import ConfigError, DataError
 from gigapatch.data.mnist import load_digits, read_idx, split_digit_pools
+from gigapatch.errors import ConfigError, DataError
 
 _TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i2"): 0x0B, np.dtype(">f4"): 0x0D}
 

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gigapatch.config import Config
 from gigapatch.errors import ConfigError, DataError
 from gigapatch.io.image import read_image
 
-__all__ = ["CSVImageDataset"]
+__all__ = ["CSVImageDataset", "describe_data", "open_dataset"]
 
 REQUIRED_COLUMNS = ("path", "label")
 _MAX_LISTED = 5  # missing files named in one error message
@@ -167,3 +168,36 @@ class CSVImageDataset(Dataset):
         array = read_image(self._paths[index])  # (H, W, C) uint8
         image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
         return image, torch.tensor(self._labels[index], dtype=torch.int64)
+
+
+def open_dataset(cfg: Config, split: str) -> Dataset:
+    """The ``"train"`` or ``"val"`` data set that ``cfg.data`` describes.
+
+    ``kind: csv`` reads ``train_csv``/``val_csv`` (:class:`CSVImageDataset`);
+    ``kind: megapixel_mnist`` renders the ``train``/``test`` split of ``root``
+    (:class:`~gigapatch.data.megapixel_mnist.MegapixelMNISTDataset`). Tasks the model predicts
+    (``data.tasks``) must be among the data set's.
+    """
+    d = cfg.data
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if d.kind == "megapixel_mnist":
+        from gigapatch.data.megapixel_mnist import TASKS, MegapixelMNISTDataset
+
+        unknown = [t for t in d.tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(
+                f"data.tasks {unknown} are not Megapixel MNIST tasks; choose from {list(TASKS)}."
+            )
+        return MegapixelMNISTDataset(d.root, "train" if split == "train" else "test")
+    if len(d.tasks) > 1:
+        raise ConfigError(
+            f"data.tasks = {d.tasks}: a CSV data set has one label; use at most one task."
+        )
+    path = d.train_csv if split == "train" else d.val_csv
+    return CSVImageDataset(path, num_classes=d.num_classes)
+
+
+def describe_data(cfg: Config) -> str:
+    """Where ``cfg``'s training images come from, for messages."""
+    return cfg.data.root if cfg.data.kind != "csv" else cfg.data.train_csv

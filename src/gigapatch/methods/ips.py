@@ -1,0 +1,139 @@
+"""Iterative Patch Selection (IPS): keep the M most salient patches, learn from those only.
+
+For a batch of B images cut into N patches (``method.patch_size``/``stride``):
+
+1. **Select** (no gradients, eval mode; :meth:`IPS.select`). Shuffle each image's patch order
+   (so ties and the chunking fall at random). Encode the first M patches into a buffer; then
+   repeatedly encode the next I patches, score all M + I with the aggregator's attention
+   (weights of the task queries, averaged over heads and tasks) and keep the top M. Patches
+   stay on the host and go to the device I at a time: memory O(M + I), never O(N).
+2. **Learn** (:meth:`IPS.train_step`). Re-encode the M selected patches with gradients, add
+   2-D sinusoidal encodings of their grid positions, pool them with
+   :class:`~gigapatch.models.attention.CrossAttentionPool` (one learned query per task), and
+   apply one linear classifier per task; the loss is the sum of the tasks' losses.
+3. **Predict**: the same selection, then the aggregation without gradients.
+
+**Chunked vs global top-M.** An attention weight is a softmax over the set it is computed on.
+With one head and one task, the softmax keeps the order of the raw scores ``q·k``, which do not
+depend on the set, so the iterative selection returns exactly the global top-M. With several
+heads (or tasks) the averaged weights mix softmaxes normalised over different sets, so a patch's
+rank can change with the set it is scored in: the selection is then the top-M of each (M + I)
+set as the algorithm defines it (and as the IPS paper does), not necessarily the global top-M.
+Positional encodings are added before scoring as well as before pooling, so both see the same
+inputs. With M ≥ N nothing is dropped and the output is plain attention pooling over all patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from gigapatch.config import Config
+from gigapatch.data.grid import PatchGrid
+from gigapatch.methods.base import METHODS, Method, repeated
+from gigapatch.models.attention import CrossAttentionPool, sinusoidal_2d
+from gigapatch.models.encoders import create_encoder
+from gigapatch.tasks import Logits
+
+
+@METHODS.register("ips")
+class IPS(Method):
+    """θ1 = encoder (patch → D), aggregator = cross-attention pool, one classifier per task."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        mc = cfg.model
+        self.dim = mc.latent_dim
+        self.encoder = create_encoder(mc.encoder, self.dim, self.in_chans, mc.pretrained)
+        names = self.tasks or ["label"]
+        self.pool = CrossAttentionPool(self.dim, mc.attn_heads, len(names), dropout=mc.attn_dropout)
+        self.classifiers = nn.ModuleDict({t: nn.Linear(self.dim, self.num_classes) for t in names})
+
+    # ------------------------------------------------------------------ pieces
+    def grid(self, images: torch.Tensor) -> PatchGrid:
+        """The patch grid of a ``(B, C, H, W)`` batch."""
+        h, w = images.shape[-2:]
+        return PatchGrid(h, w, self.cfg.method.patch_size, self.cfg.method.stride)
+
+    def embed(self, images: torch.Tensor, grid: PatchGrid, cells: torch.Tensor) -> torch.Tensor:
+        """Encode the patches ``cells`` ``(B, n)`` (host, long) of host ``images``, plus the
+        positional encodings of their grid positions (unless ``method.pos_encoding`` is off)
+        → ``(B, n, D)`` on the device."""
+        b, n = cells.shape
+        x = self.encoder(self.prepare(grid.gather(images, cells).flatten(0, 1))).view(b, n, -1)
+        if not self.cfg.method.pos_encoding:
+            return x
+        cells = cells.to(x.device)
+        pos = sinusoidal_2d(cells // grid.cols, cells % grid.cols, self.dim)
+        return x + pos.to(x.dtype)
+
+    @contextmanager
+    def _eval(self) -> Iterator[None]:
+        was = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was)
+
+    def scores(self, emb: torch.Tensor) -> torch.Tensor:
+        """Selection scores ``(B, n)`` of embeddings ``(B, n, D)``: attention weights of the
+        task queries, averaged over heads and tasks."""
+        return self.pool.attention(emb).mean(dim=1)
+
+    def select(self, images: torch.Tensor, grid: PatchGrid | None = None) -> torch.Tensor:
+        """The M selected cells ``(B, min(M, N))`` (host, long) of host images ``(B, C, H, W)``.
+
+        Runs without gradients in eval mode (the method's mode is restored). Uses the global
+        torch RNG for the shuffled order.
+        """
+        grid = grid or self.grid(images)
+        b, n = images.shape[0], grid.num_patches
+        m = min(self.cfg.method.memory_size, n)
+        step = self.cfg.method.iter_size
+        order = torch.argsort(torch.rand(b, n), dim=1)  # (B, N) shuffled cells, host
+        with torch.no_grad(), self._eval():
+            cells = order[:, :m]
+            memory = self.embed(images, grid, cells)  # (B, M, D)
+            for start in repeated(range(m, n, step)):
+                new = order[:, start : start + step]  # (B, ≤I)
+                cand_cells = torch.cat([cells, new], dim=1)
+                cand = torch.cat([memory, self.embed(images, grid, new)], dim=1)  # (B, M+I, D)
+                top = self.scores(cand).topk(m, dim=1).indices  # (B, M) on the device
+                memory = cand.gather(1, top[:, :, None].expand(-1, -1, self.dim))
+                cells = cand_cells.gather(1, top.cpu())
+        return cells
+
+    def aggregate(self, emb: torch.Tensor) -> tuple[Logits, torch.Tensor]:
+        """Embeddings ``(B, M, D)`` → logits (``(B, K)``, or ``{task: (B, K)}`` with tasks
+        configured) and attention weights ``(B, T, M)``."""
+        pooled, weights = self.pool(emb)  # (B, T, D), (B, T, M)
+        logits = {t: head(pooled[:, i]) for i, (t, head) in enumerate(self.classifiers.items())}
+        return (logits if self.tasks else logits["label"]), weights
+
+    def explain(self, images: torch.Tensor) -> tuple[Logits, torch.Tensor, torch.Tensor]:
+        """Prediction with its evidence: logits, selected cells ``(B, M)`` (host) and their
+        attention weights ``(B, T, M)``. Call in eval mode under ``no_grad``."""
+        grid = self.grid(images)
+        cells = self.select(images, grid)
+        logits, weights = self.aggregate(self.embed(images, grid, cells))
+        return logits, cells, weights
+
+    # ------------------------------------------------------------------ interface
+    def train_step(
+        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> float:
+        grid = self.grid(images)
+        cells = self.select(images, grid)  # no graph, O(M + I) memory
+        optimizer.zero_grad(set_to_none=True)
+        logits, _ = self.aggregate(self.embed(images, grid, cells))
+        loss = self.loss(logits, targets)
+        loss.backward()
+        self.optimizer_step(optimizer)
+        return float(loss.detach())
+
+    def predict(self, images: torch.Tensor) -> Logits:
+        return self.explain(images)[0]
