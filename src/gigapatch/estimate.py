@@ -217,6 +217,7 @@ _LOCK = threading.RLock()
 #: run on fake tensors without changing its peak (checked against ``exact=True`` in tests).
 _METHOD_SHORTCUTS: dict[str, Callable[[Any, bool], Any]] = {
     "patchgd": _few_iterations,
+    "ips": _few_iterations,
 }
 
 

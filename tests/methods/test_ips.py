@@ -142,6 +142,15 @@ def test_peak_memory_does_not_grow_with_the_number_of_patches():
     assert estimate_step_peak(cfg, (1, 512, 512)) == big  # and the estimate agrees
 
 
+def test_estimate_shortcut_runs_few_selection_chunks_without_changing_the_peak():
+    cfg = _cfg(memory=4, iters=5, tasks=TASKS)  # 25 patches on 80²: 5 selection chunks
+    from gigapatch.estimate import estimate_step
+
+    fast = estimate_step(cfg, (1, 80, 80))
+    assert fast.peak == estimate_step(cfg, (1, 80, 80), exact=True).peak
+    assert fast.peak == measure_method_peak(cfg, (1, 80, 80))
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="divisible by 3 attention heads"):
         create_method(_cfg(heads=3))
