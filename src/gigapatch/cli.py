@@ -106,29 +106,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size:
         cfg.train.batch_size = args.batch_size
     if args.data:  # a CSV, or a Megapixel MNIST folder (its test split)
-        if cfg.data.kind == "csv":
+        if cfg.data.kind in ("csv", "lazy_csv"):
             cfg.data.val_csv = args.data
         else:
             cfg.data.root = args.data
     ds = open_dataset(cfg, "val")
     result = evaluate(method, make_loader(ds, cfg, shuffle=False), progress=not args.quiet)
-    data = cfg.data.val_csv if cfg.data.kind == "csv" else f"{cfg.data.root} (test split)"
+    data = cfg.data.val_csv if cfg.data.kind in ("csv", "lazy_csv") else \
+        f"{cfg.data.root} (held-out split)"
     result.update(checkpoint=str(args.checkpoint), data=str(data), images=len(ds))
     print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from gigapatch.checkpoint import load_method
+    from gigapatch.data.lazy import LazyBatch
     from gigapatch.io.image import read_image
+    from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
     from gigapatch.tasks import probabilities
     from gigapatch.train import resolve_device
 
     device = resolve_device(args.device)
     method, cfg = load_method(args.checkpoint, device)
-    image = torch.from_numpy(read_image(args.image)).permute(2, 0, 1)[None]  # (1, C, H, W)
+    if SUPPORTED_EXTENSIONS.get(Path(args.image).suffix.lower()) in ("tiff", "openslide", "numpy"):
+        image = LazyBatch([open_image(args.image)])  # streamed: read patch by patch
+    else:
+        image = torch.from_numpy(read_image(args.image)).permute(2, 0, 1)[None]  # (1, C, H, W)
     if image.shape[1] != cfg.data.in_chans:
         raise GigapatchError(
             f"{args.image} has {image.shape[1]} channel(s) but the model expects "
@@ -158,6 +166,11 @@ def _prediction(probs, multilabel: bool) -> dict:  # noqa: ANN001 - a (K,) tenso
     return {"prediction": top, "confidence": values[top], "probabilities": values}
 
 
+def _first(images):  # noqa: ANN001, ANN202
+    """The first image of a batch: a ``(C, H, W)`` tensor or an image reader."""
+    return images.readers[0] if hasattr(images, "readers") else images[0]
+
+
 def _explain(method, image, out: str):  # noqa: ANN001, ANN202
     """Draw the evidence of ``method``'s prediction for ``image`` ``(1, C, H, W)`` to ``out``."""
     import torch
@@ -172,11 +185,11 @@ def _explain(method, image, out: str):  # noqa: ANN001, ANN202
             top = int((logits[main] if main else logits)[0].argmax())
             title = (f"IPS: {cells.shape[1]} selected patches, coloured by attention "
                      f"({main or 'label'} = {top})")
-            return draw_patch_weights(image[0], method.grid(image), cells[0], weights[0, 0],
-                                      out, title)
+            return draw_patch_weights(_first(image), method.grid(image), cells[0],
+                                      weights[0, 0], out, title)
         if name == "patchgd":
             saliency = patchgd_saliency(method, image)
-            return draw_saliency(image[0], method.grid(image), saliency, out,
+            return draw_saliency(_first(image), method.grid(image), saliency, out,
                                  "PatchGD: occlusion saliency of the Z cells")
     raise GigapatchError(f"--explain supports the methods ips and patchgd, not {name!r}.")
 

@@ -25,7 +25,9 @@ from gigapatch.errors import ConfigError
 class DataConfig:
     """Where the images are and what to predict.
 
-    ``kind: csv``: CSV files hold ``path,label`` (paths relative to the CSV).
+    ``kind: csv``: CSV files hold ``path,label`` (paths relative to the CSV), decoded whole.
+    ``kind: lazy_csv``: the same CSVs, read patch by patch from disk (tiled TIFF, slides, …).
+    ``kind: folder``: ``root/{train,val}/<class>/<image>``, read patch by patch.
     ``kind: megapixel_mnist``: a Megapixel MNIST folder ``root`` (splits ``train``/``test``).
     ``tasks``: the labels to predict, e.g. ``[majority, max, top, multi]`` (empty: the single
     label of a CSV); the first is the main task (validation accuracy, best checkpoint).
@@ -121,9 +123,10 @@ class Config:
         _check(self.data.in_chans >= 1, "data.in_chans", self.data.in_chans, "≥ 1")
         _check(self.data.std > 0, "data.std", self.data.std, "> 0")
         d = self.data
-        _choice("data.kind", d.kind, ("csv", "megapixel_mnist"))
+        _choice("data.kind", d.kind, ("csv", "lazy_csv", "folder", "megapixel_mnist"))
+        if d.kind in ("megapixel_mnist", "folder"):
+            _check(bool(d.root), "data.root", d.root, f"the {d.kind} data folder")
         if d.kind == "megapixel_mnist":
-            _check(bool(d.root), "data.root", d.root, "the Megapixel MNIST folder")
             _check(bool(d.tasks), "data.tasks", d.tasks,
                    "a list of tasks, e.g. [majority] or [majority, max, top, multi]")
         _check(len(set(d.tasks)) == len(d.tasks), "data.tasks", d.tasks, "no repeated task")

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from gigapatch.data.grid import PatchGrid
+from gigapatch.data.lazy import read_resized
+from gigapatch.io.readers import ImageReader
 
 __all__ = ["draw_patch_weights", "draw_saliency", "patchgd_saliency", "thumbnail"]
 
@@ -24,21 +26,34 @@ __all__ = ["draw_patch_weights", "draw_saliency", "patchgd_saliency", "thumbnail
 MAX_SIDE = 1024
 
 
-def thumbnail(image: torch.Tensor, max_side: int = MAX_SIDE) -> tuple[np.ndarray, float]:
-    """A view of ``(C, H, W)`` ``uint8`` (or [0, 1] float) image no longer than ``max_side``.
+def thumbnail(
+    image: torch.Tensor | ImageReader, max_side: int = MAX_SIDE
+) -> tuple[np.ndarray, float]:
+    """A view of ``(C, H, W)`` ``uint8`` (or [0, 1] float) image no longer than ``max_side``;
+    an :class:`~gigapatch.io.readers.ImageReader` is read from its closest pyramid level.
 
     Returns ``(array (h, w) or (h, w, 3) float in [0, 1], scale)`` with ``scale = h / H``.
     """
-    c, h, w = image.shape
+    h, w = _size(image)
     scale = min(1.0, max_side / max(h, w))
-    x = image[None].float()
-    if not image.is_floating_point():
-        x = x / 255.0
-    if scale < 1.0:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if isinstance(image, ImageReader):
+        x = read_resized(image, size)[None].float() / 255.0
+    else:
+        x = image[None].float()
+        if not image.is_floating_point():
+            x = x / 255.0
+        if scale < 1.0:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     arr = x[0].clamp(0, 1).permute(1, 2, 0).numpy()
-    return (arr[..., 0] if c == 1 else arr[..., :3]), scale
+    return (arr[..., 0] if arr.shape[-1] == 1 else arr[..., :3]), size[0] / h
+
+
+def _size(image: torch.Tensor | ImageReader) -> tuple[int, int]:
+    """``(H, W)`` of a ``(C, H, W)`` tensor or a reader."""
+    if isinstance(image, ImageReader):
+        return image.shape[0], image.shape[1]
+    return image.shape[-2], image.shape[-1]
 
 
 def _figure(image: torch.Tensor, title: str):  # noqa: ANN202 - matplotlib objects
@@ -66,14 +81,14 @@ def _save(fig, plt, path: str | os.PathLike[str]) -> Path:  # noqa: ANN001
 
 
 def draw_patch_weights(
-    image: torch.Tensor,
+    image: torch.Tensor | ImageReader,
     grid: PatchGrid,
     cells: torch.Tensor,
     weights: torch.Tensor,
     path: str | os.PathLike[str],
     title: str = "",
 ) -> Path:
-    """Draw ``(C, H, W)`` ``image`` with patches ``cells`` ``(M,)`` outlined, coloured by
+    """Draw ``(C, H, W)`` ``image`` (or a reader's image) with patches ``cells`` ``(M,)`` outlined, coloured by
     ``weights`` ``(M,)`` (e.g. IPS attention); writes a PNG to ``path``."""
     from matplotlib import cm, colors
     from matplotlib.patches import Rectangle
@@ -95,13 +110,13 @@ def draw_patch_weights(
 
 
 def draw_saliency(
-    image: torch.Tensor,
+    image: torch.Tensor | ImageReader,
     grid: PatchGrid,
     saliency: torch.Tensor,
     path: str | os.PathLike[str],
     title: str = "",
 ) -> Path:
-    """Draw ``(C, H, W)`` ``image`` under a heat map of per-cell ``saliency`` ``(rows, cols)``;
+    """Draw ``(C, H, W)`` ``image`` (or a reader's image) under a heat map of per-cell ``saliency`` ``(rows, cols)``;
     writes a PNG to ``path``."""
     fig, ax, plt, scale = _figure(image, title)
     # One stride-sized tile per cell, centred on the cell's patch.
@@ -111,37 +126,50 @@ def draw_saliency(
     s = saliency.detach().float().cpu().numpy()
     im = ax.imshow(s, cmap="inferno", alpha=0.55, extent=extent, interpolation="nearest",
                    vmin=min(0.0, float(s.min())), vmax=max(float(s.max()), 1e-12))
-    ax.set_xlim(-0.5, image.shape[-1] * scale - 0.5)
-    ax.set_ylim(image.shape[-2] * scale - 0.5, -0.5)
+    h, w = _size(image)
+    ax.set_xlim(-0.5, w * scale - 0.5)
+    ax.set_ylim(h * scale - 0.5, -0.5)
     fig.colorbar(im, ax=ax, fraction=0.04, label="probability drop when the cell is occluded")
     return _save(fig, plt, path)
 
 
-@torch.no_grad()
-def patchgd_saliency(method, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:  # noqa: ANN001
-    """Occlusion saliency of PatchGD's Z cells for one image ``(1, C, H, W)`` → ``(rows, cols)``.
+def patchgd_saliency(
+    method, images, chunk: int = 64, exact_up_to: int = 1024  # noqa: ANN001
+) -> torch.Tensor:
+    """Occlusion saliency of PatchGD's Z cells for one image ``(1, C, H, W)`` (tensor or
+    :class:`~gigapatch.data.lazy.LazyBatch`) → ``(rows, cols)``.
 
-    Each cell's embedding is replaced by the mean embedding over the grid, ``chunk`` cells at
-    a time, and the drop in the predicted class's probability is recorded (positive: the cell
-    supported the prediction). Costs one fill plus ``N`` applications of the head θ2. Call in
-    eval mode.
+    A cell's saliency is the drop in the predicted class's probability when its embedding is
+    replaced by the mean embedding over the grid (positive: the cell supported the
+    prediction). Up to ``exact_up_to`` cells this is computed exactly, ``chunk`` cells at a
+    time (N applications of θ2); on larger grids it is its first-order approximation
+    ``∂p/∂Z · (Z − mean)``, one backward pass through θ2. Costs one fill. Call in eval mode.
     """
     if images.shape[0] != 1:
         raise ValueError("saliency is computed for one image at a time")
     grid = method.grid(images)
-    z = method.fill(images, grid)  # (1, N, C)
-    g = method.encode(method.global_patch(images)) if method.cfg.method.global_context != "none" \
-        else None
-    probs = method.logits(z, grid, g).softmax(dim=1)[0]
-    top = int(probs.argmax())
+    with torch.no_grad():
+        z = method.fill(images, grid)  # (1, N, C)
+        g = None
+        if method.cfg.method.global_context != "none":
+            g = method.encode(method.global_patch(images))
     mean = z.mean(dim=1, keepdim=True)  # (1, 1, C)
     n = grid.num_patches
-    drops = torch.empty(n)
-    for start in range(0, n, chunk):
-        cells = torch.arange(start, min(start + chunk, n))
-        zz = z.expand(len(cells), -1, -1).clone()  # (P, N, C)
-        zz[torch.arange(len(cells)), cells.to(zz.device)] = mean[0]
-        gg = None if g is None else g.expand(len(cells), -1)
-        p = method.logits(zz, grid, gg).softmax(dim=1)[:, top]
-        drops[start : start + len(cells)] = probs[top].cpu() - p.cpu()
+    if n > exact_up_to:
+        with torch.enable_grad():
+            zz = z.clone().requires_grad_(True)
+            probs = method.logits(zz, grid, g).softmax(dim=1)[0]
+            (grad,) = torch.autograd.grad(probs[int(probs.argmax())], zz)
+        return (grad * (z - mean)).sum(dim=-1)[0].cpu().view(grid.rows, grid.cols)
+    with torch.no_grad():
+        probs = method.logits(z, grid, g).softmax(dim=1)[0]
+        top = int(probs.argmax())
+        drops = torch.empty(n)
+        for start in range(0, n, chunk):
+            cells = torch.arange(start, min(start + chunk, n))
+            zz = z.expand(len(cells), -1, -1).clone()  # (P, N, C)
+            zz[torch.arange(len(cells)), cells.to(zz.device)] = mean[0]
+            gg = None if g is None else g.expand(len(cells), -1)
+            p = method.logits(zz, grid, gg).softmax(dim=1)[:, top]
+            drops[start : start + len(cells)] = probs[top].cpu() - p.cpu()
     return drops.view(grid.rows, grid.cols)

@@ -39,7 +39,9 @@ from gigapatch.checkpoint import (
 )
 from gigapatch.config import Config, config_from_dict, save_config
 from gigapatch.data.datasets import describe_data, open_dataset
+from gigapatch.data.lazy import LazyBatch
 from gigapatch.errors import ConfigError, DataError
+from gigapatch.io.readers import ImageReader
 from gigapatch.memory import format_bytes, measure_step_peak, parse_bytes
 from gigapatch.methods.base import Method, create_method
 from gigapatch.tasks import Targets, TaskMetrics, batch_len
@@ -69,9 +71,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def collate(batch: list[tuple[torch.Tensor, Targets]]) -> tuple[torch.Tensor, Targets]:
+def collate(
+    batch: list[tuple[torch.Tensor | ImageReader, Targets]],
+) -> tuple[torch.Tensor | LazyBatch, Targets]:
     """Stack ``(C, H, W)`` images and their labels (tensors, or dicts of them per task);
-    differing image sizes give a clear error."""
+    lazy readers become a :class:`~gigapatch.data.lazy.LazyBatch` (read on demand).
+    Differing image sizes give a clear error."""
+    if isinstance(batch[0][0], ImageReader):
+        return LazyBatch([b[0] for b in batch]), default_collate([b[1] for b in batch])
     shapes = {tuple(img.shape) for img, _ in batch}
     if len(shapes) > 1:
         raise DataError(
@@ -141,6 +148,9 @@ def evaluate(method: Method, loader: DataLoader, progress: bool = False) -> dict
 
 def _image_size(ds: Dataset) -> tuple[int, int, int]:
     img, _ = ds[0]
+    if isinstance(img, ImageReader):
+        h, w, c = img.shape
+        return c, h, w
     return tuple(img.shape)  # type: ignore[return-value]
 
 

@@ -68,7 +68,7 @@ def test_one_head_one_task_selects_the_global_top_m():
     images = _images(side=96)  # N = 36: 1 buffer fill + 11 chunks of 3
     with torch.no_grad():
         grid, cells = _all_cells(method, images)
-        scores = method.scores(method.embed(images, grid, cells))  # (B, N) over all patches
+        scores = method.scores(method.embed(grid.taker(images), grid, cells))  # (B, N): all
         want = scores.topk(5, dim=1).indices.sort(dim=1).values
         got = method.select(images, grid).sort(dim=1).values
     assert torch.equal(got, want)
@@ -82,7 +82,7 @@ def _reference_select(method, images, grid, order):
         img, kept = images[b : b + 1], order[b, :m].tolist()
         for start in range(m, grid.num_patches, step):
             cand = kept + order[b, start : start + step].tolist()
-            emb = method.embed(img, grid, torch.tensor([cand]))
+            emb = method.embed(grid.taker(img), grid, torch.tensor([cand]))
             s = method.scores(emb)[0]
             kept = [cand[i] for i in s.topk(m).indices.tolist()]
         out.append(sorted(kept))

@@ -173,7 +173,11 @@ class CSVImageDataset(Dataset):
 def open_dataset(cfg: Config, split: str) -> Dataset:
     """The ``"train"`` or ``"val"`` data set that ``cfg.data`` describes.
 
-    ``kind: csv`` reads ``train_csv``/``val_csv`` (:class:`CSVImageDataset`);
+    ``kind: csv`` reads ``train_csv``/``val_csv`` (:class:`CSVImageDataset`, decoded whole);
+    ``kind: lazy_csv`` lists the same CSVs but yields lazy readers that methods read patch by
+    patch (:class:`~gigapatch.data.large.LargeImageCSVDataset`; tiled TIFF, slides, …);
+    ``kind: folder`` reads ``root/<class>/<image>`` lazily
+    (:class:`~gigapatch.data.large.LargeImageFolderDataset`, ``root/train`` and ``root/val``);
     ``kind: megapixel_mnist`` renders the ``train``/``test`` split of ``root``
     (:class:`~gigapatch.data.megapixel_mnist.MegapixelMNISTDataset`). Tasks the model predicts
     (``data.tasks``) must be among the data set's.
@@ -195,9 +199,17 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
             f"data.tasks = {d.tasks}: a CSV data set has one label; use at most one task."
         )
     path = d.train_csv if split == "train" else d.val_csv
+    if d.kind == "lazy_csv":
+        from gigapatch.data.large import LargeImageCSVDataset
+
+        return LargeImageCSVDataset(path, num_classes=d.num_classes)
+    if d.kind == "folder":
+        from gigapatch.data.large import LargeImageFolderDataset
+
+        return LargeImageFolderDataset(Path(d.root) / ("train" if split == "train" else "val"))
     return CSVImageDataset(path, num_classes=d.num_classes)
 
 
 def describe_data(cfg: Config) -> str:
     """Where ``cfg``'s training images come from, for messages."""
-    return cfg.data.root if cfg.data.kind != "csv" else cfg.data.train_csv
+    return cfg.data.train_csv if cfg.data.kind in ("csv", "lazy_csv") else str(cfg.data.root)

@@ -9,7 +9,9 @@ copy until a patch is actually used.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,19 +139,50 @@ class PatchGrid:
         v = self.patch_view(images, value)
         return v.reshape(v.shape[0], self.num_patches, *v.shape[3:])
 
-    def gather(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def taker(self, images: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A function ``take(image_idx (P,), cells (P,)) -> (P, C, p, p)`` copying out patches.
+
+        ``images`` is a ``(B, C, H, W)`` tensor (the patch view is made once, here) or a
+        :class:`~gigapatch.data.lazy.LazyBatch` (each call reads just those patches from disk).
+        Make one taker per batch and call it per chunk.
+        """
+        if isinstance(images, torch.Tensor):
+            v = self.patch_view(images)  # (B, m, n, C, p, p), a view
+
+            def take(bi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+                bi, cells = bi.to(v.device), cells.to(v.device)
+                return v[bi, cells // self.cols, cells % self.cols]
+
+            return take
+        p = self.patch_size
+
+        def read(bi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+            cells = cells.cpu()
+            boxes = torch.stack([cells // self.cols, cells % self.cols], dim=1) * self.stride
+            return images.take(boxes, bi.cpu(), p)
+
+        return read
+
+    def gather(self, images: Any, index: torch.Tensor) -> torch.Tensor:
         """Copy out selected patches and nothing else.
 
         Args:
-            images: ``(B, C, H, W)``.
+            images: ``(B, C, H, W)`` tensor or :class:`~gigapatch.data.lazy.LazyBatch`.
             index: ``(B, k)`` long cell indices per image (row-major).
         Returns:
             ``(B, k, C, p, p)``, a new tensor holding only the ``B·k`` selected patches.
         """
-        v = self.patch_view(images)  # (B, m, n, C, p, p), a view
-        index = index.to(v.device)
-        b = torch.arange(v.shape[0], device=v.device)[:, None]
-        return v[b, index // self.cols, index % self.cols]
+        return self.gather_with(self.taker(images), index)
+
+    @staticmethod
+    def gather_with(
+        take: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], index: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`gather` with a ``take`` from :meth:`taker`: ``(B, k)`` → ``(B, k, C, p, p)``."""
+        b, k = index.shape
+        bi = torch.arange(b)[:, None].expand(b, k).reshape(-1)
+        out = take(bi, index.reshape(-1))
+        return out.view(b, k, *out.shape[1:])
 
     def assemble(self, patches: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`patches`: ``(B, N, C, p, p)`` → ``(B, C, H, W)``.

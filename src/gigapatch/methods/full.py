@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
+from gigapatch.data.lazy import LazyBatch
 from gigapatch.errors import ConfigError
 from gigapatch.methods.base import METHODS, Method
 from gigapatch.models.encoders import create_encoder
@@ -45,8 +46,15 @@ class FullImage(Method):
             cfg.model.encoder, self.num_classes, self.in_chans, cfg.model.pretrained
         )
 
-    def host_transform(self, images: torch.Tensor) -> torch.Tensor:
+    def host_transform(self, images: torch.Tensor | LazyBatch) -> torch.Tensor:
         d = self.cfg.method.downsample_to
+        if isinstance(images, LazyBatch):  # from disk: read a downsampled pyramid level
+            h, w = images.shape[-2:]
+            if d is None or max(h, w) <= d:
+                return images.load()
+            scale = d / max(h, w)
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            return images.resized(size).float() / 255.0
         return images if d is None else downsample(images, d)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

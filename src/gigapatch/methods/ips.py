@@ -34,6 +34,7 @@ from torch import nn
 from gigapatch.config import Config
 from gigapatch.data.grid import PatchGrid
 from gigapatch.methods.base import METHODS, Method, repeated
+from gigapatch.methods.patchgd import Images, Take
 from gigapatch.models.attention import CrossAttentionPool, sinusoidal_2d
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Logits
@@ -58,12 +59,12 @@ class IPS(Method):
         h, w = images.shape[-2:]
         return PatchGrid(h, w, self.cfg.method.patch_size, self.cfg.method.stride)
 
-    def embed(self, images: torch.Tensor, grid: PatchGrid, cells: torch.Tensor) -> torch.Tensor:
-        """Encode the patches ``cells`` ``(B, n)`` (host, long) of host ``images``, plus the
-        positional encodings of their grid positions (unless ``method.pos_encoding`` is off)
-        → ``(B, n, D)`` on the device."""
+    def embed(self, take: Take, grid: PatchGrid, cells: torch.Tensor) -> torch.Tensor:
+        """Encode the patches ``cells`` ``(B, n)`` (host, long) read by ``take`` (from
+        ``grid.taker(images)``), plus the positional encodings of their grid positions (unless
+        ``method.pos_encoding`` is off) → ``(B, n, D)`` on the device."""
         b, n = cells.shape
-        x = self.encoder(self.prepare(grid.gather(images, cells).flatten(0, 1))).view(b, n, -1)
+        x = self.encoder(self.prepare(grid.gather_with(take, cells).flatten(0, 1))).view(b, n, -1)
         if not self.cfg.method.pos_encoding:
             return x
         cells = cells.to(x.device)
@@ -84,24 +85,28 @@ class IPS(Method):
         task queries, averaged over heads and tasks."""
         return self.pool.attention(emb).mean(dim=1)
 
-    def select(self, images: torch.Tensor, grid: PatchGrid | None = None) -> torch.Tensor:
-        """The M selected cells ``(B, min(M, N))`` (host, long) of host images ``(B, C, H, W)``.
+    def select(
+        self, images: Images, grid: PatchGrid | None = None, take: Take | None = None
+    ) -> torch.Tensor:
+        """The M selected cells ``(B, min(M, N))`` (host, long) of host images ``(B, C, H, W)``
+        (or a :class:`~gigapatch.data.lazy.LazyBatch`, read I patches at a time).
 
         Runs without gradients in eval mode (the method's mode is restored). Uses the global
         torch RNG for the shuffled order.
         """
         grid = grid or self.grid(images)
+        take = take or grid.taker(images)
         b, n = images.shape[0], grid.num_patches
         m = min(self.cfg.method.memory_size, n)
         step = self.cfg.method.iter_size
         order = torch.argsort(torch.rand(b, n), dim=1)  # (B, N) shuffled cells, host
         with torch.no_grad(), self._eval():
             cells = order[:, :m]
-            memory = self.embed(images, grid, cells)  # (B, M, D)
+            memory = self.embed(take, grid, cells)  # (B, M, D)
             for start in repeated(range(m, n, step)):
                 new = order[:, start : start + step]  # (B, ≤I)
                 cand_cells = torch.cat([cells, new], dim=1)
-                cand = torch.cat([memory, self.embed(images, grid, new)], dim=1)  # (B, M+I, D)
+                cand = torch.cat([memory, self.embed(take, grid, new)], dim=1)  # (B, M+I, D)
                 top = self.scores(cand).topk(m, dim=1).indices  # (B, M) on the device
                 memory = cand.gather(1, top[:, :, None].expand(-1, -1, self.dim))
                 cells = cand_cells.gather(1, top.cpu())
@@ -118,8 +123,9 @@ class IPS(Method):
         """Prediction with its evidence: logits, selected cells ``(B, M)`` (host) and their
         attention weights ``(B, T, M)``. Call in eval mode under ``no_grad``."""
         grid = self.grid(images)
-        cells = self.select(images, grid)
-        logits, weights = self.aggregate(self.embed(images, grid, cells))
+        take = grid.taker(images)
+        cells = self.select(images, grid, take)
+        logits, weights = self.aggregate(self.embed(take, grid, cells))
         return logits, cells, weights
 
     # ------------------------------------------------------------------ interface
@@ -127,9 +133,10 @@ class IPS(Method):
         self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer
     ) -> float:
         grid = self.grid(images)
-        cells = self.select(images, grid)  # no graph, O(M + I) memory
+        take = grid.taker(images)
+        cells = self.select(images, grid, take)  # no graph, O(M + I) memory
         optimizer.zero_grad(set_to_none=True)
-        logits, _ = self.aggregate(self.embed(images, grid, cells))
+        logits, _ = self.aggregate(self.embed(take, grid, cells))
         loss = self.loss(logits, targets)
         loss.backward()
         self.optimizer_step(optimizer)

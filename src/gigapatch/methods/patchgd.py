@@ -33,7 +33,7 @@ the host image; the image itself never moves to the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -41,9 +41,14 @@ import torch.nn.functional as F
 
 from gigapatch.config import Config
 from gigapatch.data.grid import PatchGrid
+from gigapatch.data.lazy import LazyBatch
 from gigapatch.methods.base import METHODS, Method, repeated
 from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import create_head
+
+#: Host images: a ``(B, C, H, W)`` tensor or a batch read from disk on demand.
+Images = torch.Tensor | LazyBatch
+Take = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sample_cells(batch: int, num_cells: int, count: int, device: torch.device | None = None
@@ -87,25 +92,31 @@ class PatchGD(Method):
         """θ1 on host patches: ``(P, C_in, p, p)`` → ``(P, C)`` on the device."""
         return self.encoder(self.prepare(patches))
 
-    def fill(self, images: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    def fill(self, images: Images, grid: PatchGrid, take: Take | None = None) -> torch.Tensor:
         """Encode every patch in chunks (call under ``no_grad``/``inference_mode``).
 
-        ``(B, C_in, H, W)`` host images → Z as ``(B, N, C)`` on the device (row-major cells).
+        ``(B, C_in, H, W)`` host images (or a :class:`~gigapatch.data.lazy.LazyBatch`, read
+        chunk by chunk) → Z as ``(B, N, C)`` on the device (row-major cells).
         """
         b, n = images.shape[0], grid.num_patches
-        view = grid.patch_view(images)  # (B, m, n, C_in, p, p), no copy
+        take = take or grid.taker(images)
         z = torch.empty(b, n, self.latent_dim, device=self.device, dtype=self.dtype)
         chunk = self.cfg.method.fill_chunk
         for start in repeated(range(0, b * n, chunk)):
             flat = torch.arange(start, min(start + chunk, b * n))
             bi, cell = flat // n, flat % n
-            patches = view[bi, cell // grid.cols, cell % grid.cols]  # (P, C_in, p, p) copy
+            patches = take(bi, cell)  # (P, C_in, p, p) copy
             z[bi.to(self.device), cell.to(self.device)] = self.encode(patches)
         return z
 
-    def global_patch(self, images: torch.Tensor) -> torch.Tensor:
-        """The whole image resized to p×p on the host: ``(B, C_in, p, p)`` float in [0, 1]."""
+    def global_patch(self, images: Images) -> torch.Tensor:
+        """The whole image resized to p×p on the host: ``(B, C_in, p, p)`` float in [0, 1].
+
+        A :class:`~gigapatch.data.lazy.LazyBatch` is resized from its closest pyramid level.
+        """
         p = self.cfg.method.patch_size
+        if isinstance(images, LazyBatch):
+            return images.resized((p, p)).float() / 255.0
         # Resize first (uint8 in, uint8 out): never a float copy of the whole image.
         x = F.interpolate(images, size=(p, p), mode="bilinear", antialias=True, align_corners=False)
         return x.float() / 255.0 if not images.is_floating_point() else x.float()
@@ -141,15 +152,16 @@ class PatchGD(Method):
         use_global = self.cfg.method.global_context != "none"
         gpatch = self.global_patch(images) if use_global else None
 
+        take = grid.taker(images)
         with torch.no_grad(), self._fill_mode(self.cfg.method.fill_mode):
-            z = self.fill(images, grid)  # (B, N, C)
+            z = self.fill(images, grid, take)  # (B, N, C)
         order = sample_cells(b, grid.num_patches, k * steps)  # (B, k·J) on the host
 
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for j in repeated(range(steps)):
             idx = order[:, j * k : (j + 1) * k]  # (B, k)
-            emb = self.encode(grid.gather(images, idx).flatten(0, 1)).view(b, k, -1)
+            emb = self.encode(grid.gather_with(take, idx).flatten(0, 1)).view(b, k, -1)
             where = idx.to(self.device)[:, :, None].expand(-1, -1, self.latent_dim)
             z_j = z.scatter(1, where, emb)  # differentiable w.r.t. emb only
             g = self.encode(gpatch) if use_global else None

@@ -1,0 +1,101 @@
+"""A batch of images that stay on disk: patches are read when a method asks for them.
+
+:class:`LazyBatch` stands in for a ``(B, C, H, W)`` ``uint8`` tensor wherever the methods take
+images: :meth:`PatchGrid.taker <gigapatch.data.grid.PatchGrid.taker>` and
+:meth:`~gigapatch.data.grid.PatchGrid.gather` read only the patches they need through the
+images' :class:`~gigapatch.io.readers.ImageReader` (decoding only the tiles those touch), and
+:meth:`LazyBatch.resized` makes a small view of each image from the closest pyramid level
+instead of decoding level 0. Host memory stays set by the patches, not by the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gigapatch.errors import DataError
+from gigapatch.io.readers import ImageReader
+
+__all__ = ["LazyBatch", "read_resized"]
+
+
+def read_resized(reader: ImageReader, size: tuple[int, int]) -> torch.Tensor:
+    """The whole image resized to ``size = (h, w)``: ``(C, h, w)`` ``uint8``.
+
+    Reads the coarsest pyramid level that is still at least as fine as the target (so a
+    65,536² slide with a 1,024² level costs one 1,024² read for a 256² view), then resizes with
+    an antialiased bilinear filter.
+    """
+    height, width = reader.shape[:2]
+    h, w = size
+    level = reader.best_level(min(height / h, width / w))
+    lh, lw = reader.levels[level]
+    pixels = np.ascontiguousarray(reader.read_region(0, 0, lh, lw, level=level))  # (lh, lw, C)
+    x = torch.from_numpy(_as_uint8(pixels, reader)).permute(2, 0, 1)[None]
+    if (lh, lw) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x[0]
+
+
+def _as_uint8(pixels: np.ndarray, reader: ImageReader) -> np.ndarray:
+    if pixels.dtype != np.uint8:
+        raise DataError(
+            f"{reader.path}: pixels are {pixels.dtype}; gigapatch trains on 8-bit images. "
+            "Convert the file to uint8 (e.g. rescale 16-bit to 0..255)."
+        )
+    return pixels
+
+
+class LazyBatch:
+    """``B`` same-sized images read on demand; behaves like a ``(B, C, H, W)`` ``uint8`` batch
+    for the methods (``shape``, ``dtype``, patches through the grid, :meth:`resized`)."""
+
+    dtype = torch.uint8
+
+    def __init__(self, readers: Sequence[ImageReader]) -> None:
+        if not readers:
+            raise ValueError("a LazyBatch needs at least one image")
+        shapes = {tuple(r.shape) for r in readers}
+        if len(shapes) > 1:
+            listed = ", ".join(f"{r.path.name} {r.shape[0]}×{r.shape[1]}" for r in readers)
+            raise DataError(
+                f"images in one batch differ in size ({listed}); use train.batch_size 1 or "
+                "images of one size."
+            )
+        self.readers = list(readers)
+        h, w, c = self.readers[0].shape
+        self.shape = torch.Size((len(self.readers), c, h, w))
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    def is_floating_point(self) -> bool:
+        """Always ``False``: pixels are ``uint8``."""
+        return False
+
+    def take(self, boxes: torch.Tensor, images: torch.Tensor, patch: int) -> torch.Tensor:
+        """Read ``P`` patches: ``boxes`` ``(P, 2)`` top-left ``(y, x)`` in level-0 pixels of
+        images ``images`` ``(P,)`` → ``(P, C, patch, patch)`` ``uint8`` (zeros past edges)."""
+        out = torch.empty((len(images), self.shape[1], patch, patch), dtype=torch.uint8)
+        for i, (b, (y, x)) in enumerate(zip(images.tolist(), boxes.tolist())):
+            reader = self.readers[b]
+            region = reader.read_region(y, x, patch, patch, pad=True)  # (p, p, C)
+            out[i] = torch.from_numpy(np.ascontiguousarray(_as_uint8(region, reader))).permute(
+                2, 0, 1
+            )
+        return out
+
+    def resized(self, size: tuple[int, int]) -> torch.Tensor:
+        """Every image resized to ``size`` from its closest pyramid level: ``(B, C, h, w)``."""
+        return torch.stack([read_resized(r, size) for r in self.readers])
+
+    def load(self) -> torch.Tensor:
+        """Decode every image at full resolution: ``(B, C, H, W)`` ``uint8`` (memory ∝ image)."""
+        b, c, h, w = self.shape
+        return torch.stack([
+            torch.from_numpy(np.ascontiguousarray(_as_uint8(r.read_region(0, 0, h, w), r)))
+            .permute(2, 0, 1) for r in self.readers
+        ])

@@ -1,0 +1,134 @@
+"""Streaming from disk: a LazyBatch gives the methods exactly what the in-memory batch gives."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from gigapatch.config import Config
+from gigapatch.data.grid import PatchGrid
+from gigapatch.data.lazy import LazyBatch, read_resized
+from gigapatch.errors import DataError
+from gigapatch.io.readers import open_image
+from gigapatch.methods.base import create_method
+
+
+def _tiff(path, array: np.ndarray, tile: int = 32, levels: int = 2):
+    """A tiled pyramidal TIFF of ``array`` (H, W) uint8; lower levels by 2× striding."""
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(array, tile=(tile, tile), subifds=levels - 1, compression="zlib")
+        for level in range(1, levels):
+            f = 2**level
+            tif.write(array[::f, ::f], tile=(tile, tile), subfiletype=1, compression="zlib")
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Two 100×120 images on disk (grid of 32-px patches does not divide them) and in memory."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (100, 120), dtype=np.uint8) for _ in range(2)]
+    readers = [open_image(_tiff(tmp_path / f"{i}.tif", a)) for i, a in enumerate(arrays)]
+    tensor = torch.from_numpy(np.stack(arrays))[:, None]  # (2, 1, 100, 120)
+    return LazyBatch(readers), tensor
+
+
+def _cfg(name: str, **method) -> Config:
+    cfg = Config()
+    cfg.method.name = name
+    cfg.data.num_classes = 3
+    cfg.model.latent_dim = 8
+    cfg.model.head_width = 8
+    cfg.model.attn_heads = 2
+    cfg.method.patch_size = 32
+    cfg.method.fill_chunk = 5
+    cfg.method.memory_size, cfg.method.iter_size = 3, 4
+    for key, value in method.items():
+        setattr(cfg.method, key, value)
+    return cfg.validate()
+
+
+def test_patches_read_from_disk_equal_the_in_memory_patches(pair):
+    lazy, tensor = pair
+    grid = PatchGrid(100, 120, 32, 24)  # overlapping, padded last row and column
+    index = torch.tensor([[0, 4, grid.num_patches - 1], [7, 3, 19]])
+    assert torch.equal(grid.gather(lazy, index), grid.gather(tensor, index))
+
+
+def test_streamed_patchgd_fill_equals_the_in_memory_fill(pair):
+    lazy, tensor = pair
+    torch.manual_seed(0)
+    method = create_method(_cfg("patchgd")).eval()
+    grid = method.grid(tensor)
+    with torch.no_grad():
+        assert torch.equal(method.fill(lazy, grid), method.fill(tensor, grid))
+
+
+def test_streamed_ips_selects_and_trains_like_in_memory(pair):
+    lazy, tensor = pair
+    torch.manual_seed(0)
+    method = create_method(_cfg("ips"))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = method.select(lazy)
+        torch.manual_seed(5)
+        b = method.select(tensor)
+    assert torch.equal(a, b)
+    opt = torch.optim.SGD(method.parameters(), lr=0.0)
+    torch.manual_seed(6)
+    la = method.train_step(lazy, torch.tensor([0, 2]), opt)
+    torch.manual_seed(6)
+    lb = method.train_step(tensor, torch.tensor([0, 2]), opt)
+    assert la == pytest.approx(lb, rel=1e-6)
+
+
+def test_global_patch_and_downsampling_read_a_pyramid_level(pair, monkeypatch):
+    lazy, tensor = pair
+    levels_read = []
+    original = type(lazy.readers[0]).read_region
+
+    def spy(self, y, x, h, w, level=0, **kw):
+        levels_read.append(level)
+        return original(self, y, x, h, w, level=level, **kw)
+
+    monkeypatch.setattr(type(lazy.readers[0]), "read_region", spy)
+    method = create_method(_cfg("patchgd", global_context="concat"))
+    g = method.global_patch(lazy)
+    assert g.shape == (2, 1, 32, 32) and levels_read == [1, 1]  # 50×60 level, not 100×120
+    full = create_method(_cfg("full", downsample_to=48))
+    assert full.host_transform(lazy).shape == (2, 1, 40, 48)
+    assert levels_read[2:] == [1, 1]
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(lazy.readers[0].read_region(0, 0, 50, 60, level=1)).permute(2, 0, 1)[None],
+        size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.equal(read_resized(lazy.readers[0], (32, 32)), ref[0])
+
+
+def test_batches_of_different_sizes_are_refused(tmp_path):
+    a = open_image(_tiff(tmp_path / "a.tif", np.zeros((64, 64), np.uint8)))
+    b = open_image(_tiff(tmp_path / "b.tif", np.zeros((64, 96), np.uint8)))
+    with pytest.raises(DataError, match="differ in size"):
+        LazyBatch([a, b])
+
+
+def test_training_on_a_lazy_csv_data_set(tmp_path):
+    from gigapatch.data.gigapixel import generate_gigapixel
+    from gigapatch.train import train
+
+    root = tmp_path / "giga"
+    generate_gigapixel(root, n_train=4, n_test=2, side=512, tile=128, n_noise=4, seed=0,
+                       progress=False)
+    cfg = _cfg("patchgd", patch_size=128, sample_fraction=0.25, inner_steps=2)
+    cfg.name = "lazy"
+    cfg.data.kind = "lazy_csv"
+    cfg.data.train_csv, cfg.data.val_csv = str(root / "train.csv"), str(root / "test.csv")
+    cfg.data.num_classes = 10
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 1, 2, False
+    cfg.train.out_dir = str(tmp_path / "runs")
+    summary = train(cfg)
+    assert summary["image_size"] == 512 and summary["peak_memory_bytes"] > 0
+    assert json.loads((tmp_path / "runs" / "lazy" / "summary.json").read_text())["epochs"] == 1
