@@ -33,6 +33,9 @@ class DataConfig:
     label of a CSV); the first is the main task (validation accuracy, best checkpoint).
     Tasks in ``multilabel`` are multi-hot (sigmoid/BCE), the others single-label (softmax/CE);
     every task has ``num_classes`` outputs.
+    ``skip_background`` (images read from disk): an Otsu foreground mask on a low-resolution
+    level (``background`` auto/bright/dark, optional fixed ``mask_threshold``) marks empty
+    patches, which PatchGD gives a fixed (zero) embedding and IPS never scores.
     """
 
     kind: str = "csv"
@@ -41,6 +44,9 @@ class DataConfig:
     root: str | None = None
     tasks: list[str] = field(default_factory=list)
     multilabel: list[str] = field(default_factory=list)
+    skip_background: bool = False
+    background: str = "auto"
+    mask_threshold: float | None = None
     num_classes: int = 10
     in_chans: int = 1
     num_workers: int = 0
@@ -124,6 +130,7 @@ class Config:
         _check(self.data.std > 0, "data.std", self.data.std, "> 0")
         d = self.data
         _choice("data.kind", d.kind, ("csv", "lazy_csv", "folder", "megapixel_mnist"))
+        _choice("data.background", d.background, ("auto", "bright", "dark"))
         if d.kind in ("megapixel_mnist", "folder"):
             _check(bool(d.root), "data.root", d.root, f"the {d.kind} data folder")
         if d.kind == "megapixel_mnist":

@@ -132,3 +132,53 @@ def test_training_on_a_lazy_csv_data_set(tmp_path):
     summary = train(cfg)
     assert summary["image_size"] == 512 and summary["peak_memory_bytes"] > 0
     assert json.loads((tmp_path / "runs" / "lazy" / "summary.json").read_text())["epochs"] == 1
+
+
+@pytest.fixture
+def sparse(tmp_path):
+    """A 128×128 canvas (4×4 grid of 32-px cells) with content in cells 1, 6 and 15 only."""
+    array = np.zeros((128, 128), np.uint8)
+    for cell in (1, 6, 15):
+        i, j = divmod(cell, 4)
+        array[i * 32 + 8 : i * 32 + 20, j * 32 + 5 : j * 32 + 25] = 200
+    return LazyBatch([open_image(_tiff(tmp_path / "sparse.tif", array, levels=1))]), array
+
+
+def _skipping(name: str) -> Config:
+    cfg = _cfg(name, memory_size=2, iter_size=1)
+    cfg.data.skip_background, cfg.data.background, cfg.data.mask_threshold = True, "dark", 0
+    return cfg
+
+
+def _count_encoded(method):
+    seen = []
+    method.encoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    return seen
+
+
+def test_background_cells_are_skipped_exactly(sparse):
+    lazy, array = sparse
+    grid = PatchGrid(128, 128, 32)
+    assert lazy.foreground(grid, "dark", 0)[0].nonzero().flatten().tolist() == [1, 6, 15]
+    torch.manual_seed(0)
+    method = create_method(_skipping("patchgd")).eval()
+    seen = _count_encoded(method)
+    with torch.no_grad():
+        z = method.fill(lazy, grid, mask=method.foreground(lazy, grid))
+        full = method.fill(torch.from_numpy(array)[None, None], grid)
+    assert sum(seen) == 3 + 16  # masked fill: the 3 foreground patches; reference: all 16
+    fg = torch.tensor([1, 6, 15])
+    torch.testing.assert_close(z[0, fg], full[0, fg])  # same patches (other chunk sizes)
+    assert not z[0, [c for c in range(16) if c not in (1, 6, 15)]].any()  # fixed embedding 0
+
+
+def test_ips_never_reads_or_scores_background(sparse):
+    lazy, _ = sparse
+    torch.manual_seed(0)
+    method = create_method(_skipping("ips"))
+    seen = _count_encoded(method)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        cells = method.select(lazy)
+        assert set(cells[0].tolist()) <= {1, 6, 15} and cells.shape == (1, 2)
+    assert sum(seen) == 5 * 3  # 2 buffer + 1 chunk of 1 per selection: the 3 foreground cells

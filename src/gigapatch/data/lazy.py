@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gigapatch.data.grid import PatchGrid
 from gigapatch.errors import DataError
 from gigapatch.io.readers import ImageReader
 
@@ -66,6 +67,7 @@ class LazyBatch:
                 "images of one size."
             )
         self.readers = list(readers)
+        self._masks: dict[tuple, torch.Tensor] = {}
         h, w, c = self.readers[0].shape
         self.shape = torch.Size((len(self.readers), c, h, w))
 
@@ -87,6 +89,23 @@ class LazyBatch:
                 2, 0, 1
             )
         return out
+
+    def foreground(
+        self, grid: PatchGrid, background: str = "auto", threshold: float | None = None
+    ) -> torch.Tensor:
+        """Which cells of ``grid`` hold content: ``(B, N)`` bool, row-major (an Otsu mask on a
+        low-resolution level of each image, :func:`gigapatch.data.tissue.foreground_mask`)."""
+        from gigapatch.data.tissue import foreground_mask
+
+        key = (grid.patch_size, grid.stride, background, threshold)
+        if key not in self._masks:
+            masks = [
+                foreground_mask(r, grid.patch_size, grid.stride, threshold=threshold,
+                                background=background).reshape(-1)
+                for r in self.readers
+            ]
+            self._masks[key] = torch.from_numpy(np.stack(masks))
+        return self._masks[key]
 
     def resized(self, size: tuple[int, int]) -> torch.Tensor:
         """Every image resized to ``size`` from its closest pyramid level: ``(B, C, h, w)``."""

@@ -89,6 +89,15 @@ class Method(nn.Module):
             x = (x - mean) / std
         return x
 
+    def foreground(self, images: object, grid: object) -> torch.Tensor | None:
+        """``(B, N)`` bool mask of the cells holding content when ``data.skip_background`` is
+        on and the images are read from disk (:class:`~gigapatch.data.lazy.LazyBatch`), else
+        ``None`` (every cell counts)."""
+        d = self.cfg.data
+        if not d.skip_background or not hasattr(images, "foreground"):
+            return None
+        return images.foreground(grid, d.background, d.mask_threshold)
+
     def host_transform(self, images: torch.Tensor) -> torch.Tensor:
         """Host-side preprocessing applied by the data pipeline before :meth:`train_step`."""
         return images

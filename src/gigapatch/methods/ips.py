@@ -21,6 +21,11 @@ rank can change with the set it is scored in: the selection is then the top-M of
 set as the algorithm defines it (and as the IPS paper does), not necessarily the global top-M.
 Positional encodings are added before scoring as well as before pooling, so both see the same
 inputs. With M ≥ N nothing is dropped and the output is plain attention pooling over all patches.
+
+**Background.** With ``data.skip_background`` (images read from disk) only foreground cells
+are shuffled, read and scored; in a batch of several images, an image with fewer foreground
+cells than the fullest one fills its order with background cells (batch size 1, usual for
+gigapixel images, never scores background).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import nn
 from gigapatch.config import Config
 from gigapatch.data.grid import PatchGrid
 from gigapatch.methods.base import METHODS, Method, repeated
-from gigapatch.methods.patchgd import Images, Take
+from gigapatch.methods.patchgd import Images, Take, shuffled_cells
 from gigapatch.models.attention import CrossAttentionPool, sinusoidal_2d
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Logits
@@ -97,9 +102,12 @@ class IPS(Method):
         grid = grid or self.grid(images)
         take = take or grid.taker(images)
         b, n = images.shape[0], grid.num_patches
+        mask = self.foreground(images, grid)
+        order = shuffled_cells(b, n, mask)  # (B, N) shuffled cells (foreground first), host
+        if mask is not None:  # only the foreground cells take part (of the fullest image)
+            n = max(1, int(mask.sum(dim=1).max()))
         m = min(self.cfg.method.memory_size, n)
         step = self.cfg.method.iter_size
-        order = torch.argsort(torch.rand(b, n), dim=1)  # (B, N) shuffled cells, host
         with torch.no_grad(), self._eval():
             cells = order[:, :m]
             memory = self.embed(take, grid, cells)  # (B, M, D)

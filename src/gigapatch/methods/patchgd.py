@@ -51,15 +51,26 @@ Images = torch.Tensor | LazyBatch
 Take = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sample_cells(batch: int, num_cells: int, count: int, device: torch.device | None = None
-                 ) -> torch.Tensor:
+def shuffled_cells(batch: int, num_cells: int, mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """A random order of the cells per image ``(batch, num_cells)``; with a foreground
+    ``mask`` ``(batch, num_cells)`` the foreground cells come first (in random order)."""
+    keys = torch.rand(batch, num_cells)
+    if mask is not None:
+        keys = keys + (~mask).float()  # background keys in [1, 2): after every foreground key
+    return torch.argsort(keys, dim=1)
+
+
+def sample_cells(batch: int, num_cells: int, count: int, device: torch.device | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Random cell indices ``(batch, count)``, each row without repetition while it can.
 
-    Rows are concatenations of independent random permutations of ``range(num_cells)``, so the
-    first ``num_cells`` entries of a row are distinct. Uses the global torch RNG.
+    Rows are concatenations of independent random orders of ``range(num_cells)``, so the
+    first ``num_cells`` entries of a row are distinct; with a foreground ``mask`` each order
+    lists the foreground cells first. Uses the global torch RNG.
     """
     reps = math.ceil(count / num_cells)
-    perms = [torch.argsort(torch.rand(batch, num_cells), dim=1) for _ in range(reps)]
+    perms = [shuffled_cells(batch, num_cells, mask) for _ in range(reps)]
     return torch.cat(perms, dim=1)[:, :count].to(device)
 
 
@@ -92,18 +103,29 @@ class PatchGD(Method):
         """θ1 on host patches: ``(P, C_in, p, p)`` → ``(P, C)`` on the device."""
         return self.encoder(self.prepare(patches))
 
-    def fill(self, images: Images, grid: PatchGrid, take: Take | None = None) -> torch.Tensor:
+    def fill(self, images: Images, grid: PatchGrid, take: Take | None = None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode every patch in chunks (call under ``no_grad``/``inference_mode``).
 
         ``(B, C_in, H, W)`` host images (or a :class:`~gigapatch.data.lazy.LazyBatch`, read
-        chunk by chunk) → Z as ``(B, N, C)`` on the device (row-major cells).
+        chunk by chunk) → Z as ``(B, N, C)`` on the device (row-major cells). With a
+        foreground ``mask`` ``(B, N)`` only the foreground patches are read and encoded; the
+        background cells get the fixed embedding 0.
         """
         b, n = images.shape[0], grid.num_patches
         take = take or grid.taker(images)
-        z = torch.empty(b, n, self.latent_dim, device=self.device, dtype=self.dtype)
         chunk = self.cfg.method.fill_chunk
-        for start in repeated(range(0, b * n, chunk)):
-            flat = torch.arange(start, min(start + chunk, b * n))
+        if mask is None:
+            z = torch.empty(b, n, self.latent_dim, device=self.device, dtype=self.dtype)
+            todo = None
+        else:
+            z = torch.zeros(b, n, self.latent_dim, device=self.device, dtype=self.dtype)
+            todo = mask.reshape(-1).nonzero().flatten()  # flat indices of foreground cells
+        total = b * n if todo is None else len(todo)
+        for start in repeated(range(0, total, chunk)):
+            flat = torch.arange(start, min(start + chunk, total))
+            if todo is not None:
+                flat = todo[flat]
             bi, cell = flat // n, flat % n
             patches = take(bi, cell)  # (P, C_in, p, p) copy
             z[bi.to(self.device), cell.to(self.device)] = self.encode(patches)
@@ -153,9 +175,10 @@ class PatchGD(Method):
         gpatch = self.global_patch(images) if use_global else None
 
         take = grid.taker(images)
+        mask = self.foreground(images, grid)  # (B, N) or None
         with torch.no_grad(), self._fill_mode(self.cfg.method.fill_mode):
-            z = self.fill(images, grid, take)  # (B, N, C)
-        order = sample_cells(b, grid.num_patches, k * steps)  # (B, k·J) on the host
+            z = self.fill(images, grid, take, mask)  # (B, N, C)
+        order = sample_cells(b, grid.num_patches, k * steps, mask=mask)  # (B, k·J), host
 
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -177,7 +200,7 @@ class PatchGD(Method):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         grid = self.grid(images)
-        z = self.fill(images, grid)
+        z = self.fill(images, grid, mask=self.foreground(images, grid))
         g = None
         if self.cfg.method.global_context != "none":
             g = self.encode(self.global_patch(images))
