@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import gigapatch.io.readers as readers_module
 from gigapatch.errors import DataError, GigapatchError
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, ImageReader, open_image
 
@@ -291,59 +292,41 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 
 
 # -- only the needed tiles are read ----------------------------------------------------------------
-def _count_tile_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the chunk keys (one per TIFF tile) that tifffile's Zarr store is asked for."""
-    keys: list[str] = []
-
-    def record(key: str) -> None:
-        name = key.rsplit("/", 1)[-1]
-        if not name.startswith(".") and name != "zarr.json":
-            keys.append(key)
-
-    try:
-        from tifffile.zarr import ZarrTiffStore  # tifffile >= 2025.5.21: a zarr 3 store
-    except ImportError:  # older tifffile: a zarr 2 MutableMapping store
-        from tifffile.tifffile import ZarrTiffStore
-
-        original_getitem = ZarrTiffStore._getitem  # chunk keys only
-
-        def _getitem(self, key, /):
-            record(key)
-            return original_getitem(self, key)
-
-        monkeypatch.setattr(ZarrTiffStore, "_getitem", _getitem)
-        return keys
-
-    original_get = ZarrTiffStore.get
-
-    async def get(self, key, *args, **kwargs):
-        record(key)
-        return await original_get(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(ZarrTiffStore, "get", get)
-    return keys
-
-
+@pytest.mark.parametrize("path_kind", ["direct", "zarr"])
 def test_small_region_of_a_large_tiled_tiff_reads_only_its_tiles(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_kind: str
 ) -> None:
     yy, xx = np.mgrid[0:4096, 0:4096]
     image = ((yy // 3 + xx // 5) % 251).astype(np.uint8)  # 4096², 16x16 tiles of 256²
     path = tmp_path / "large.tif"
     tifffile.imwrite(path, image, tile=(256, 256), compression="zlib")
-    keys = _count_tile_reads(monkeypatch)
+    if path_kind == "zarr":  # the general path, for layouts the direct one does not take
+        monkeypatch.setattr(readers_module, "_direct_tile_page", lambda level: None)
+    decoded: list[int] = []
+    make_decode = tifffile.TiffPage.decode.func  # a cached_property building the decoder
+
+    def counting_decoder(page):
+        decode = make_decode(page)
+
+        def counting(data, index, **kwargs):
+            decoded.append(index)
+            return decode(data, index, **kwargs)
+
+        return counting
+
+    monkeypatch.setattr(tifffile.TiffPage, "decode", property(counting_decoder))
     reader = open_image(path)
 
     np.testing.assert_array_equal(reader.read_region(1024, 2048, 64, 64)[:, :, 0],
                                   image[1024:1088, 2048:2112])
-    assert len(keys) == 1  # inside one tile
-    keys.clear()
+    assert decoded == [4 * 16 + 8]  # inside one tile
+    decoded.clear()
     np.testing.assert_array_equal(reader.read_region(1000, 2000, 64, 64)[:, :, 0],
                                   image[1000:1064, 2000:2064])
-    assert len(keys) == 4  # straddles a tile corner: 2 x 2 tiles of 256 in total
-    keys.clear()
+    assert sorted(decoded) == [3 * 16 + 7, 3 * 16 + 8, 4 * 16 + 7, 4 * 16 + 8]  # 2 x 2 tiles
+    decoded.clear()
     reader.read_region(4000, 4000, 200, 200, pad=True)
-    assert len(keys) == 1  # the bottom-right tile only; the rest is padding
+    assert decoded == [16 * 16 - 1]  # the bottom-right tile only; the rest is padding
 
 
 # -- lazy, per-process handles ---------------------------------------------------------------------

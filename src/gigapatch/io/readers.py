@@ -360,8 +360,10 @@ class TiffReader(ImageReader):
     Reads the first series of the file (for SVS: the pyramid, not the label or macro image).
     The series' axes must be Y, X and at most one channel axis (``S`` samples or ``C``
     channels, interleaved or planar); Z stacks, time series and other extra axes are refused.
-    Missing (sparse) tiles read as zeros. A region read goes through tifffile's Zarr store of
-    that level, which reads and decodes only the tiles (or strips) the region overlaps.
+    Missing (sparse) tiles read as zeros. A region read decodes only the tiles (or strips) it
+    overlaps: on a level stored as one tiled page with interleaved samples (what pyramid
+    writers produce) the reader seeks to those tiles and decodes their bytes itself, which
+    costs little more than the decoding; other layouts go through tifffile's Zarr store.
     """
 
     backend = "tiff"
@@ -428,26 +430,36 @@ class TiffReader(ImageReader):
 
     def _open(self) -> Any:
         import tifffile
-        import zarr
 
         tif = tifffile.TiffFile(self.path)
         try:
-            series = tif.series[0]
-            stores = [series.aszarr(level=i) for i in range(len(self.levels))]
-            arrays = [zarr.open_array(store, mode="r") for store in stores]
+            tiled = [_direct_tile_page(level) for level in tif.series[0].levels]
         except BaseException:
             tif.close()
             raise
-        return tif, stores, arrays
+        # (file, Zarr stores and arrays opened on first use per level, direct pages, lock)
+        return tif, {}, {}, tiled, threading.Lock()
 
     def _close_handle(self, handle: Any) -> None:
-        tif, stores, _ = handle
-        for store in stores:
+        tif, stores = handle[0], handle[1]
+        for store in stores.values():
             store.close()
         tif.close()
 
+    def _zarr_level(self, handle: Any, level: int) -> Any:
+        import zarr
+
+        tif, stores, arrays = handle[0], handle[1], handle[2]
+        if level not in arrays:
+            stores[level] = tif.series[0].aszarr(level=level)
+            arrays[level] = zarr.open_array(stores[level], mode="r")
+        return arrays[level]
+
     def _read(self, handle: Any, y: int, x: int, h: int, w: int, level: int) -> np.ndarray:
-        array = handle[2][level]
+        page = handle[3][level]
+        if page is not None:
+            return self._read_tiles(handle[0].filehandle, handle[4], page, y, x, h, w)
+        array = self._zarr_level(handle, level)
         axes = self._axes
         index = tuple(
             slice(y, y + h) if a == "Y" else slice(x, x + w) if a == "X" else slice(None)
@@ -457,6 +469,51 @@ class TiffReader(ImageReader):
         order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "SC"]
         region = region.transpose(order)
         return region if region.ndim == 3 else region[:, :, None]
+
+
+    def _read_tiles(
+        self, fh: Any, lock: threading.Lock, page: Any, y: int, x: int, h: int, w: int
+    ) -> np.ndarray:
+        """``(h, w, S)`` from the tiles of one tiled page: read each tile's bytes, decode."""
+        th, tw, samples = page.tilelength, page.tilewidth, page.samplesperpixel
+        across = -(-page.imagewidth // tw)
+        out = np.zeros((h, w, samples), dtype=page.dtype)
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                index = ty * across + tx
+                offset, count = page.dataoffsets[index], page.databytecounts[index]
+                if not offset or not count:
+                    continue  # sparse tile: zeros
+                with lock:
+                    fh.seek(offset)
+                    data = fh.read(count)
+                # A decoder's error on bad bytes becomes _read_checked's DataError.
+                tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+                tile = tile.reshape(th, tw, samples)
+                y0, x0 = max(y, ty * th), max(x, tx * tw)
+                y1, x1 = min(y + h, (ty + 1) * th), min(x + w, (tx + 1) * tw)
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[
+                    y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw
+                ]
+        return out
+
+
+def _direct_tile_page(level: Any) -> Any | None:
+    """The level's tiled page if its tiles can be decoded directly (one 2-D page, samples
+    interleaved), else ``None``."""
+    from tifffile import TiffPage
+
+    pages = level.pages
+    if len(pages) != 1 or not isinstance(pages[0], TiffPage):
+        return None
+    page = pages[0]
+    if not page.is_tiled or page.imagedepth != 1 or len(level.shape) not in (2, 3):
+        return None
+    if page.samplesperpixel > 1 and page.planarconfig != 1:  # planar samples: Zarr path
+        return None
+    if tuple(level.shape[:2]) != (page.imagelength, page.imagewidth):
+        return None
+    return page
 
 
 # ---------------------------------------------------------------------------------------
