@@ -26,7 +26,8 @@ def _config_file(cfg, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("sub", [[], ["data", "ultramnist"], ["train"], ["eval"], ["predict"],
-                                 ["demo"], ["encoders"], ["memory"]])
+                                 ["demo"], ["encoders"], ["memory"], ["data", "megapixel-mnist"],
+                                 ["data", "gigapixel"]])
 def test_help_everywhere(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([*sub, "--help"])

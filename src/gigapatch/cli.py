@@ -1,6 +1,8 @@
 """The ``gigapatch`` command.
 
     gigapatch data ultramnist --out DIR [--n-train N --n-test N --side S …]
+    gigapatch data megapixel-mnist --out DIR [--side 1500 --noise 50 …]
+    gigapatch data gigapixel --out DIR [--side 65536 --tile 512 --compression zlib …]
     gigapatch train --config FILE [--set key=value …] [--resume]
     gigapatch eval --checkpoint RUN/best.pt [--data TEST.csv]
     gigapatch predict IMAGE --checkpoint RUN/best.pt [--explain OUT.png]

@@ -8,7 +8,6 @@ corrupt image files are reported when read.
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gigapatch.config import Config
+from gigapatch.data.csv_table import check_num_classes, read_labelled_csv
 from gigapatch.errors import ConfigError, DataError
 from gigapatch.io.image import read_image
 
@@ -53,12 +53,7 @@ class CSVImageDataset(Dataset):
         num_classes: int | None = None,
     ) -> None:
         self.csv_path = Path(csv_path)
-        if num_classes is not None and (
-            isinstance(num_classes, bool)
-            or not isinstance(num_classes, (int, np.integer))
-            or num_classes < 1
-        ):
-            raise ConfigError(f"num_classes={num_classes!r} is invalid; use an integer >= 1.")
+        num_classes = check_num_classes(num_classes)
         if not self.csv_path.is_file():
             raise DataError(
                 f"Dataset CSV not found: {self.csv_path}. Check the path, or generate the "
@@ -69,69 +64,13 @@ class CSVImageDataset(Dataset):
             raise DataError(
                 f"Image root directory not found: {self.root} (for {self.csv_path}). Check root."
             )
-        paths, labels = self._read_rows(num_classes)
-        self._paths = paths
-        self._labels = labels
-        self._num_classes = int(num_classes) if num_classes is not None else max(labels) + 1
+        rows = read_labelled_csv(
+            self.csv_path, self.root, num_classes,
+            header_hint=" (at least 'path,label')",
+        )
+        self._paths, self._labels = rows.paths, rows.labels
+        self._num_classes = num_classes if num_classes is not None else max(rows.labels) + 1
         self._check_files_exist()
-
-    def _read_rows(self, num_classes: int | None) -> tuple[list[Path], list[int]]:
-        """Parse and validate the CSV rows; returns resolved image paths and labels."""
-        paths: list[Path] = []
-        labels: list[int] = []
-        try:
-            with open(self.csv_path, newline="", encoding="utf-8-sig") as handle:
-                reader = csv.DictReader(handle, skipinitialspace=True)
-                fields = [name.strip() for name in (reader.fieldnames or [])]
-                missing = [c for c in REQUIRED_COLUMNS if c not in fields]
-                if missing:
-                    raise DataError(
-                        f"Dataset CSV {self.csv_path} lacks column(s) {missing}; found columns "
-                        f"{fields}. The first line must be a header with at least 'path,label'."
-                    )
-                reader.fieldnames = fields
-                for row in reader:
-                    line = reader.line_num
-                    path_text = (row.get("path") or "").strip()
-                    label_text = (row.get("label") or "").strip()
-                    if not path_text:
-                        raise DataError(
-                            f"Dataset CSV {self.csv_path}, line {line}: empty 'path'. Every "
-                            "row needs an image path."
-                        )
-                    labels.append(self._parse_label(label_text, line, num_classes))
-                    path = Path(path_text)
-                    paths.append(path if path.is_absolute() else self.root / path)
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"Dataset CSV {self.csv_path} is not valid UTF-8 text ({exc}). Save it as UTF-8."
-            ) from exc
-        except csv.Error as exc:
-            raise DataError(f"Dataset CSV {self.csv_path} cannot be parsed: {exc}.") from exc
-        if not labels:
-            raise DataError(
-                f"Dataset CSV {self.csv_path} has no rows below its header; it must list at "
-                "least one image."
-            )
-        return paths, labels
-
-    def _parse_label(self, text: str, line: int, num_classes: int | None) -> int:
-        """The integer label on CSV line ``line``; DataError if not an integer in range."""
-        try:
-            label = int(text)
-        except ValueError:
-            raise DataError(
-                f"Dataset CSV {self.csv_path}, line {line}: label {text!r} is not an integer. "
-                "Labels must be class indices 0, 1, 2, ..."
-            ) from None
-        upper = "num_classes" if num_classes is None else str(num_classes)
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            raise DataError(
-                f"Dataset CSV {self.csv_path}, line {line}: label {label} is out of range "
-                f"[0, {upper}). Fix the label"
-                + (" or pass a larger num_classes." if num_classes is not None else ".")
-            )
-        return label
 
     def _check_files_exist(self) -> None:
         """DataError naming the listed image files that do not exist (a stat per file)."""

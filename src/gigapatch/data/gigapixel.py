@@ -95,6 +95,7 @@ from gigapatch.data.megapixel_mnist import (
     _write_atomic,
     compute_labels,
     make_noise_patterns,
+    read_dataset_meta,
     render_region,
 )
 from gigapatch.data.mnist import DIGIT_SIDE, load_digits, split_digit_pools
@@ -661,27 +662,8 @@ def generate_gigapixel(
 
 
 def _read_meta(root: Path) -> dict[str, Any]:
-    path = root / _META_NAME
-    if not path.is_file():
-        raise DataError(
-            f"{path} not found: {root} is not a (complete) gigapixel data set. Generate it with "
-            "`gigapatch data gigapixel --out DIR`."
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is corrupt ({exc}). Generate the data set again.") from None
-    if not isinstance(meta, dict) or meta.get("dataset") != "gigapixel_mnist":
-        raise DataError(
-            f"{path} does not describe a gigapixel data set (no \"dataset\": "
-            "\"gigapixel_mnist\"). Check the directory or generate the data set again."
-        )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{path} has format_version {meta.get('format_version')!r}; this gigapatch reads "
-            f"version {FORMAT_VERSION}. Generate the data set again."
-        )
-    return meta
+    return read_dataset_meta(root, "gigapixel_mnist", "gigapixel",
+                             "gigapatch data gigapixel --out DIR", FORMAT_VERSION)
 
 
 def gigapixel_record(

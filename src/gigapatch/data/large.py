@@ -18,16 +18,15 @@ a corrupt image header is reported when its item is fetched.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gigapatch.data.csv_table import check_num_classes, read_labelled_csv
 from gigapatch.errors import ConfigError, DataError
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, ImageReader, open_image
 
@@ -51,15 +50,6 @@ def collate_readers(
     readers = [item[0] for item in batch]
     labels = torch.as_tensor([int(item[1]) for item in batch], dtype=torch.int64)
     return readers, labels
-
-
-def _check_num_classes(num_classes: Any) -> int | None:
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
-        or num_classes < 1
-    ):
-        raise ConfigError(f"num_classes={num_classes!r} is invalid; use an integer >= 1.")
-    return None if num_classes is None else int(num_classes)
 
 
 def _listing(items: Sequence[Any]) -> str:
@@ -165,7 +155,7 @@ class LargeImageCSVDataset(_LargeImageDataset):
         max_pixels: int | None = None,
     ) -> None:
         self.csv_path = Path(csv_path)
-        num_classes = _check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         if isinstance(extra_columns, str):
             extra_columns = (extra_columns,)
         self.path_column, self.label_column = path_column, label_column
@@ -181,8 +171,12 @@ class LargeImageCSVDataset(_LargeImageDataset):
             raise DataError(
                 f"Image root directory not found: {self.root} (for {self.csv_path}). Check root."
             )
-        self._extras: dict[str, list[str]] = {name: [] for name in self.extra_columns}
-        self._paths, self._labels = self._read_rows(num_classes)
+        rows = read_labelled_csv(
+            self.csv_path, self.root, num_classes, path_column=path_column,
+            label_column=label_column, suffix=suffix, extra_columns=self.extra_columns,
+            header_hint=" (or pass path_column= / label_column= to use other columns)",
+        )
+        self._paths, self._labels, self._extras = rows.paths, rows.labels, rows.extras
         self._num_classes = num_classes if num_classes is not None else max(self._labels) + 1
         self._check_types(f"Dataset CSV {self.csv_path}")
         missing = [path for path in self._paths if not path.is_file()]
@@ -193,68 +187,6 @@ class LargeImageCSVDataset(_LargeImageDataset):
                 + (f", with suffix {self.suffix!r}" if self.suffix else "")
                 + ") or regenerate the dataset."
             )
-
-    def _read_rows(self, num_classes: int | None) -> tuple[list[Path], list[int]]:
-        paths: list[Path] = []
-        labels: list[int] = []
-        needed = [self.path_column, self.label_column, *self.extra_columns]
-        try:
-            with open(self.csv_path, newline="", encoding="utf-8-sig") as handle:
-                reader = csv.DictReader(handle, skipinitialspace=True)
-                fields = [name.strip() for name in (reader.fieldnames or [])]
-                missing = [c for c in needed if c not in fields]
-                if missing:
-                    raise DataError(
-                        f"Dataset CSV {self.csv_path} lacks column(s) {missing}; found columns "
-                        f"{fields}. The first line must be a header naming them (or pass "
-                        "path_column= / label_column= to use other columns)."
-                    )
-                reader.fieldnames = fields
-                for row in reader:
-                    line = reader.line_num
-                    path_text = (row.get(self.path_column) or "").strip()
-                    if not path_text:
-                        raise DataError(
-                            f"Dataset CSV {self.csv_path}, line {line}: empty "
-                            f"{self.path_column!r}. Every row needs an image path."
-                        )
-                    labels.append(
-                        self._parse_label((row.get(self.label_column) or "").strip(), line,
-                                          num_classes)
-                    )
-                    for name in self.extra_columns:
-                        self._extras[name].append((row.get(name) or "").strip())
-                    path = Path(path_text + self.suffix)
-                    paths.append(path if path.is_absolute() else self.root / path)
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"Dataset CSV {self.csv_path} is not valid UTF-8 text ({exc}). Save it as UTF-8."
-            ) from exc
-        except csv.Error as exc:
-            raise DataError(f"Dataset CSV {self.csv_path} cannot be parsed: {exc}.") from exc
-        if not labels:
-            raise DataError(
-                f"Dataset CSV {self.csv_path} has no rows below its header; it must list at "
-                "least one image."
-            )
-        return paths, labels
-
-    def _parse_label(self, text: str, line: int, num_classes: int | None) -> int:
-        try:
-            label = int(text)
-        except ValueError:
-            raise DataError(
-                f"Dataset CSV {self.csv_path}, line {line}: {self.label_column} {text!r} is not "
-                "an integer. Labels must be class indices 0, 1, 2, ..."
-            ) from None
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            upper = "num_classes" if num_classes is None else str(num_classes)
-            raise DataError(
-                f"Dataset CSV {self.csv_path}, line {line}: {self.label_column} {label} is out "
-                f"of range [0, {upper}). Fix the label"
-                + (" or pass a larger num_classes." if num_classes is not None else ".")
-            )
-        return label
 
     def extras(self, index: int) -> dict[str, str]:
         """The ``extra_columns`` of item ``index``: ``{column: stripped text}``."""

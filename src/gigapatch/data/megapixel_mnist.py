@@ -481,6 +481,34 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def read_dataset_meta(
+    root: Path, dataset: str, title: str, command: str, version: int
+) -> dict[str, Any]:
+    """``root/meta.json`` of a generated data set, checked to be JSON describing ``dataset``
+    in format ``version``; a DataError naming the file (and ``command`` to regenerate) if not."""
+    path = root / _META_NAME
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found: {root} is not a (complete) {title} data set. Generate it with "
+            f"`{command}`."
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is corrupt ({exc}). Generate the data set again.") from None
+    if not isinstance(meta, dict) or meta.get("dataset") != dataset:
+        raise DataError(
+            f"{path} does not describe a {title} data set (no \"dataset\": \"{dataset}\"). "
+            "Check the directory or generate the data set again."
+        )
+    if meta.get("format_version") != version:
+        raise DataError(
+            f"{path} has format_version {meta.get('format_version')!r}; this gigapatch reads "
+            f"version {version}. Generate the data set again."
+        )
+    return meta
+
+
 def _read_meta(root: Path) -> dict[str, Any]:
     """``root/meta.json`` checked for the keys a split needs; DataError naming the file."""
     if not root.is_dir():
@@ -488,26 +516,9 @@ def _read_meta(root: Path) -> dict[str, Any]:
             f"Megapixel MNIST directory not found: {root}. Generate it with "
             "`gigapatch data megapixel-mnist --out DIR` or check the path."
         )
+    meta = read_dataset_meta(root, "megapixel_mnist", "Megapixel MNIST",
+                             "gigapatch data megapixel-mnist --out DIR", FORMAT_VERSION)
     path = root / _META_NAME
-    if not path.is_file():
-        raise DataError(
-            f"{path} not found: {root} is not a (complete) Megapixel MNIST data set. Generate it "
-            "with `gigapatch data megapixel-mnist --out DIR`."
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is corrupt ({exc}). Generate the data set again.") from None
-    if not isinstance(meta, dict) or meta.get("dataset") != "megapixel_mnist":
-        raise DataError(
-            f"{path} does not describe a Megapixel MNIST data set (no \"dataset\": "
-            "\"megapixel_mnist\"). Check the directory or generate the data set again."
-        )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{path} has format_version {meta.get('format_version')!r}; this gigapatch reads "
-            f"version {FORMAT_VERSION}. Generate the data set again."
-        )
     needed = {
         "side": int, "n_noise": int, "digits_source": str, "digits_sha256": str, "files": dict
     }
