@@ -9,6 +9,7 @@ import torch
 
 from gigapatch.budget import measure_method_peak
 from gigapatch.config import Config
+from gigapatch.errors import ConfigError
 from gigapatch.estimate import estimate_step_peak
 from gigapatch.methods.base import create_method
 from gigapatch.models.attention import sinusoidal_2d
@@ -152,8 +153,12 @@ def test_estimate_shortcut_runs_few_selection_chunks_without_changing_the_peak()
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="divisible by 3 attention heads"):
+    with pytest.raises(ConfigError, match="divisible by model.attn_heads = 3"):
         create_method(_cfg(heads=3))
+    with pytest.raises(ConfigError, match="by 4"):
+        cfg = _cfg(heads=2)
+        cfg.model.latent_dim = 18
+        create_method(cfg)
     cfg = _cfg()
     cfg.method.memory_size = 0
     with pytest.raises(Exception, match="memory_size"):

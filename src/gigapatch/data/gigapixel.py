@@ -87,6 +87,7 @@ from gigapatch.data.megapixel_mnist import (
     TASKS,
     MegapixelRecord,
     _balanced_classes,
+    _check_int,
     _digits_fingerprint,
     _rng,
     _sample_digits,
@@ -178,14 +179,6 @@ def parse_multi(text: str) -> np.ndarray:
 
 def _format_multi(multi: np.ndarray) -> str:
     return " ".join(str(c) for c in np.flatnonzero(multi).tolist())
-
-
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    bad = isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
-    if bad or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and <= {maximum}"
-        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {minimum}{upper}.")
-    return int(value)
 
 
 # ----------------------------------------------------------------------------- records

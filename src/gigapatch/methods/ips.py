@@ -38,6 +38,7 @@ from torch import nn
 
 from gigapatch.config import Config
 from gigapatch.data.grid import PatchGrid
+from gigapatch.errors import ConfigError
 from gigapatch.methods.base import METHODS, Method, repeated
 from gigapatch.methods.patchgd import Images, Take, shuffled_cells
 from gigapatch.models.attention import CrossAttentionPool, sinusoidal_2d
@@ -53,6 +54,13 @@ class IPS(Method):
         super().__init__(cfg)
         mc = cfg.model
         self.dim = mc.latent_dim
+        if self.dim % mc.attn_heads or (cfg.method.pos_encoding and self.dim % 4):
+            raise ConfigError(
+                f"model.latent_dim = {self.dim} must be divisible by model.attn_heads = "
+                f"{mc.attn_heads}" + (" and by 4 (2-D positional encodings)"
+                                      if cfg.method.pos_encoding else "")
+                + "; e.g. 64 or 128."
+            )
         self.encoder = create_encoder(mc.encoder, self.dim, self.in_chans, mc.pretrained)
         names = self.tasks or ["label"]
         self.pool = CrossAttentionPool(self.dim, mc.attn_heads, len(names), dropout=mc.attn_dropout)
