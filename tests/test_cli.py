@@ -170,7 +170,7 @@ def test_ips_multi_task_train_eval_predict_explain(tiny_megapixel, tmp_path, cap
     assert (tmp_path / "why.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_patchgd_explain_and_full_refusal(tiny_config, tmp_path, capsys):
+def test_patchgd_explain_gives_the_same_prediction(tiny_config, tmp_path, capsys):
     tiny_config.train.epochs = 1
     path = _config_file(tiny_config, tmp_path)
     assert _run(capsys, "train", "--config", str(path))[0] == 0
@@ -178,5 +178,10 @@ def test_patchgd_explain_and_full_refusal(tiny_config, tmp_path, capsys):
     image = sorted((Path(tiny_config.data.val_csv).parent / "test").glob("*.png"))[0]
     code, out, _ = _run(capsys, "predict", str(image), "--checkpoint", str(ckpt),
                         "--explain", str(tmp_path / "sal.png"))
-    assert code == 0 and json.loads(out)["explanation"].endswith("sal.png")
+    explained = json.loads(out)
+    assert code == 0 and explained["explanation"].endswith("sal.png")
     assert (tmp_path / "sal.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = _run(capsys, "predict", str(image), "--checkpoint", str(ckpt))
+    plain = json.loads(out)
+    assert plain["prediction"] == explained["prediction"]
+    assert plain["probabilities"] == pytest.approx(explained["probabilities"], abs=1e-4)

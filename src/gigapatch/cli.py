@@ -145,16 +145,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             f"{cfg.data.in_chans}."
         )
     method.eval()
-    with torch.inference_mode():
-        logits = method.predict(image)
+    explanation = None
+    if args.explain:  # the explanation comes with the prediction (one pass over the image)
+        logits, explanation = _explain(method, image, args.explain)
+    else:
+        with torch.inference_mode():
+            logits = method.predict(image)
     probs = probabilities(logits, method.multilabel)
     result: dict = {"image": str(args.image)}
     if isinstance(probs, torch.Tensor):
         result.update(_prediction(probs[0], multilabel=False))
     else:
         result["tasks"] = {t: _prediction(p[0], t in method.multilabel) for t, p in probs.items()}
-    if args.explain:
-        result["explanation"] = str(_explain(method, image, args.explain))
+    if explanation is not None:
+        result["explanation"] = str(explanation)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -174,10 +178,11 @@ def _first(images):  # noqa: ANN001, ANN202
 
 
 def _explain(method, image, out: str):  # noqa: ANN001, ANN202
-    """Draw the evidence of ``method``'s prediction for ``image`` ``(1, C, H, W)`` to ``out``."""
+    """Predict ``image`` ``(1, C, H, W)`` and draw the evidence to ``out``:
+    ``(logits, path of the drawing)``."""
     import torch
 
-    from gigapatch.explain import draw_patch_weights, draw_saliency, patchgd_saliency
+    from gigapatch.explain import draw_patch_weights, draw_saliency, patchgd_explain
 
     name = method.cfg.method.name
     with torch.no_grad():
@@ -187,12 +192,12 @@ def _explain(method, image, out: str):  # noqa: ANN001, ANN202
             top = int((logits[main] if main else logits)[0].argmax())
             title = (f"IPS: {cells.shape[1]} selected patches, coloured by attention "
                      f"({main or 'label'} = {top})")
-            return draw_patch_weights(_first(image), method.grid(image), cells[0],
-                                      weights[0, 0], out, title)
+            return logits, draw_patch_weights(_first(image), method.grid(image), cells[0],
+                                              weights[0, 0], out, title)
         if name == "patchgd":
-            saliency = patchgd_saliency(method, image)
-            return draw_saliency(_first(image), method.grid(image), saliency, out,
-                                 "PatchGD: occlusion saliency of the Z cells")
+            logits, saliency = patchgd_explain(method, image)
+            return logits, draw_saliency(_first(image), method.grid(image), saliency, out,
+                                         "PatchGD: occlusion saliency of the Z cells")
     raise GigapatchError(f"--explain supports the methods ips and patchgd, not {name!r}.")
 
 

@@ -20,7 +20,13 @@ from gigapatch.data.grid import PatchGrid
 from gigapatch.data.lazy import read_resized
 from gigapatch.io.readers import ImageReader
 
-__all__ = ["draw_patch_weights", "draw_saliency", "patchgd_saliency", "thumbnail"]
+__all__ = [
+    "draw_patch_weights",
+    "draw_saliency",
+    "patchgd_explain",
+    "patchgd_saliency",
+    "thumbnail",
+]
 
 #: Longest side of the drawn image.
 MAX_SIDE = 1024
@@ -136,6 +142,13 @@ def draw_saliency(
 def patchgd_saliency(
     method, images, chunk: int = 64, exact_up_to: int = 1024  # noqa: ANN001
 ) -> torch.Tensor:
+    """Occlusion saliency ``(rows, cols)``; see :func:`patchgd_explain`."""
+    return patchgd_explain(method, images, chunk, exact_up_to)[1]
+
+
+def patchgd_explain(
+    method, images, chunk: int = 64, exact_up_to: int = 1024  # noqa: ANN001
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Occlusion saliency of PatchGD's Z cells for one image ``(1, C, H, W)`` (tensor or
     :class:`~gigapatch.data.lazy.LazyBatch`) → ``(rows, cols)``.
 
@@ -144,6 +157,9 @@ def patchgd_saliency(
     prediction). Up to ``exact_up_to`` cells this is computed exactly, ``chunk`` cells at a
     time (N applications of θ2); on larger grids it is its first-order approximation
     ``∂p/∂Z · (Z − mean)``, one backward pass through θ2. Costs one fill. Call in eval mode.
+
+    Returns ``(logits (1, K), saliency (rows, cols))``: the prediction comes with it, so
+    explaining costs no second fill.
     """
     if images.shape[0] != 1:
         raise ValueError("saliency is computed for one image at a time")
@@ -153,6 +169,7 @@ def patchgd_saliency(
         g = None
         if method.cfg.method.global_context != "none":
             g = method.encode(method.global_patch(images))
+        logits = method.logits(z, grid, g)  # (1, K)
     mean = z.mean(dim=1, keepdim=True)  # (1, 1, C)
     n = grid.num_patches
     if n > exact_up_to:
@@ -160,9 +177,9 @@ def patchgd_saliency(
             zz = z.clone().requires_grad_(True)
             probs = method.logits(zz, grid, g).softmax(dim=1)[0]
             (grad,) = torch.autograd.grad(probs[int(probs.argmax())], zz)
-        return (grad * (z - mean)).sum(dim=-1)[0].cpu().view(grid.rows, grid.cols)
+        return logits, (grad * (z - mean)).sum(dim=-1)[0].cpu().view(grid.rows, grid.cols)
     with torch.no_grad():
-        probs = method.logits(z, grid, g).softmax(dim=1)[0]
+        probs = logits.softmax(dim=1)[0]
         top = int(probs.argmax())
         drops = torch.empty(n)
         for start in range(0, n, chunk):
@@ -172,4 +189,4 @@ def patchgd_saliency(
             gg = None if g is None else g.expand(len(cells), -1)
             p = method.logits(zz, grid, gg).softmax(dim=1)[:, top]
             drops[start : start + len(cells)] = probs[top].cpu() - p.cpu()
-    return drops.view(grid.rows, grid.cols)
+    return logits, drops.view(grid.rows, grid.cols)
