@@ -12,7 +12,7 @@
 
 Writes ``benchmarks/results/ips_megapixel_mnist.{json,md}``.
 
-    python benchmarks/ips_megapixel_mnist.py                 # ~25 min on 2 CPU cores
+    python benchmarks/ips_megapixel_mnist.py                 # ~1 h on 1 CPU thread (30 epochs)
     python benchmarks/ips_megapixel_mnist.py --memory-only   # ~1 min
 """
 
