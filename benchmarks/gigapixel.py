@@ -60,17 +60,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ensure_data(root: Path, side: int) -> Path:
-    """The data set for one side (generated unless its meta.json is there)."""
+def ensure_data(root: Path, side: int, results: dict[str, Any]) -> Path:
+    """The data set for one side (generated unless its meta.json is there); records the
+    write time (when written here) and the mean file size in ``results["data"]``."""
     from gigapatch.data.gigapixel import generate_gigapixel
 
     out = root / str(side)
-    if (out / "meta.json").is_file():
-        return out
-    t = time.perf_counter()
-    generate_gigapixel(out, n_train=2, n_test=1, side=side, tile=PATCH, compression="zlib",
-                       seed=0)
-    print(f"wrote {out} in {time.perf_counter() - t:.0f} s", flush=True)
+    seconds = None
+    if not (out / "meta.json").is_file():
+        t = time.perf_counter()
+        generate_gigapixel(out, n_train=2, n_test=1, side=side, tile=PATCH,
+                           compression="zlib", seed=0)
+        seconds = time.perf_counter() - t
+    files = sorted(out.glob("*/*.tiff"))
+    results.setdefault("data", {})[str(side)] = {
+        "images": len(files), "write_seconds": seconds,
+        "mean_file_bytes": sum(f.stat().st_size for f in files) / max(1, len(files)),
+    }
+    print(f"{out}: {json.dumps(results['data'][str(side)])}", flush=True)
     return out
 
 
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         write(results, args)
         return 0
     for side in sorted(args.sides):
-        data = ensure_data(args.data, side)
+        data = ensure_data(args.data, side, results)
         for method in METHODS:
             r = run_rss(train_cmd(method, data, args.runs, side, args.k))
             summary = json.loads(r["stdout"]) if r["code"] == 0 else {}
@@ -206,6 +213,10 @@ def write(results: dict[str, Any], args: argparse.Namespace) -> None:
     for side, io in results["io"].items():
         lines.append(f"\nIO at {int(side):,}²: {io['patches_per_s']:.0f} patches/s via read_region, "
                      f"{io['raw_tiles_per_s']:.0f} raw tile decodes/s ({io['ratio']:.0%})")
+    for side, d in results.get("data", {}).items():
+        written = (f"written in {d['write_seconds']:.0f} s, " if d["write_seconds"] else "")
+        lines.append(f"\ndata at {int(side):,}²: {d['images']} images, {written}"
+                     f"{d['mean_file_bytes'] / 1e6:.1f} MB per file")
     if "predict" in results:
         p = results["predict"]
         lines.append(f"\npredict --explain at {p['side']:,}²: peak RSS "

@@ -231,8 +231,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
     top_level = {f.name for f in fields(Config)}
-    if len(parts) == 1 and parts[0] not in top_level and _section_of(parts[0]):
-        parts = [_section_of(parts[0]), parts[0]]
+    section = _section_of(parts[0]) if len(parts) == 1 and parts[0] not in top_level else None
+    if section:
+        parts = [section, parts[0]]
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:

@@ -338,8 +338,9 @@ def _input_size(cfg: Config, h: int, w: int) -> int | list[int]:
     """Side (or H, W) of what the network sees: downsampled for ``full`` if configured."""
     d = cfg.method.downsample_to
     if cfg.method.name == "full" and d is not None and max(h, w) > d:
-        s = d / max(h, w)
-        h, w = round(h * s), round(w * s)
+        from gigapatch.methods.full import downsampled_size
+
+        h, w = downsampled_size(h, w, d)
     return h if h == w else [h, w]
 
 

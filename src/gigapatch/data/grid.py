@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 from gigapatch.errors import ConfigError
 
+#: ``take(image_idx (P,), cells (P,)) -> (P, C, p, p)``: copies patches out (see ``taker``).
+Take = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class PatchGrid:
@@ -139,7 +142,7 @@ class PatchGrid:
         v = self.patch_view(images, value)
         return v.reshape(v.shape[0], self.num_patches, *v.shape[3:])
 
-    def taker(self, images: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def taker(self, images: Any) -> Take:
         """A function ``take(image_idx (P,), cells (P,)) -> (P, C, p, p)`` copying out patches.
 
         ``images`` is a ``(B, C, H, W)`` tensor (the patch view is made once, here) or a
@@ -175,9 +178,7 @@ class PatchGrid:
         return self.gather_with(self.taker(images), index)
 
     @staticmethod
-    def gather_with(
-        take: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], index: torch.Tensor
-    ) -> torch.Tensor:
+    def gather_with(take: Take, index: torch.Tensor) -> torch.Tensor:
         """:meth:`gather` with a ``take`` from :meth:`taker`: ``(B, k)`` → ``(B, k, C, p, p)``."""
         b, k = index.shape
         bi = torch.arange(b)[:, None].expand(b, k).reshape(-1)

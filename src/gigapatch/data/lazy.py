@@ -20,7 +20,7 @@ from gigapatch.data.grid import PatchGrid
 from gigapatch.errors import DataError
 from gigapatch.io.readers import ImageReader
 
-__all__ = ["LazyBatch", "read_resized"]
+__all__ = ["Images", "LazyBatch", "read_resized"]
 
 
 def read_resized(reader: ImageReader, size: tuple[int, int]) -> torch.Tensor:
@@ -118,3 +118,7 @@ class LazyBatch:
             torch.from_numpy(np.ascontiguousarray(_as_uint8(r.read_region(0, 0, h, w), r)))
             .permute(2, 0, 1) for r in self.readers
         ])
+
+
+#: Host images as the methods take them: a ``(B, C, H, W)`` tensor or a batch read from disk.
+Images = torch.Tensor | LazyBatch

@@ -18,6 +18,12 @@ from gigapatch.methods.base import METHODS, Method
 from gigapatch.models.encoders import create_encoder
 
 
+def downsampled_size(h: int, w: int, longer_side: int) -> tuple[int, int]:
+    """``(H', W')`` with ``max(H', W') == longer_side`` and the aspect ratio kept."""
+    scale = longer_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def downsample(images: torch.Tensor, longer_side: int) -> torch.Tensor:
     """Antialiased resize of ``(B, C, H, W)`` so that ``max(H, W) == longer_side``.
 
@@ -27,8 +33,7 @@ def downsample(images: torch.Tensor, longer_side: int) -> torch.Tensor:
     h, w = images.shape[-2:]
     if max(h, w) <= longer_side:
         return images
-    scale = longer_side / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    size = downsampled_size(h, w, longer_side)
     x = images.float() / 255.0 if not images.is_floating_point() else images
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
@@ -52,9 +57,7 @@ class FullImage(Method):
             h, w = images.shape[-2:]
             if d is None or max(h, w) <= d:
                 return images.load()
-            scale = d / max(h, w)
-            size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            return images.resized(size).float() / 255.0
+            return images.resized(downsampled_size(h, w, d)).float() / 255.0
         return images if d is None else downsample(images, d)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

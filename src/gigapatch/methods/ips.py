@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 from gigapatch.config import Config
-from gigapatch.data.grid import PatchGrid
+from gigapatch.data.grid import PatchGrid, Take
+from gigapatch.data.lazy import Images
 from gigapatch.errors import ConfigError
 from gigapatch.methods.base import METHODS, Method, repeated
-from gigapatch.methods.patchgd import Images, Take, shuffled_cells
+from gigapatch.methods.patchgd import shuffled_cells
 from gigapatch.models.attention import CrossAttentionPool, sinusoidal_2d
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Logits

@@ -33,22 +33,18 @@ the host image; the image itself never moves to the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
-from gigapatch.data.grid import PatchGrid
-from gigapatch.data.lazy import LazyBatch
+from gigapatch.data.grid import PatchGrid, Take
+from gigapatch.data.lazy import Images, LazyBatch
 from gigapatch.methods.base import METHODS, Method, repeated
 from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import create_head
-
-#: Host images: a ``(B, C, H, W)`` tensor or a batch read from disk on demand.
-Images = torch.Tensor | LazyBatch
-Take = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def shuffled_cells(batch: int, num_cells: int, mask: torch.Tensor | None = None
