@@ -76,14 +76,17 @@ def _records(root: Path, split: str) -> list[MegapixelRecord]:
 
 
 def _naive_window(record: MegapixelRecord, y: int, x: int, h: int, w: int) -> np.ndarray:
-    """Reference renderer: paste every patch into a canvas padded by 28 px around the window."""
+    """Reference renderer: paste every patch into a canvas padded by 28 px around the window,
+    noise max-blended, then each digit overwriting its box."""
     buf = np.zeros((h + 2 * S, w + 2 * S), dtype=np.uint8)
     corners = np.concatenate([record.noise_yx, record.digit_yx])
     patches = np.concatenate([record.noise_images, record.digit_images])
-    for (py, px), patch in zip(corners, patches):
+    is_digit = [False] * len(record.noise_yx) + [True] * len(record.digit_yx)
+    for (py, px), patch, digit in zip(corners, patches, is_digit):
         ty, tx = int(py) - y + S, int(px) - x + S
         if 0 <= ty <= h + S and 0 <= tx <= w + S:
-            buf[ty : ty + S, tx : tx + S] = np.maximum(buf[ty : ty + S, tx : tx + S], patch)
+            box = buf[ty : ty + S, tx : tx + S]
+            buf[ty : ty + S, tx : tx + S] = patch if digit else np.maximum(box, patch)
     return buf[S : S + h, S : S + w]
 
 
@@ -204,17 +207,22 @@ def test_compute_labels_refuses_ambiguous_layouts() -> None:
 
 
 def test_full_render_matches_reference_and_shows_every_digit(dataset: Path) -> None:
+    noisy_boxes = 0  # digit boxes that a noise patch overlaps (the overwrite is exercised)
     for record in _records(dataset, "train")[:10]:
         image = render_image(record)
         assert image.shape == (300, 300) and image.dtype == np.uint8
         np.testing.assert_array_equal(image, _naive_window(record, 0, 0, 300, 300))
         covered = np.zeros_like(image, dtype=bool)
         for (y, x), digit in zip(record.digit_yx.tolist(), record.digit_images):
-            assert (image[y : y + S, x : x + S] >= digit).all()  # digits on top, never erased
+            # noise lies under the digits: a digit's box shows exactly the digit
+            np.testing.assert_array_equal(image[y : y + S, x : x + S], digit)
+            near = np.abs(record.noise_yx - np.array([y, x])).max(axis=1) < S
+            noisy_boxes += int(near.any())
             covered[y : y + S, x : x + S] = True
         for y, x in record.noise_yx.tolist():
             covered[y : y + S, x : x + S] = True
         assert not image[~covered].any()  # black background elsewhere
+    assert noisy_boxes > 0
 
 
 def test_window_render_equals_slice_of_full_render(dataset: Path) -> None:

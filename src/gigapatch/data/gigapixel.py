@@ -4,7 +4,7 @@
 canvas is 4 GiB of pixels) for exercising the readers, the tissue mask and training from disk,
 without ever holding an image in memory. The images are Megapixel MNIST canvases
 (:mod:`gigapatch.data.megapixel_mnist`): 5 MNIST digits (3 of the majority class) among
-digit-like line noise on black, max-blended. The records are drawn by exactly the sampling code
+digit-like line noise on black (noise under the digits). The records are drawn by exactly the sampling code
 of :func:`~gigapatch.data.megapixel_mnist.generate_megapixel_mnist`: with the same ``seed``,
 counts, ``n_noise`` and canvas side ``side // digit_scale``, image ``i`` of a split is record
 ``i`` of the Megapixel MNIST split, rendered with
@@ -625,7 +625,8 @@ def generate_gigapixel(
             "level 0 (pixels past the edge count as 0)"
         ),
         "pixels": (
-            "Megapixel MNIST record rendered with render_region (max blending), upscaled "
+            "Megapixel MNIST record rendered with render_region (noise max-blended, digits "
+            "over it), upscaled "
             f"{scale}x (nearest)"
         ),
         "tasks": list(TASKS),

@@ -18,11 +18,11 @@ Katharopoulos & Fleuret (2019, attention sampling). Each image is a black ``side
   possibly flipped, copy of another pattern.) Each split has a bank of
   ``NOISE_BANK_SIZE`` patterns; every noise patch of an image picks one of them.
 
-Everything is drawn with maximum blending (``canvas = max(canvas, patch)``), so digits
-are drawn on top of the noise and never erased by it; noise shows only where it is
-brighter than the digit (mostly in a digit's black background). IPS instead overwrites the
-whole 28 x 28 box of a digit. With max blending the pixel values do not depend on drawing
-order, which is what lets :func:`render_region` render any window exactly.
+Noise is drawn *under* the digits, as in IPS: noise patches are max-blended with each
+other (``canvas = max(canvas, patch)``), and each digit then overwrites its whole 28 x 28
+box, so a digit is never corrupted by noise (a noise stroke may end at a digit's box edge).
+Because digit boxes never overlap, neither step depends on drawing order, which is what
+lets :func:`render_region` render any window exactly.
 
 Four labels (tasks) per image, see :data:`TASKS`: ``majority`` (the class of the three),
 ``max`` (the largest digit value present), ``top`` (the class of the digit with the
@@ -241,9 +241,12 @@ def _check_window_int(name: str, value: Any, minimum: int | None) -> int:
     return int(value)
 
 
-def _paste_max(out: np.ndarray, y: int, x: int, yx: np.ndarray, patches: np.ndarray) -> None:
-    """Max-blend the 28 x 28 ``patches`` (K, 28, 28) at canvas corners ``yx`` (K, 2) into
-    ``out`` (h, w), the canvas window whose top-left corner is ``(y, x)``."""
+def _paste(
+    out: np.ndarray, y: int, x: int, yx: np.ndarray, patches: np.ndarray, blend: bool
+) -> None:
+    """Draw the 28 x 28 ``patches`` (K, 28, 28) at canvas corners ``yx`` (K, 2) into ``out``
+    (h, w), the canvas window whose top-left corner is ``(y, x)``: max-blended with what is
+    there (``blend``) or overwriting it."""
     if len(yx) == 0:
         return
     h, w = out.shape
@@ -255,8 +258,11 @@ def _paste_max(out: np.ndarray, y: int, x: int, yx: np.ndarray, patches: np.ndar
         t, left = int(tops[k]), int(lefts[k])
         y0, y1 = max(t, 0), min(t + side, h)
         x0, x1 = max(left, 0), min(left + side, w)
-        region = out[y0:y1, x0:x1]
-        np.maximum(region, patches[k, y0 - t : y1 - t, x0 - left : x1 - left], out=region)
+        patch = patches[k, y0 - t : y1 - t, x0 - left : x1 - left]
+        if blend:
+            np.maximum(out[y0:y1, x0:x1], patch, out=out[y0:y1, x0:x1])
+        else:
+            out[y0:y1, x0:x1] = patch
 
 
 def render_region(record: MegapixelRecord, y: int, x: int, h: int, w: int) -> np.ndarray:
@@ -284,8 +290,8 @@ def render_region(record: MegapixelRecord, y: int, x: int, h: int, w: int) -> np
     h = _check_window_int("h", h, 0)
     w = _check_window_int("w", w, 0)
     out = np.zeros((h, w), dtype=np.uint8)
-    _paste_max(out, y, x, record.noise_yx, record.noise_images)
-    _paste_max(out, y, x, record.digit_yx, record.digit_images)
+    _paste(out, y, x, record.noise_yx, record.noise_images, blend=True)
+    _paste(out, y, x, record.digit_yx, record.digit_images, blend=False)  # boxes are disjoint
     return out
 
 
