@@ -151,8 +151,11 @@ def test_ips_multi_task_train_eval_predict_explain(tiny_megapixel, tmp_path, cap
     assert summary["tasks"] == cfg.data.tasks
     assert set(summary["best_epoch_task_accuracy"]) == set(cfg.data.tasks)
     run = tmp_path / "runs" / "ips_tiny"
-    header = (run / "metrics.csv").read_text().splitlines()[0]
+    lines = (run / "metrics.csv").read_text().splitlines()
+    header, last = lines[0].split(","), lines[-1].split(",")
     assert "val_accuracy_multi" in header and "val_accuracy_top" in header
+    for task, acc in summary["final_task_accuracy"].items():  # the last epoch's row
+        assert acc == pytest.approx(float(last[header.index(f"val_accuracy_{task}")]))
 
     code, out, _ = _run(capsys, "eval", "--checkpoint", str(run / "best.pt"), "--quiet")
     assert code == 0

@@ -318,9 +318,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         "best_epoch": best_epoch,
         "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
         **(
-            {"tasks": cfg.data.tasks, "best_epoch_task_accuracy": {
-                t: history[best_epoch - 1].get(f"val_accuracy_{t}") for t in cfg.data.tasks
-            }} if len(cfg.data.tasks) > 1 and history else {}
+            {"tasks": cfg.data.tasks,
+             "best_epoch_task_accuracy": _task_accuracy(history[best_epoch - 1], cfg.data.tasks),
+             "final_task_accuracy": _task_accuracy(history[-1], cfg.data.tasks)}
+            if len(cfg.data.tasks) > 1 and history else {}
         ),
         "peak_memory_bytes": peak_memory,
         "peak_memory": format_bytes(peak_memory) if peak_memory is not None else None,
@@ -332,6 +333,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     }
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _task_accuracy(row: dict[str, Any], tasks: list[str]) -> dict[str, float | None]:
+    """``{task: held-out accuracy}`` of one epoch's row of the history."""
+    return {t: row.get(f"val_accuracy_{t}") for t in tasks}
 
 
 def _input_size(cfg: Config, h: int, w: int) -> int | list[int]:
