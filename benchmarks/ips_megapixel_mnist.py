@@ -1,9 +1,10 @@
 """IPS on Megapixel MNIST: held-out accuracy on a CPU, and memory flat in the number of patches.
 
 1. **Accuracy.** Generates the CPU-sized Megapixel MNIST of ``configs/megapixel_mnist_ips_cpu.yaml``
-   (500² canvases, 25 noise patterns, 3,000 train / 500 held-out; seeded) unless present, trains
-   IPS with that config and reports the held-out accuracy of every task (target: ``majority``
-   ≥ 90 %), the epochs and the time.
+   (500² canvases, 6 noise patterns: the paper's 50 per 1500² at the same density; 10,000
+   train / 500 held-out; seeded) unless present, trains IPS with that config and reports the
+   held-out accuracy of every task after the last epoch (target: ``majority`` ≥ 90 %), and at
+   the best epoch, with the epochs and the time.
 2. **Memory.** Peak memory of one IPS training step at N = 900 patches (1500², patch 50) and at
    N = 14,400 (6000²) with the same M and I (target: ratio ≤ 1.1): measured for real with the
    CPU config at batch 1, and estimated (fake tensors, nothing allocated; byte-equal to the
@@ -12,7 +13,7 @@
 
 Writes ``benchmarks/results/ips_megapixel_mnist.{json,md}``.
 
-    python benchmarks/ips_megapixel_mnist.py                 # ~1 h on 1 CPU thread (30 epochs)
+    python benchmarks/ips_megapixel_mnist.py                 # ~40 min on 1 CPU thread (12 epochs)
     python benchmarks/ips_megapixel_mnist.py --memory-only   # ~1 min
 """
 
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CPU_CONFIG = ROOT / "configs" / "megapixel_mnist_ips_cpu.yaml"
 GPU_CONFIG = ROOT / "configs" / "megapixel_mnist_ips.yaml"
-DATA = {"side": 500, "n_noise": 25, "n_train": 3000, "n_test": 500, "seed": 0}
+DATA = {"side": 500, "n_noise": 6, "n_train": 10000, "n_test": 500, "seed": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['ratio']:.3f} |")
     if "training" in results:
         t = results["training"]
-        acc = t.get("best_epoch_task_accuracy", {})
-        lines += ["", "| task | held-out accuracy |", "|---|---|"]
-        lines += [f"| {task} | {100 * v:.1f} % |" for task, v in acc.items()]
+        final, best = t["final_task_accuracy"], t["best_epoch_task_accuracy"]
+        lines += ["", f"| task | held-out accuracy, last epoch ({t['epochs']}) | "
+                  f"at the best epoch ({t['best_epoch']}) |", "|---|---|---|"]
+        lines += [f"| {task} | {100 * v:.1f} % | {100 * best[task]:.1f} % |"
+                  for task, v in final.items()]
         lines += ["", f"settings: {t['settings']}; best epoch {t['best_epoch']}; "
                   f"training {t['train_seconds']:.0f} s, wall {t['wall_seconds']:.0f} s"]
     (args.out / "ips_megapixel_mnist.md").write_text("\n".join(lines) + "\n")
