@@ -76,6 +76,7 @@ def train_run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     summary = train(cfg)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+    summary["selection"] = selection_quality(Path(summary["run_dir"]) / "last.pt", args.data_dir)
     summary["settings"] = {
         "canvas": DATA["side"], "noise": DATA["n_noise"], "n_train": DATA["n_train"],
         "n_test": DATA["n_test"], "patch": cfg.method.patch_size, "M": cfg.method.memory_size,
@@ -84,6 +85,44 @@ def train_run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": cfg.train.batch_size, "lr": cfg.train.lr,
     }
     return summary
+
+
+def digit_cells(boxes: torch.Tensor, digit_yx: torch.Tensor) -> torch.Tensor:
+    """Which patches touch a digit: grid boxes ``(N, 4)`` ``(y, x, h, w)`` and digit corners
+    ``(K, 2)`` → ``(N,)`` bool."""
+    from gigapatch.data.megapixel_mnist import DIGIT_SIDE
+
+    y, x, h, w = boxes.unbind(1)
+    dy, dx = digit_yx[:, 0, None], digit_yx[:, 1, None]  # (K, 1)
+    overlap = (dy < y + h) & (dy + DIGIT_SIDE > y) & (dx < x + w) & (dx + DIGIT_SIDE > x)
+    return overlap.any(dim=0)
+
+
+def selection_quality(checkpoint: Path, data_dir: Path, batch: int = 20) -> dict[str, float]:
+    """How well the trained selection finds the digits on the held-out images: the share of
+    selected patches that touch a digit (precision), the share of digit patches selected
+    (recall), and the share of all patches that touch a digit (what random picks would get)."""
+    from gigapatch.checkpoint import load_method
+    from gigapatch.data.megapixel_mnist import MegapixelMNISTDataset
+
+    method, _ = load_method(checkpoint)
+    method.eval()
+    ds = MegapixelMNISTDataset(data_dir, "test")
+    torch.manual_seed(0)
+    hits = selected = relevant = total = 0
+    for start in range(0, len(ds), batch):
+        idx = range(start, min(start + batch, len(ds)))
+        images = torch.stack([ds[i][0] for i in idx])
+        grid = method.grid(images)
+        cells = method.select(images, grid)  # (b, M)
+        boxes = grid.boxes()
+        for row, i in zip(cells, idx):
+            digits = digit_cells(boxes, torch.from_numpy(ds.records[i].digit_yx).long())
+            hits += int(digits[row].sum())
+            selected += len(row)
+            relevant += int(digits.sum())
+            total += grid.num_patches
+    return {"precision": hits / selected, "recall": hits / relevant, "base_rate": relevant / total}
 
 
 def memory_rows() -> list[dict[str, Any]]:
@@ -131,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"at the best epoch ({t['best_epoch']}) |", "|---|---|---|"]
         lines += [f"| {task} | {100 * v:.1f} % | {100 * best[task]:.1f} % |"
                   for task, v in final.items()]
+        sel = t["selection"]
         lines += ["", f"settings: {t['settings']}; best epoch {t['best_epoch']}; "
-                  f"training {t['train_seconds']:.0f} s, wall {t['wall_seconds']:.0f} s"]
+                  f"training {t['train_seconds']:.0f} s, wall {t['wall_seconds']:.0f} s", "",
+                  f"held-out selection (last epoch): {100 * sel['precision']:.1f} % of the "
+                  f"selected patches touch a digit ({100 * sel['base_rate']:.1f} % of all "
+                  f"patches do); {100 * sel['recall']:.1f} % of the digit patches are selected"]
     (args.out / "ips_megapixel_mnist.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
