@@ -108,6 +108,37 @@ def test_global_patch_and_downsampling_read_a_pyramid_level(pair, monkeypatch):
     assert torch.equal(read_resized(lazy.readers[0], (32, 32)), ref[0])
 
 
+def test_resized_view_of_an_image_without_pyramid_reads_strips(tmp_path, monkeypatch):
+    """A single-level image much larger than the view is box-averaged strip by strip: no read
+    exceeds the strip budget, and the view equals the same filter applied in memory."""
+    import gigapatch.data.lazy as lazy_module
+
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 256, (203, 170, 3), dtype=np.uint8)  # boxes overhang both edges
+    np.save(tmp_path / "plain.npy", array)
+    reader = open_image(tmp_path / "plain.npy")
+    assert len(reader.levels) == 1
+    monkeypatch.setattr(lazy_module, "STRIP_PIXELS", 2_000)
+    reads = []
+    original = type(reader).read_region
+
+    def spy(self, y, x, h, w, level=0, **kw):
+        reads.append(h * w)
+        return original(self, y, x, h, w, level=level, **kw)
+
+    monkeypatch.setattr(type(reader), "read_region", spy)
+    view = read_resized(reader, (30, 24))  # factor min(203 // 30, 170 // 24) = 6
+    assert len(reads) > 1 and max(reads) <= 2_000 and sum(reads) == 203 * 170
+
+    full = torch.from_numpy(array).permute(2, 0, 1)[None].double()
+    box = torch.nn.functional.avg_pool2d(full, 6, ceil_mode=True)  # (1, 3, 34, 29)
+    box = (box + 0.5).floor().to(torch.uint8)
+    ref = torch.nn.functional.interpolate(box, size=(30, 24), mode="bilinear", antialias=True,
+                                          align_corners=False)[0]
+    assert view.shape == (3, 30, 24) and view.dtype == torch.uint8
+    assert torch.equal(view, ref)
+
+
 def test_batches_of_different_sizes_are_refused(tmp_path):
     a = open_image(_tiff(tmp_path / "a.tif", np.zeros((64, 64), np.uint8)))
     b = open_image(_tiff(tmp_path / "b.tif", np.zeros((64, 96), np.uint8)))

@@ -20,7 +20,12 @@ from gigapatch.data.grid import PatchGrid
 from gigapatch.errors import DataError
 from gigapatch.io.readers import ImageReader
 
-__all__ = ["Images", "LazyBatch", "read_resized"]
+__all__ = ["STRIP_PIXELS", "Images", "LazyBatch", "read_resized"]
+
+
+STRIP_PIXELS = 1 << 24
+"""Most pixels (per channel) that :func:`read_resized` reads at once from a level much larger
+than its target (16 Mpx: 16 MiB of 8-bit grey, 48 MiB of RGB)."""
 
 
 def read_resized(reader: ImageReader, size: tuple[int, int]) -> torch.Tensor:
@@ -28,17 +33,40 @@ def read_resized(reader: ImageReader, size: tuple[int, int]) -> torch.Tensor:
 
     Reads the coarsest pyramid level that is still at least as fine as the target (so a
     65,536² slide with a 1,024² level costs one 1,024² read for a 256² view), then resizes with
-    an antialiased bilinear filter.
+    an antialiased bilinear filter. When that level is at least twice the target on both axes
+    and larger than :data:`STRIP_PIXELS` (an image without a pyramid, say), it is first
+    box-averaged by the integer factor ``f = min(H // h, W // w)`` strip by strip (``f x f``
+    means, edge boxes over the pixels they hold), so memory stays set by the strip and the
+    target, never by the image.
     """
     height, width = reader.shape[:2]
     h, w = size
     level = reader.best_level(min(height / h, width / w))
     lh, lw = reader.levels[level]
-    pixels = np.ascontiguousarray(reader.read_region(0, 0, lh, lw, level=level))  # (lh, lw, C)
-    x = torch.from_numpy(_as_uint8(pixels, reader)).permute(2, 0, 1)[None]
-    if (lh, lw) != (h, w):
+    factor = min(lh // h, lw // w)
+    if factor >= 2 and lh * lw > STRIP_PIXELS:
+        x = _box_reduced(reader, level, factor)[None]
+    else:
+        pixels = np.ascontiguousarray(reader.read_region(0, 0, lh, lw, level=level))
+        x = torch.from_numpy(_as_uint8(pixels, reader)).permute(2, 0, 1)[None]  # (1, C, lh, lw)
+    if tuple(x.shape[-2:]) != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     return x[0]
+
+
+def _box_reduced(reader: ImageReader, level: int, factor: int) -> torch.Tensor:
+    """Level ``level`` averaged over ``factor x factor`` boxes, read in strips of whole boxes
+    of at most about :data:`STRIP_PIXELS` pixels: ``(C, ceil(H / f), ceil(W / f))`` ``uint8``
+    (means rounded half up)."""
+    lh, lw = reader.levels[level]
+    rows = max(1, STRIP_PIXELS // (factor * lw)) * factor  # a multiple of factor
+    strips = []
+    for y in range(0, lh, rows):
+        pixels = np.ascontiguousarray(reader.read_region(y, 0, min(rows, lh - y), lw, level=level))
+        strip = torch.from_numpy(_as_uint8(pixels, reader)).permute(2, 0, 1)[None].float()
+        mean = F.avg_pool2d(strip, factor, ceil_mode=True)  # (1, C, rows / f, ceil(W / f))
+        strips.append(mean.add_(0.5).floor_().to(torch.uint8)[0])
+    return torch.cat(strips, dim=1)
 
 
 def _as_uint8(pixels: np.ndarray, reader: ImageReader) -> np.ndarray:
