@@ -30,7 +30,9 @@ class DataConfig:
     ``kind: folder``: ``root/{train,val}/<class>/<image>``, read patch by patch.
     ``kind: megapixel_mnist``: a Megapixel MNIST folder ``root`` (splits ``train``/``test``).
     ``tasks``: the labels to predict, e.g. ``[majority, max, top, multi]`` (empty: the single
-    label of a CSV); the first is the main task (validation accuracy, best checkpoint).
+    label of a CSV); the first is the main task (validation accuracy, best checkpoint). For
+    CSVs each task is a column (``label`` the label column; multi-label columns list the
+    classes present, e.g. ``"2 5 7"``).
     Tasks in ``multilabel`` are multi-hot (sigmoid/BCE), the others single-label (softmax/CE);
     every task has ``num_classes`` outputs.
     ``skip_background`` (images read from disk): an Otsu foreground mask on a low-resolution

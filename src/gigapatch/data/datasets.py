@@ -1,6 +1,7 @@
 """Image-classification datasets listed in a CSV file.
 
-The CSV needs at least the columns ``path`` and ``label`` (extra columns are ignored).
+The CSV needs at least the columns ``path`` and ``label``; other columns are ignored unless
+``data.tasks`` names them (one column per task, see :mod:`gigapatch.data.task_columns`).
 Every problem a user can cause -- missing CSV, missing columns, bad labels, missing
 image files -- is reported at construction time with the file, row and value at fault;
 corrupt image files are reported when read.
@@ -9,7 +10,9 @@ corrupt image files are reported when read.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ from torch.utils.data import Dataset
 
 from gigapatch.config import Config
 from gigapatch.data.csv_table import check_num_classes, read_labelled_csv
+from gigapatch.data.task_columns import LABEL_TASK, TaskColumns
 from gigapatch.errors import ConfigError, DataError
 from gigapatch.io.image import read_image
 
@@ -35,6 +39,8 @@ class CSVImageDataset(Dataset):
             CSV's directory. Absolute paths in the CSV are used as they are.
         num_classes: if given, every label must be in ``[0, num_classes)``; otherwise labels
             must be >= 0 and ``num_classes`` is inferred as ``max(label) + 1``.
+        extra_columns: more columns to keep as text (the tasks of
+            :class:`~gigapatch.data.task_columns.TaskColumns`); see :meth:`extra_column`.
 
     Items are ``(image, label)``: ``image`` is a ``uint8`` tensor of shape ``(C, H, W)``
     (C = 1 grayscale or 3 RGB, see :func:`gigapatch.io.image.read_image`), ``label`` an
@@ -51,6 +57,7 @@ class CSVImageDataset(Dataset):
         csv_path: str | os.PathLike[str],
         root: str | os.PathLike[str] | None = None,
         num_classes: int | None = None,
+        extra_columns: Sequence[str] = (),
     ) -> None:
         self.csv_path = Path(csv_path)
         num_classes = check_num_classes(num_classes)
@@ -65,10 +72,10 @@ class CSVImageDataset(Dataset):
                 f"Image root directory not found: {self.root} (for {self.csv_path}). Check root."
             )
         rows = read_labelled_csv(
-            self.csv_path, self.root, num_classes,
+            self.csv_path, self.root, num_classes, extra_columns=tuple(extra_columns),
             header_hint=" (at least 'path,label')",
         )
-        self._paths, self._labels = rows.paths, rows.labels
+        self._paths, self._labels, self._extras = rows.paths, rows.labels, rows.extras
         self._num_classes = num_classes if num_classes is not None else max(rows.labels) + 1
         self._check_files_exist()
 
@@ -88,6 +95,10 @@ class CSVImageDataset(Dataset):
     def num_classes(self) -> int:
         """Number of classes: as given, or ``max(label) + 1``."""
         return self._num_classes
+
+    def extra_column(self, name: str) -> list[str]:
+        """All values of the extra column ``name`` (stripped text), in CSV order (a copy)."""
+        return list(self._extras[name])
 
     @property
     def labels(self) -> list[int]:
@@ -119,7 +130,8 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
     (:class:`~gigapatch.data.large.LargeImageFolderDataset`, ``root/train`` and ``root/val``);
     ``kind: megapixel_mnist`` renders the ``train``/``test`` split of ``root``
     (:class:`~gigapatch.data.megapixel_mnist.MegapixelMNISTDataset`). Tasks the model predicts
-    (``data.tasks``) must be among the data set's.
+    (``data.tasks``) must be among the data set's: for CSVs, columns of the CSV (``label`` is
+    the label column; :class:`~gigapatch.data.task_columns.TaskColumns`).
     """
     d = cfg.data
     if split not in ("train", "val"):
@@ -133,20 +145,24 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
                 f"data.tasks {unknown} are not Megapixel MNIST tasks; choose from {list(TASKS)}."
             )
         return MegapixelMNISTDataset(d.root, "train" if split == "train" else "test")
-    if len(d.tasks) > 1:
-        raise ConfigError(
-            f"data.tasks = {d.tasks}: a CSV data set has one label; use at most one task."
-        )
-    path = d.train_csv if split == "train" else d.val_csv
-    if d.kind == "lazy_csv":
-        from gigapatch.data.large import LargeImageCSVDataset
-
-        return LargeImageCSVDataset(path, num_classes=d.num_classes)
     if d.kind == "folder":
         from gigapatch.data.large import LargeImageFolderDataset
 
+        if d.tasks:
+            raise ConfigError(
+                f"data.tasks = {d.tasks}: a folder data set has one label (its sub-folder); "
+                "leave data.tasks empty, or list the images in a CSV with one column per task."
+            )
         return LargeImageFolderDataset(Path(d.root) / ("train" if split == "train" else "val"))
-    return CSVImageDataset(path, num_classes=d.num_classes)
+    path = d.train_csv if split == "train" else d.val_csv
+    extra = [t for t in d.tasks if t != LABEL_TASK]  # task columns besides `label`
+    if d.kind == "lazy_csv":
+        from gigapatch.data.large import LargeImageCSVDataset
+
+        ds: Any = LargeImageCSVDataset(path, num_classes=d.num_classes, extra_columns=extra)
+    else:
+        ds = CSVImageDataset(path, num_classes=d.num_classes, extra_columns=extra)
+    return TaskColumns(ds, d.tasks, d.multilabel, d.num_classes) if d.tasks else ds
 
 
 def describe_data(cfg: Config) -> str:
