@@ -27,7 +27,8 @@ def test_parse_single_and_multi_label_columns() -> None:
 
 @pytest.mark.parametrize(("values", "multilabel", "bad"), [
     (["1", "x"], False, "'x'"), (["1", "10"], False, "'10'"), (["1", "2 3"], False, "'2 3'"),
-    (["1", ""], False, "''"), (["1 2", "3 -1"], True, "'3 -1'"), (["1", "4 12"], True, "'4 12'"),
+    (["1", ""], False, "''"), (["1", "²"], False, "'²'"), (["1 2", "3 -1"], True, "'3 -1'"),
+    (["1", "4 12"], True, "'4 12'"),
 ])
 def test_bad_values_name_the_file_column_row_and_value(values, multilabel, bad) -> None:
     with pytest.raises(DataError) as err:

@@ -3,9 +3,9 @@
 :func:`generate_gigapixel` writes a data set of real gigapixel image *files* (a 65,536 x 65,536
 canvas is 4 GiB of pixels) for exercising the readers, the tissue mask and training from disk,
 without ever holding an image in memory. The images are Megapixel MNIST canvases
-(:mod:`gigapatch.data.megapixel_mnist`): 5 MNIST digits (3 of the majority class) among
-digit-like line noise on black (noise under the digits). The records are drawn by exactly the sampling code
-of :func:`~gigapatch.data.megapixel_mnist.generate_megapixel_mnist`: with the same ``seed``,
+(:mod:`gigapatch.data.megapixel_mnist`): 5 MNIST digits (3 of the majority class) over
+digit-like line noise on black. The records are drawn by exactly the sampling code of
+:func:`~gigapatch.data.megapixel_mnist.generate_megapixel_mnist`: with the same ``seed``,
 counts, ``n_noise`` and canvas side ``side // digit_scale``, image ``i`` of a split is record
 ``i`` of the Megapixel MNIST split, rendered with
 :func:`~gigapatch.data.megapixel_mnist.render_region` (and upscaled ``digit_scale`` times).

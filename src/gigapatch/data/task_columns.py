@@ -45,7 +45,7 @@ def parse_task_column(
                       dtype=torch.float32 if multilabel else torch.int64)
     for row, text in enumerate(values):
         parts = [p for p in re.split(r"[\s;]+", text.strip()) if p]
-        ok = all(p.isdigit() and int(p) < num_classes for p in parts)
+        ok = all(p.isascii() and p.isdigit() and int(p) < num_classes for p in parts)
         if not ok or (not multilabel and len(parts) != 1):
             kind = ("class indices separated by spaces" if multilabel
                     else "one class index")
