@@ -14,7 +14,7 @@
 Targets: peak RSS ≤ 4 GiB at 65,536², RSS(65,536²) / RSS(8,192²) ≤ 1.25.
 Writes ``benchmarks/results/gigapixel.{json,md}``.
 
-    python benchmarks/gigapixel.py            # ~40 min on 2 CPU cores (~10 of them writing data)
+    python benchmarks/gigapixel.py            # ~1 h 10 min on 2 CPU cores (8 min writing data)
     python benchmarks/gigapixel.py --sides 8192   # a quick look (~2 min)
 """
 
@@ -202,7 +202,8 @@ def write(results: dict[str, Any], args: argparse.Namespace) -> None:
     (args.out / "gigapixel.json").write_text(json.dumps(results, indent=2))
     rss = {(r["side"], r["method"]): r["peak_rss_bytes"] for r in results["runs"]}
     sides = sorted({r["side"] for r in results["runs"]})
-    lines = ["| method | side | peak RSS | training step peak | epoch time |", "|---|---|---|---|---|"]
+    lines = ["| method | side | peak RSS | training step peak | epoch time |",
+             "|---|---|---|---|---|"]
     for r in results["runs"]:
         lines.append(f"| {r['method']} | {r['side']:,}² | {format_bytes(r['peak_rss_bytes'])} | "
                      f"{r['step_peak']} | {r['seconds']:.0f} s |")
@@ -211,8 +212,9 @@ def write(results: dict[str, Any], args: argparse.Namespace) -> None:
             lines.append(f"\n{m}: RSS {sides[-1]:,}² / {sides[0]:,}² = "
                          f"{rss[(sides[-1], m)] / rss[(sides[0], m)]:.3f}")
     for side, io in results["io"].items():
-        lines.append(f"\nIO at {int(side):,}²: {io['patches_per_s']:.0f} patches/s via read_region, "
-                     f"{io['raw_tiles_per_s']:.0f} raw tile decodes/s ({io['ratio']:.0%})")
+        lines.append(f"\nIO at {int(side):,}²: {io['patches_per_s']:.0f} patches/s via "
+                     f"read_region, {io['raw_tiles_per_s']:.0f} raw tile decodes/s "
+                     f"({io['ratio']:.0%})")
     for side, d in results.get("data", {}).items():
         written = (f"written in {d['write_seconds']:.0f} s, " if d["write_seconds"] else "")
         lines.append(f"\ndata at {int(side):,}²: {d['images']} images, {written}"

@@ -59,5 +59,5 @@ def test_first_order_saliency_approximates_occlusion_on_big_grids():
     exact = patchgd_saliency(method, image)
     approx = patchgd_saliency(method, image, exact_up_to=0)
     assert approx.shape == exact.shape == (4, 4)
-    # Same cells matter most, and the signs agree where the effect is large.
+    # The first-order approximation finds the same most important cell.
     assert int(approx.flatten().argmax()) == int(exact.flatten().argmax())

@@ -94,8 +94,8 @@ def draw_patch_weights(
     path: str | os.PathLike[str],
     title: str = "",
 ) -> Path:
-    """Draw ``(C, H, W)`` ``image`` (or a reader's image) with patches ``cells`` ``(M,)`` outlined, coloured by
-    ``weights`` ``(M,)`` (e.g. IPS attention); writes a PNG to ``path``."""
+    """Draw ``(C, H, W)`` ``image`` (or a reader's image) with patches ``cells`` ``(M,)``
+    outlined, coloured by ``weights`` ``(M,)`` (e.g. IPS attention); writes a PNG to ``path``."""
     from matplotlib import cm, colors
     from matplotlib.patches import Rectangle
 
@@ -122,8 +122,8 @@ def draw_saliency(
     path: str | os.PathLike[str],
     title: str = "",
 ) -> Path:
-    """Draw ``(C, H, W)`` ``image`` (or a reader's image) under a heat map of per-cell ``saliency`` ``(rows, cols)``;
-    writes a PNG to ``path``."""
+    """Draw ``(C, H, W)`` ``image`` (or a reader's image) under a heat map of per-cell
+    ``saliency`` ``(rows, cols)``; writes a PNG to ``path``."""
     fig, ax, plt, scale = _figure(image, title)
     # One stride-sized tile per cell, centred on the cell's patch.
     off = (grid.patch_size - grid.stride) / 2

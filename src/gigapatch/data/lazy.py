@@ -47,8 +47,7 @@ def read_resized(reader: ImageReader, size: tuple[int, int]) -> torch.Tensor:
     if factor >= 2 and lh * lw > STRIP_PIXELS:
         x = _box_reduced(reader, level, factor)[None]
     else:
-        pixels = np.ascontiguousarray(reader.read_region(0, 0, lh, lw, level=level))
-        x = torch.from_numpy(_as_uint8(pixels, reader)).permute(2, 0, 1)[None]  # (1, C, lh, lw)
+        x = _chw(reader.read_region(0, 0, lh, lw, level=level), reader)[None]  # (1, C, lh, lw)
     if tuple(x.shape[-2:]) != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     return x[0]
@@ -62,20 +61,22 @@ def _box_reduced(reader: ImageReader, level: int, factor: int) -> torch.Tensor:
     rows = max(1, STRIP_PIXELS // (factor * lw)) * factor  # a multiple of factor
     strips = []
     for y in range(0, lh, rows):
-        pixels = np.ascontiguousarray(reader.read_region(y, 0, min(rows, lh - y), lw, level=level))
-        strip = torch.from_numpy(_as_uint8(pixels, reader)).permute(2, 0, 1)[None].float()
+        strip = _chw(reader.read_region(y, 0, min(rows, lh - y), lw, level=level), reader)
+        strip = strip[None].float()
         mean = F.avg_pool2d(strip, factor, ceil_mode=True)  # (1, C, rows / f, ceil(W / f))
         strips.append(mean.add_(0.5).floor_().to(torch.uint8)[0])
     return torch.cat(strips, dim=1)
 
 
-def _as_uint8(pixels: np.ndarray, reader: ImageReader) -> np.ndarray:
+def _chw(pixels: np.ndarray, reader: ImageReader) -> torch.Tensor:
+    """Pixels ``(h, w, C)`` read from ``reader`` → ``(C, h, w)`` ``uint8`` tensor; DataError
+    naming the file unless they are 8-bit."""
     if pixels.dtype != np.uint8:
         raise DataError(
             f"{reader.path}: pixels are {pixels.dtype}; gigapatch trains on 8-bit images. "
             "Convert the file to uint8 (e.g. rescale 16-bit to 0..255)."
         )
-    return pixels
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
 class LazyBatch:
@@ -112,10 +113,7 @@ class LazyBatch:
         out = torch.empty((len(images), self.shape[1], patch, patch), dtype=torch.uint8)
         for i, (b, (y, x)) in enumerate(zip(images.tolist(), boxes.tolist())):
             reader = self.readers[b]
-            region = reader.read_region(y, x, patch, patch, pad=True)  # (p, p, C)
-            out[i] = torch.from_numpy(np.ascontiguousarray(_as_uint8(region, reader))).permute(
-                2, 0, 1
-            )
+            out[i] = _chw(reader.read_region(y, x, patch, patch, pad=True), reader)
         return out
 
     def foreground(
@@ -142,10 +140,7 @@ class LazyBatch:
     def load(self) -> torch.Tensor:
         """Decode every image at full resolution: ``(B, C, H, W)`` ``uint8`` (memory ∝ image)."""
         b, c, h, w = self.shape
-        return torch.stack([
-            torch.from_numpy(np.ascontiguousarray(_as_uint8(r.read_region(0, 0, h, w), r)))
-            .permute(2, 0, 1) for r in self.readers
-        ])
+        return torch.stack([_chw(r.read_region(0, 0, h, w), r) for r in self.readers])
 
 
 #: Host images as the methods take them: a ``(B, C, H, W)`` tensor or a batch read from disk.

@@ -44,7 +44,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -437,28 +437,26 @@ class TiffReader(ImageReader):
         except BaseException:
             tif.close()
             raise
-        # (file, Zarr stores and arrays opened on first use per level, direct pages, lock)
-        return tif, {}, {}, tiled, threading.Lock()
+        return _TiffHandle(tif, {}, {}, tiled, threading.Lock())
 
-    def _close_handle(self, handle: Any) -> None:
-        tif, stores = handle[0], handle[1]
-        for store in stores.values():
+    def _close_handle(self, handle: _TiffHandle) -> None:
+        for store in handle.stores.values():
             store.close()
-        tif.close()
+        handle.tif.close()
 
-    def _zarr_level(self, handle: Any, level: int) -> Any:
+    def _zarr_level(self, handle: _TiffHandle, level: int) -> Any:
         import zarr
 
-        tif, stores, arrays = handle[0], handle[1], handle[2]
-        if level not in arrays:
-            stores[level] = tif.series[0].aszarr(level=level)
-            arrays[level] = zarr.open_array(stores[level], mode="r")
-        return arrays[level]
+        if level not in handle.arrays:
+            handle.stores[level] = handle.tif.series[0].aszarr(level=level)
+            handle.arrays[level] = zarr.open_array(handle.stores[level], mode="r")
+        return handle.arrays[level]
 
-    def _read(self, handle: Any, y: int, x: int, h: int, w: int, level: int) -> np.ndarray:
-        page = handle[3][level]
+    def _read(self, handle: _TiffHandle, y: int, x: int, h: int, w: int, level: int
+              ) -> np.ndarray:
+        page = handle.tiled[level]
         if page is not None:
-            return self._read_tiles(handle[0].filehandle, handle[4], page, y, x, h, w)
+            return self._read_tiles(handle.tif.filehandle, handle.lock, page, y, x, h, w)
         array = self._zarr_level(handle, level)
         axes = self._axes
         index = tuple(
@@ -469,7 +467,6 @@ class TiffReader(ImageReader):
         order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "SC"]
         region = region.transpose(order)
         return region if region.ndim == 3 else region[:, :, None]
-
 
     def _read_tiles(
         self, fh: Any, lock: threading.Lock, page: Any, y: int, x: int, h: int, w: int
@@ -496,6 +493,18 @@ class TiffReader(ImageReader):
                     y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw
                 ]
         return out
+
+
+class _TiffHandle(NamedTuple):
+    """An open TIFF in one process: the file, per-level Zarr stores and arrays (opened on
+    first use, for layouts the direct path does not take), each level's directly decodable
+    tiled page (or ``None``), and the lock that keeps a seek and its read together."""
+
+    tif: Any
+    stores: dict[int, Any]
+    arrays: dict[int, Any]
+    tiled: list[Any]
+    lock: threading.Lock
 
 
 def _direct_tile_page(level: Any) -> Any | None:
