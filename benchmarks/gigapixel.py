@@ -1,7 +1,7 @@
 """Gigapixel training from disk on a CPU: peak process RSS at 8,192² vs 65,536², and IO rates.
 
 1. Writes a synthetic data set of tiled, pyramidal, zlib-compressed BigTIFFs (Megapixel-MNIST
-   style digits; ``gigapatch.data.gigapixel``) at 8,192² and at 65,536² (4.3 gigapixels) unless
+   style digits; ``gigapatch.synth.gigapixel``) at 8,192² and at 65,536² (4.3 gigapixels) unless
    present: 2 training + 1 held-out image each.
 2. For each side and each method (PatchGD, IPS), runs ``gigapatch train`` for one epoch in a
    fresh process (batch 1, data read patch by patch through the lazy readers) and records the
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def ensure_data(root: Path, side: int, results: dict[str, Any]) -> Path:
     """The data set for one side (generated unless its meta.json is there); records the
     write time (when written here) and the mean file size in ``results["data"]``."""
-    from gigapatch.data.gigapixel import generate_gigapixel
+    from gigapatch.synth.gigapixel import generate_gigapixel
 
     out = root / str(side)
     seconds = None
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(results: dict[str, Any], args: argparse.Namespace) -> None:
-    from gigapatch.memory import format_bytes
+    from gigapatch.core.units import format_bytes
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gigapixel.json").write_text(json.dumps(results, indent=2))

@@ -3,9 +3,9 @@
 For each encoder and image side, one training step (batch 1, patch 256, the same k patches per
 inner step at every size) is
 
-* **measured** (real step on random images, :func:`gigapatch.budget.measure_method_peak`) at
+* **measured** (real step on random images, :func:`gigapatch.memory.budget.measure_method_peak`) at
   the small sides given by ``--measure`` (CPU: a few seconds each), and
-* **estimated** with fake tensors (:func:`gigapatch.estimate.estimate_table`, nothing
+* **estimated** with fake tensors (:func:`gigapatch.memory.estimates.estimate_table`, nothing
   allocated) at every side up to 65,536².
 
 Writes ``benchmarks/results/memory_vs_size.{csv,json}`` and prints a table plus two ratios:
@@ -35,11 +35,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from gigapatch.budget import measure_method_peak  # noqa: E402
+from gigapatch.memory.budget import measure_method_peak  # noqa: E402
 from gigapatch.config import Config  # noqa: E402
-from gigapatch.data.grid import PatchGrid  # noqa: E402
-from gigapatch.estimate import estimate_table, patchgd_fraction_for_k  # noqa: E402
-from gigapatch.memory import format_bytes  # noqa: E402
+from gigapatch.core.grid import PatchGrid  # noqa: E402
+from gigapatch.memory.estimates import estimate_table, patchgd_fraction_for_k  # noqa: E402
+from gigapatch.memory.tracker import format_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SIDES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gigapatch.config import Config
-from gigapatch.data.ultramnist import generate_ultramnist
+from gigapatch.synth.ultramnist import generate_ultramnist
 
 
 @pytest.fixture(autouse=True)

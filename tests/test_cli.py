@@ -124,7 +124,7 @@ def test_missing_checkpoint(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_megapixel(tmp_path_factory):
-    from gigapatch.data.megapixel_mnist import generate_megapixel_mnist
+    from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
 
     root = tmp_path_factory.mktemp("megapixel")
     generate_megapixel_mnist(root, n_train=16, n_test=8, side=200, n_noise=5, seed=1,
@@ -133,7 +133,7 @@ def tiny_megapixel(tmp_path_factory):
 
 
 def test_ips_multi_task_train_eval_predict_explain(tiny_megapixel, tmp_path, capsys):
-    from gigapatch.data.megapixel_mnist import load_megapixel_mnist, render_image
+    from gigapatch.synth.megapixel_mnist import load_megapixel_mnist, render_image
     from gigapatch.io.image import write_png
 
     cfg = Config(name="ips_tiny")

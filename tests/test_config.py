@@ -7,7 +7,7 @@ from gigapatch.config import (
     load_config,
     save_config,
 )
-from gigapatch.errors import ConfigError
+from gigapatch.core.errors import ConfigError
 
 
 def test_yaml_round_trip(tmp_path):

@@ -3,7 +3,7 @@
 import torch
 
 from gigapatch.config import Config
-from gigapatch.data.grid import PatchGrid
+from gigapatch.core.grid import PatchGrid
 from gigapatch.explain import draw_patch_weights, draw_saliency, patchgd_saliency
 from gigapatch.methods.base import create_method
 

@@ -3,7 +3,7 @@
 Training memory is set by the patch, not by the image.
 """
 
-from gigapatch.errors import ConfigError, DataError, GigapatchError
+from gigapatch.core.errors import ConfigError, DataError, GigapatchError
 
 __version__ = "0.1.0"
 

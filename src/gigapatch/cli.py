@@ -21,13 +21,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gigapatch.errors import GigapatchError
+from gigapatch.core.errors import GigapatchError
 
 log = logging.getLogger("gigapatch")
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from gigapatch.data.ultramnist import generate_ultramnist
+    from gigapatch.synth.ultramnist import generate_ultramnist
 
     summary = generate_ultramnist(
         args.out,
@@ -46,7 +46,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_megapixel(args: argparse.Namespace) -> int:
-    from gigapatch.data.megapixel_mnist import generate_megapixel_mnist
+    from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
 
     summary = generate_megapixel_mnist(
         args.out,
@@ -63,7 +63,7 @@ def _cmd_data_megapixel(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_gigapixel(args: argparse.Namespace) -> int:
-    from gigapatch.data.gigapixel import generate_gigapixel
+    from gigapatch.synth.gigapixel import generate_gigapixel
 
     summary = generate_gigapixel(
         args.out,
@@ -87,7 +87,7 @@ def _cmd_data_gigapixel(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from gigapatch.config import load_config
-    from gigapatch.train import train
+    from gigapatch.engine.loop import train
 
     overrides = list(args.set or [])
     if args.name:
@@ -99,9 +99,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from gigapatch.checkpoint import load_method
+    from gigapatch.engine.checkpoint import load_method
     from gigapatch.data.datasets import open_dataset
-    from gigapatch.train import evaluate, make_loader, resolve_device
+    from gigapatch.engine.loop import evaluate, make_loader, resolve_device
 
     device = resolve_device(args.device)
     method, cfg = load_method(args.checkpoint, device)
@@ -126,12 +126,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     import torch
 
-    from gigapatch.checkpoint import load_method
-    from gigapatch.data.lazy import LazyBatch
+    from gigapatch.engine.checkpoint import load_method
+    from gigapatch.data.batch import LazyBatch
     from gigapatch.io.image import read_image
     from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
     from gigapatch.tasks import probabilities
-    from gigapatch.train import resolve_device
+    from gigapatch.engine.loop import resolve_device
 
     device = resolve_device(args.device)
     method, cfg = load_method(args.checkpoint, device)
@@ -228,8 +228,8 @@ def _memory_config(args: argparse.Namespace):
 def _cmd_memory(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gigapatch.memory import format_bytes, parse_bytes
-    from gigapatch.memory_report import (
+    from gigapatch.core.units import format_bytes, parse_bytes
+    from gigapatch.memory.report import (
         DEFAULT_SIDES,
         format_memory_table,
         memory_rows,

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from gigapatch.errors import ConfigError
+from gigapatch.core.errors import ConfigError
 
 
 @dataclass
@@ -170,7 +170,7 @@ class Config:
         _choice("train.optimizer", t.optimizer, ("adamw", "adam", "sgd"))
         _choice("train.schedule", t.schedule, ("cosine", "linear", "constant"))
         if t.memory_budget is not None:
-            from gigapatch.memory import parse_bytes
+            from gigapatch.core.units import parse_bytes
 
             parse_bytes(t.memory_budget)
         return self

@@ -3,7 +3,7 @@
 1. Generates an UltraMNIST set (unless already there): small digits on large canvases, the
    kind of detail that downsampling destroys.
 2. States one memory budget for a training step. ``full`` is fitted to it by
-   :func:`gigapatch.budget.fit_to_budget` (the largest input side that fits); ``patchgd`` runs
+   :func:`gigapatch.memory.budget.fit_to_budget` (the largest input side that fits); ``patchgd`` runs
    at full resolution and is checked against the same budget.
 3. Trains both with the same encoder, epochs and optimizer, and prints a side-by-side table
    (held-out accuracy, measured peak training-step memory, time), also written to
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gigapatch.checkpoint import write_json, write_text
+from gigapatch.engine.checkpoint import write_json, write_text
 from gigapatch.config import Config
 
 log = logging.getLogger("gigapatch")
@@ -90,7 +90,7 @@ def demo_configs(s: DemoSettings, data_dir: Path, out_dir: Path) -> list[Config]
 
 
 def _ensure_data(s: DemoSettings, data_dir: Path) -> None:
-    from gigapatch.data.ultramnist import generate_ultramnist
+    from gigapatch.synth.ultramnist import generate_ultramnist
 
     wanted = dict(
         n_train=s.n_train, n_test=s.n_test, side=s.side,
@@ -112,7 +112,7 @@ def _ensure_data(s: DemoSettings, data_dir: Path) -> None:
 
 def results_table(summaries: list[dict[str, Any]], budget: str) -> str:
     """A Markdown table of the demo's runs."""
-    from gigapatch.memory import format_bytes
+    from gigapatch.core.units import format_bytes
 
     lines = [
         f"| method | input seen by the network | held-out accuracy | peak step memory "
@@ -157,7 +157,7 @@ def run_demo(
     settings: DemoSettings | None = None,
 ) -> list[dict[str, Any]]:
     """Run the demo; returns the two run summaries (full first)."""
-    from gigapatch.train import train
+    from gigapatch.engine.loop import train
 
     s = settings or (QUICK if quick else DemoSettings())
     out_dir, data_dir = Path(out_dir), Path(data_dir)

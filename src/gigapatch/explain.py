@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gigapatch.data.grid import PatchGrid
-from gigapatch.data.lazy import read_resized
+from gigapatch.core.grid import PatchGrid
+from gigapatch.data.batch import read_resized
 from gigapatch.io.readers import ImageReader
 
 __all__ = [
@@ -150,7 +150,7 @@ def patchgd_explain(
     method, images, chunk: int = 64, exact_up_to: int = 1024  # noqa: ANN001
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Occlusion saliency of PatchGD's Z cells for one image ``(1, C, H, W)`` (tensor or
-    :class:`~gigapatch.data.lazy.LazyBatch`) → ``(rows, cols)``.
+    :class:`~gigapatch.data.batch.LazyBatch`) → ``(rows, cols)``.
 
     A cell's saliency is the drop in the predicted class's probability when its embedding is
     replaced by the mean embedding over the grid (positive: the cell supported the

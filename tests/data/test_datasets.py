@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from gigapatch.data.datasets import CSVImageDataset
-from gigapatch.data.ultramnist import generate_ultramnist
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.synth.ultramnist import generate_ultramnist
+from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.image import write_png
 
 

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from gigapatch.data.gigapixel import generate_gigapixel, parse_multi
+from gigapatch.synth.gigapixel import generate_gigapixel, parse_multi
 from gigapatch.data.large import (
     LargeImageCSVDataset,
     LargeImageFolderDataset,
     collate_readers,
 )
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.readers import ImageReader, open_image
 
 

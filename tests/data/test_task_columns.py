@@ -10,7 +10,7 @@ import torch
 from gigapatch.config import Config
 from gigapatch.data.datasets import open_dataset
 from gigapatch.data.task_columns import parse_task_column
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 
 TASKS = ["majority", "max", "top", "multi"]
 
@@ -40,7 +40,7 @@ def test_bad_values_name_the_file_column_row_and_value(values, multilabel, bad) 
 
 @pytest.fixture(scope="module")
 def giga(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gigapatch.data.gigapixel import generate_gigapixel
+    from gigapatch.synth.gigapixel import generate_gigapixel
 
     root = tmp_path_factory.mktemp("giga")
     generate_gigapixel(root, n_train=4, n_test=2, side=256, tile=128, n_noise=3, seed=5,
@@ -58,7 +58,7 @@ def _cfg(root: Path, kind: str, tasks: list[str]) -> Config:
 
 def test_csv_task_columns_equal_the_megapixel_labels(giga: Path, tmp_path: Path) -> None:
     """Image i of the gigapixel set is record i of the same Megapixel MNIST split."""
-    from gigapatch.data.megapixel_mnist import (
+    from gigapatch.synth.megapixel_mnist import (
         MegapixelMNISTDataset,
         generate_megapixel_mnist,
     )
@@ -106,7 +106,7 @@ def test_folder_data_refuses_tasks(tmp_path: Path) -> None:
 
 
 def test_ips_trains_on_csv_task_columns(giga: Path, tmp_path: Path) -> None:
-    from gigapatch.train import train
+    from gigapatch.engine.loop import train
 
     cfg = _cfg(giga, "lazy_csv", TASKS)
     cfg.model.encoder, cfg.model.latent_dim, cfg.model.attn_heads = "tiny_cnn_small", 16, 2

@@ -10,11 +10,11 @@ import pytest
 import tifffile
 
 from gigapatch.data import tissue
-from gigapatch.data.gigapixel import generate_gigapixel, gigapixel_record
-from gigapatch.data.grid import PatchGrid
-from gigapatch.data.megapixel_mnist import render_image
+from gigapatch.synth.gigapixel import generate_gigapixel, gigapixel_record
+from gigapatch.core.grid import PatchGrid
+from gigapatch.synth.megapixel_mnist import render_image
 from gigapatch.data.tissue import foreground_mask, otsu_threshold
-from gigapatch.errors import ConfigError
+from gigapatch.core.errors import ConfigError
 from gigapatch.io.readers import open_image
 
 H, W = 200, 300  # multiples of 4: the 3-level pyramids below are exact box means

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gigapatch.errors import DataError
+from gigapatch.core.errors import DataError
 from gigapatch.io.image import read_image, write_png
 
 

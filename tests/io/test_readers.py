@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import gigapatch.io.readers as readers_module
-from gigapatch.errors import DataError, GigapatchError
+from gigapatch.core.errors import DataError, GigapatchError
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, ImageReader, open_image
 
 try:

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from gigapatch.budget import measure_method_peak
+from gigapatch.memory.budget import measure_method_peak
 from gigapatch.config import Config
-from gigapatch.errors import ConfigError
-from gigapatch.estimate import estimate_step_peak
+from gigapatch.core.errors import ConfigError
+from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.methods.base import create_method
 from gigapatch.models.attention import sinusoidal_2d
 
@@ -145,7 +145,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_patches():
 
 def test_estimate_shortcut_runs_few_selection_chunks_without_changing_the_peak():
     cfg = _cfg(memory=4, iters=5, tasks=TASKS)  # 25 patches on 80²: 5 selection chunks
-    from gigapatch.estimate import estimate_step
+    from gigapatch.memory.estimates import estimate_step
 
     fast = estimate_step(cfg, (1, 80, 80))
     assert fast.peak == estimate_step(cfg, (1, 80, 80), exact=True).peak

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from gigapatch.budget import measure_method_peak
+from gigapatch.memory.budget import measure_method_peak
 from gigapatch.config import Config
 from gigapatch.methods.base import create_method
 from gigapatch.methods.patchgd import sample_cells

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gigapatch.errors import ConfigError
+from gigapatch.core.errors import ConfigError
 from gigapatch.models.encoders import create_encoder, encoder_names
 from gigapatch.models.heads import HEADS, create_head
 

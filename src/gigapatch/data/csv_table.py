@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 
 __all__ = ["LabelledRows", "check_num_classes", "read_labelled_csv"]
 

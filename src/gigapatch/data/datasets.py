@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from gigapatch.config import Config
 from gigapatch.data.csv_table import check_num_classes, read_labelled_csv
 from gigapatch.data.task_columns import LABEL_TASK, TaskColumns
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.image import read_image
 
 __all__ = ["CSVImageDataset", "describe_data", "open_dataset"]
@@ -129,7 +129,7 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
     ``kind: folder`` reads ``root/<class>/<image>`` lazily
     (:class:`~gigapatch.data.large.LargeImageFolderDataset`, ``root/train`` and ``root/val``);
     ``kind: megapixel_mnist`` renders the ``train``/``test`` split of ``root``
-    (:class:`~gigapatch.data.megapixel_mnist.MegapixelMNISTDataset`). Tasks the model predicts
+    (:class:`~gigapatch.synth.megapixel_mnist.MegapixelMNISTDataset`). Tasks the model predicts
     (``data.tasks``) must be among the data set's: for CSVs, columns of the CSV (``label`` is
     the label column; :class:`~gigapatch.data.task_columns.TaskColumns`).
     """
@@ -137,7 +137,7 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if d.kind == "megapixel_mnist":
-        from gigapatch.data.megapixel_mnist import TASKS, MegapixelMNISTDataset
+        from gigapatch.synth.megapixel_mnist import TASKS, MegapixelMNISTDataset
 
         unknown = [t for t in d.tasks if t not in TASKS]
         if unknown:

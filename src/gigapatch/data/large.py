@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gigapatch.data.csv_table import check_num_classes, read_labelled_csv
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, ImageReader, open_image
 
 __all__ = ["LargeImageCSVDataset", "LargeImageFolderDataset", "collate_readers"]
@@ -123,7 +123,7 @@ class LargeImageCSVDataset(_LargeImageDataset):
         label_column: column holding the integer class label.
         suffix: appended to every path, e.g. ``".tiff"`` for PANDA's ``image_id`` column.
         extra_columns: more columns to keep, as stripped strings (e.g. the ``max``, ``top``
-            and ``multi`` tasks of :mod:`gigapatch.data.gigapixel`); see :meth:`extras`.
+            and ``multi`` tasks of :mod:`gigapatch.synth.gigapixel`); see :meth:`extras`.
         backend: force a reader backend (see :func:`~gigapatch.io.readers.open_image`);
             default: from each file's extension, checked at construction.
         max_pixels: PNG/JPEG pixel limit passed to :func:`~gigapatch.io.readers.open_image`.

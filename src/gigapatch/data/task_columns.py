@@ -1,7 +1,7 @@
 """Several labels per image from a CSV: one column per task.
 
 A labelled CSV (``path,label`` plus more columns) can carry several tasks, e.g. the
-``majority,max,top,multi`` columns that :mod:`gigapatch.data.gigapixel` writes. With
+``majority,max,top,multi`` columns that :mod:`gigapatch.synth.gigapixel` writes. With
 ``data.tasks`` set, :class:`TaskColumns` turns the columns named by the tasks into the target
 dicts the methods train on. The task ``label`` means the ``label`` column.
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from gigapatch.errors import DataError
+from gigapatch.core.errors import DataError
 
 __all__ = ["LABEL_TASK", "TaskColumns", "parse_task_column"]
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gigapatch.data.grid import PatchGrid
-from gigapatch.errors import ConfigError
+from gigapatch.core.grid import PatchGrid
+from gigapatch.core.errors import ConfigError
 from gigapatch.io.readers import ImageReader
 
 __all__ = ["BACKGROUNDS", "foreground_mask", "otsu_threshold"]

@@ -3,7 +3,7 @@
 :func:`read_image` always returns ``uint8`` arrays of shape ``(H, W, C)`` with ``C`` = 1
 (grayscale) or 3 (RGB), whatever the file's mode, so callers never branch on modes.
 Pillow's decompression-bomb guard stays on: an image above ``PIL.Image.MAX_IMAGE_PIXELS``
-is refused with a :class:`~gigapatch.errors.DataError` that says how to proceed.
+is refused with a :class:`~gigapatch.core.errors.DataError` that says how to proceed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gigapatch.errors import DataError
+from gigapatch.core.errors import DataError
 
 __all__ = ["read_image", "write_png"]
 

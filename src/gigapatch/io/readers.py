@@ -33,7 +33,7 @@ the image need.
 **PNG/JPEG** cannot be decoded region by region: the first read decodes the whole image (and
 keeps it for the process). Pillow's decompression-bomb guard is handled here, deliberately: by
 default an image above ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused with a
-:class:`~gigapatch.errors.DataError`; ``open_image(path, max_pixels=N)`` raises the limit for
+:class:`~gigapatch.core.errors.DataError`; ``open_image(path, max_pixels=N)`` raises the limit for
 that one reader, without touching Pillow's global setting.
 """
 
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from gigapatch.errors import DataError, GigapatchError
+from gigapatch.core.errors import DataError, GigapatchError
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from gigapatch.config import Config
-from gigapatch.models.registry import Registry
+from gigapatch.core.registry import Registry
 from gigapatch.tasks import Logits, Targets, task_loss
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -91,7 +91,7 @@ class Method(nn.Module):
 
     def foreground(self, images: object, grid: object) -> torch.Tensor | None:
         """``(B, N)`` bool mask of the cells holding content when ``data.skip_background`` is
-        on and the images are read from disk (:class:`~gigapatch.data.lazy.LazyBatch`), else
+        on and the images are read from disk (:class:`~gigapatch.data.batch.LazyBatch`), else
         ``None`` (every cell counts)."""
         d = self.cfg.data
         if not d.skip_background or not hasattr(images, "foreground"):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
-from gigapatch.data.lazy import LazyBatch
-from gigapatch.errors import ConfigError
+from gigapatch.data.batch import LazyBatch
+from gigapatch.core.errors import ConfigError
 from gigapatch.methods.base import METHODS, Method
 from gigapatch.models.encoders import create_encoder
 

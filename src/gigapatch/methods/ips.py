@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from gigapatch.config import Config
-from gigapatch.data.grid import PatchGrid, Take
-from gigapatch.data.lazy import Images
-from gigapatch.errors import ConfigError
+from gigapatch.core.grid import PatchGrid, Take
+from gigapatch.data.batch import Images
+from gigapatch.core.errors import ConfigError
 from gigapatch.methods.base import METHODS, Method, repeated
 from gigapatch.methods.patchgd import shuffled_cells
 from gigapatch.models.attention import CrossAttentionPool, sinusoidal_2d
@@ -103,7 +103,7 @@ class IPS(Method):
         self, images: Images, grid: PatchGrid | None = None, take: Take | None = None
     ) -> torch.Tensor:
         """The M selected cells ``(B, min(M, N))`` (host, long) of host images ``(B, C, H, W)``
-        (or a :class:`~gigapatch.data.lazy.LazyBatch`, read I patches at a time).
+        (or a :class:`~gigapatch.data.batch.LazyBatch`, read I patches at a time).
 
         Runs without gradients in eval mode (the method's mode is restored). Uses the global
         torch RNG for the shuffled order.

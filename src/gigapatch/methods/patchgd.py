@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
-from gigapatch.data.grid import PatchGrid, Take
-from gigapatch.data.lazy import Images, LazyBatch
+from gigapatch.core.grid import PatchGrid, Take
+from gigapatch.data.batch import Images, LazyBatch
 from gigapatch.methods.base import METHODS, Method, repeated
 from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import create_head
@@ -103,7 +103,7 @@ class PatchGD(Method):
              mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode every patch in chunks (call under ``no_grad``/``inference_mode``).
 
-        ``(B, C_in, H, W)`` host images (or a :class:`~gigapatch.data.lazy.LazyBatch`, read
+        ``(B, C_in, H, W)`` host images (or a :class:`~gigapatch.data.batch.LazyBatch`, read
         chunk by chunk) → Z as ``(B, N, C)`` on the device (row-major cells). With a
         foreground ``mask`` ``(B, N)`` only the foreground patches are read and encoded; the
         background cells get the fixed embedding 0.
@@ -130,7 +130,7 @@ class PatchGD(Method):
     def global_patch(self, images: Images) -> torch.Tensor:
         """The whole image resized to p×p on the host: ``(B, C_in, p, p)`` float in [0, 1].
 
-        A :class:`~gigapatch.data.lazy.LazyBatch` is resized from its closest pyramid level.
+        A :class:`~gigapatch.data.batch.LazyBatch` is resized from its closest pyramid level.
         """
         p = self.cfg.method.patch_size
         if isinstance(images, LazyBatch):

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from gigapatch.errors import ConfigError
-from gigapatch.models.registry import Registry
+from gigapatch.core.errors import ConfigError
+from gigapatch.core.registry import Registry
 
 EncoderBuilder = Callable[[int, int, bool], nn.Module]
 ENCODERS: Registry[EncoderBuilder] = Registry("encoder")

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from gigapatch.errors import ConfigError
-from gigapatch.models.registry import Registry
+from gigapatch.core.errors import ConfigError
+from gigapatch.core.registry import Registry
 
 HeadBuilder = Callable[..., nn.Module]
 HEADS: Registry[HeadBuilder] = Registry("head")

@@ -1,4 +1,4 @@
-"""Tests for gigapatch.data.mnist: IDX parsing, digit sources, stratified digit pools."""
+"""Tests for gigapatch.synth.mnist: IDX parsing, digit sources, stratified digit pools."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gigapatch.data.mnist import load_digits, read_idx, split_digit_pools
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.synth.mnist import load_digits, read_idx, split_digit_pools
+from gigapatch.core.errors import ConfigError, DataError
 
 _TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i2"): 0x0B, np.dtype(">f4"): 0x0D}
 

@@ -2,9 +2,9 @@ import copy
 
 import pytest
 
-from gigapatch.budget import fit_to_budget, measure_method_peak
+from gigapatch.memory.budget import fit_to_budget, measure_method_peak
 from gigapatch.config import Config
-from gigapatch.errors import ConfigError
+from gigapatch.core.errors import ConfigError
 
 
 def _full_cfg() -> Config:
@@ -106,15 +106,15 @@ def test_patchgd_refusal_says_what_the_smallest_setting_needs():
 
 
 def test_fitting_falls_back_to_measuring_when_estimates_fail(monkeypatch):
-    from gigapatch import estimate
+    from gigapatch.memory import estimates
 
     def refuse(self, *args, **kwargs):
-        raise estimate.EstimateError("no meta kernel")
+        raise estimates.EstimateError("no meta kernel")
 
     shape = (1, 64, 64)  # 16 patches, configured k = 8
     cfg = _pgd_cfg(fill_chunk=4)
     budget = measure_method_peak(_with(cfg, sample_fraction=3 / 16, fill_chunk=1), shape) + 64
-    monkeypatch.setattr(estimate.StepEstimator, "peak", refuse)
+    monkeypatch.setattr(estimates.StepEstimator, "peak", refuse)
     fit_to_budget(cfg, shape, budget, "cpu")
     assert round(cfg.method.sample_fraction * 16) == 3
     assert measure_method_peak(cfg, shape) <= budget

@@ -1,6 +1,6 @@
 """Estimate the peak memory of one training step without allocating it.
 
-:func:`estimate_step_peak` runs what :func:`gigapatch.budget.measure_method_peak` runs (build
+:func:`estimate_step_peak` runs what :func:`gigapatch.memory.budget.measure_method_peak` runs (build
 the method and its optimizer, one warm-up step that creates the optimizer state, then the
 measured step, on a batch of ``uint8`` images) under PyTorch's ``FakeTensorMode``: every
 tensor (parameters, the input batch, activations, gradients, optimizer state) is a *fake*
@@ -35,7 +35,7 @@ The warm-up step, which only creates the optimizer state, runs the 1st and last 
 
 Values that depend on data (``float(loss)``, ``tensor.item()``) read as 1 (``True`` for
 booleans). Steps whose *shapes* depend on data (boolean masks, ``nonzero``) cannot be
-estimated and raise :class:`~gigapatch.errors.ConfigError`.
+estimated and raise :class:`~gigapatch.core.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ from torch._subclasses.fake_tensor import (
 )
 
 from gigapatch.config import Config
-from gigapatch.errors import ConfigError
-from gigapatch.memory import TensorMemoryTracker, _state_tensors
+from gigapatch.core.errors import ConfigError
+from gigapatch.memory.tracker import TensorMemoryTracker, _state_tensors
 from gigapatch.tasks import random_targets
 
 __all__ = [
@@ -77,7 +77,7 @@ __all__ = [
 
 class EstimateError(ConfigError):
     """A step that fake tensors cannot run (data-dependent shapes, operators without a meta
-    kernel): measure it instead (:func:`gigapatch.budget.measure_method_peak`)."""
+    kernel): measure it instead (:func:`gigapatch.memory.budget.measure_method_peak`)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class StepEstimate:
 
     Attributes:
         peak: peak of one training step, comparable to
-            :func:`gigapatch.budget.measure_method_peak` on the same device.
+            :func:`gigapatch.memory.budget.measure_method_peak` on the same device.
         persistent: parameters, buffers, gradients and optimizer state at the start of the
             measured step (part of ``peak``).
         input_bytes: the ``uint8`` input batch on the host (not part of ``peak``).
@@ -266,7 +266,7 @@ class _FakeTrainer:
 
     def __init__(self, cfg: Config, device: torch.device, exact: bool) -> None:
         from gigapatch.methods.base import create_method
-        from gigapatch.train import make_optimizer
+        from gigapatch.engine.loop import make_optimizer
 
         if device.type not in ("cpu", "cuda"):
             raise ConfigError(f"memory estimates support devices cpu and cuda, not {device}.")
@@ -339,7 +339,7 @@ class _FakeTrainer:
             raise EstimateError(
                 f"cannot estimate the memory of {cfg.method.name!r} without running it: "
                 f"{type(err).__name__} ({err}). Measure it instead "
-                "(gigapatch.budget.measure_method_peak)."
+                "(gigapatch.memory.budget.measure_method_peak)."
             ) from err
         peak = self._count(tracker.peak_by_device, tracker.peak)
         return StepEstimate(
@@ -372,9 +372,9 @@ def estimate_step(
 ) -> StepEstimate:
     """Estimate one training step of ``cfg``'s method on images ``(C, H, W)``, no allocation.
 
-    Follows :func:`gigapatch.budget.measure_method_peak` step for step (batch of
+    Follows :func:`gigapatch.memory.budget.measure_method_peak` step for step (batch of
     ``cfg.train.batch_size`` ``uint8`` images, optimizer from
-    :func:`gigapatch.train.make_optimizer`, an unmeasured warm-up step that creates the
+    :func:`gigapatch.engine.loop.make_optimizer`, an unmeasured warm-up step that creates the
     optimizer state, then the measured step) with fake tensors. ``cfg.model.pretrained`` is
     ignored (weights do not change memory). ``exact=True`` turns the shortcuts described in
     the module docstring off (slow on big grids; for checking them).
@@ -398,7 +398,7 @@ def estimate_step_peak(
 ) -> int:
     """Estimated peak bytes of one training step on images ``(C, H, W)`` (nothing allocated).
 
-    The fake-tensor twin of :func:`gigapatch.budget.measure_method_peak`; see
+    The fake-tensor twin of :func:`gigapatch.memory.budget.measure_method_peak`; see
     :func:`estimate_step`.
     """
     return estimate_step(cfg, image_shape, device, exact=exact).peak
@@ -435,7 +435,7 @@ class StepEstimator:
 
 def patchgd_fraction_for_k(side: int, patch_size: int, k: int, stride: int | None = None) -> float:
     """``sample_fraction`` that gives ``k`` patches per inner step on a ``side²`` image."""
-    from gigapatch.data.grid import PatchGrid
+    from gigapatch.core.grid import PatchGrid
 
     n = PatchGrid(side, side, patch_size, stride).num_patches
     return min(1.0, k / n)

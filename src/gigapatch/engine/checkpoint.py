@@ -12,7 +12,7 @@ from typing import IO, Any
 import torch
 
 from gigapatch.config import Config, config_from_dict
-from gigapatch.errors import DataError
+from gigapatch.core.errors import DataError
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -11,7 +11,7 @@ with the global RNG state restored afterwards so that fitting never changes a ru
   ``sample_fraction``), then the largest no-grad fill chunk (up to ``method.fill_chunk``).
   k matters for learning, the fill chunk only for speed, hence this order.
 
-Candidates are priced with fake-tensor estimates (:class:`gigapatch.estimate.StepEstimator`,
+Candidates are priced with fake-tensor estimates (:class:`gigapatch.memory.estimates.StepEstimator`,
 no memory allocated, byte-equal to the CPU measurement), falling back to real measurements for
 steps fake tensors cannot run. On CUDA the estimate does not see cuDNN/cuBLAS workspaces or
 allocator fragmentation, so :data:`CUDA_HEADROOM` of the budget is kept free.
@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from gigapatch.config import Config
-from gigapatch.errors import ConfigError
-from gigapatch.memory import format_bytes, measure_step_peak
+from gigapatch.core.errors import ConfigError
+from gigapatch.core.units import format_bytes
+from gigapatch.memory.tracker import measure_step_peak
 from gigapatch.tasks import random_targets
 
 log = logging.getLogger("gigapatch")
@@ -50,7 +51,7 @@ def measure_method_peak(
     the optimizer state) is not measured, the second is.
     """
     from gigapatch.methods.base import create_method
-    from gigapatch.train import make_optimizer
+    from gigapatch.engine.loop import make_optimizer
 
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -116,7 +117,7 @@ class _Pricer:
         return self.cache[key]
 
     def _price(self, settings: dict[str, Any]) -> int:
-        from gigapatch.estimate import EstimateError, StepEstimator
+        from gigapatch.memory.estimates import EstimateError, StepEstimator
 
         if not self._measure:
             try:
@@ -183,7 +184,7 @@ def _fit_full(
 def _fit_patchgd(
     cfg: Config, image_shape: tuple[int, int, int], budget: int, usable: int, price: _Pricer
 ) -> None:
-    from gigapatch.data.grid import PatchGrid
+    from gigapatch.core.grid import PatchGrid
 
     h, w = image_shape[1:]
     m = cfg.method

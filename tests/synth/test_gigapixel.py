@@ -1,4 +1,4 @@
-"""Tests for gigapatch.data.gigapixel: TIFF pixels vs in-memory render, pyramid, memory, CLI."""
+"""Tests for gigapatch.synth.gigapixel: TIFF pixels vs in-memory render, pyramid, memory, CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import tifffile
 
 from gigapatch.cli import main
-from gigapatch.data.gigapixel import (
+from gigapatch.synth.gigapixel import (
     CSV_COLUMNS,
     generate_gigapixel,
     gigapixel_record,
@@ -23,12 +23,12 @@ from gigapatch.data.gigapixel import (
     level_sizes,
     parse_multi,
 )
-from gigapatch.data.megapixel_mnist import (
+from gigapatch.synth.megapixel_mnist import (
     generate_megapixel_mnist,
     load_megapixel_mnist,
     render_image,
 )
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.readers import open_image
 
 SIDE, TILE, NOISE = 2048, 256, 300

@@ -1,8 +1,8 @@
 """A batch of images that stay on disk: patches are read when a method asks for them.
 
 :class:`LazyBatch` stands in for a ``(B, C, H, W)`` ``uint8`` tensor wherever the methods take
-images: :meth:`PatchGrid.taker <gigapatch.data.grid.PatchGrid.taker>` and
-:meth:`~gigapatch.data.grid.PatchGrid.gather` read only the patches they need through the
+images: :meth:`PatchGrid.taker <gigapatch.core.grid.PatchGrid.taker>` and
+:meth:`~gigapatch.core.grid.PatchGrid.gather` read only the patches they need through the
 images' :class:`~gigapatch.io.readers.ImageReader` (decoding only the tiles those touch), and
 :meth:`LazyBatch.resized` makes a small view of each image from the closest pyramid level
 instead of decoding level 0. Host memory stays set by the patches, not by the image.
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gigapatch.data.grid import PatchGrid
-from gigapatch.errors import DataError
+from gigapatch.core.grid import PatchGrid
+from gigapatch.core.errors import DataError
 from gigapatch.io.readers import ImageReader
 
 __all__ = ["STRIP_PIXELS", "Images", "LazyBatch", "read_resized"]

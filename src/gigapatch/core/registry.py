@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from gigapatch.errors import ConfigError
+from gigapatch.core.errors import ConfigError
 
 T = TypeVar("T", bound=Callable)
 

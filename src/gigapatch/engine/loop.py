@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from gigapatch.checkpoint import (
+from gigapatch.engine.checkpoint import (
     atomic_write,
     load_checkpoint,
     save_checkpoint,
@@ -39,10 +39,11 @@ from gigapatch.checkpoint import (
 )
 from gigapatch.config import Config, config_from_dict, save_config
 from gigapatch.data.datasets import describe_data, open_dataset
-from gigapatch.data.lazy import LazyBatch
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.data.batch import LazyBatch
+from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.readers import ImageReader
-from gigapatch.memory import format_bytes, measure_step_peak, parse_bytes
+from gigapatch.core.units import format_bytes, parse_bytes
+from gigapatch.memory.tracker import measure_step_peak
 from gigapatch.methods.base import Method, create_method
 from gigapatch.tasks import Targets, TaskMetrics, batch_len
 
@@ -75,7 +76,7 @@ def collate(
     batch: list[tuple[torch.Tensor | ImageReader, Targets]],
 ) -> tuple[torch.Tensor | LazyBatch, Targets]:
     """Stack ``(C, H, W)`` images and their labels (tensors, or dicts of them per task);
-    lazy readers become a :class:`~gigapatch.data.lazy.LazyBatch` (read on demand).
+    lazy readers become a :class:`~gigapatch.data.batch.LazyBatch` (read on demand).
     Differing image sizes give a clear error."""
     if isinstance(batch[0][0], ImageReader):
         return LazyBatch([b[0] for b in batch]), default_collate([b[1] for b in batch])
@@ -188,7 +189,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         )
 
     if state is None and cfg.train.memory_budget is not None:
-        from gigapatch.budget import fit_to_budget
+        from gigapatch.memory.budget import fit_to_budget
 
         fit_to_budget(cfg, (c, h, w), parse_bytes(cfg.train.memory_budget), device)
 

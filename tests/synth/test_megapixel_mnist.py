@@ -1,4 +1,4 @@
-"""Tests for gigapatch.data.megapixel_mnist: layout, labels, pools, rendering, storage, CLI."""
+"""Tests for gigapatch.synth.megapixel_mnist: layout, labels, pools, rendering, storage, CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gigapatch.cli import main
-from gigapatch.data.megapixel_mnist import (
+from gigapatch.synth.megapixel_mnist import (
     DIGIT_POOL_TEST_FRACTION,
     MIN_SIDE,
     MULTI_LABEL_TASKS,
@@ -34,8 +34,8 @@ from gigapatch.data.megapixel_mnist import (
     render_image,
     render_region,
 )
-from gigapatch.data.mnist import load_digits, split_digit_pools
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.synth.mnist import load_digits, split_digit_pools
+from gigapatch.core.errors import ConfigError, DataError
 
 PER_CLASS = 20  # test pool: 4 per class, train pool: 16 per class
 S = 28

@@ -1,4 +1,4 @@
-"""gigapatch.memory_report and ``gigapatch memory``: estimated memory vs image side."""
+"""gigapatch.memory.report and ``gigapatch memory``: estimated memory vs image side."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import csv
 
 import pytest
 
-from gigapatch.budget import measure_method_peak
+from gigapatch.memory.budget import measure_method_peak
 from gigapatch.cli import main
 from gigapatch.config import Config, save_config
-from gigapatch.estimate import patchgd_fraction_for_k
+from gigapatch.memory.estimates import patchgd_fraction_for_k
 from gigapatch.memory import estimate
-from gigapatch.memory_report import format_memory_table, memory_rows, plot_memory
+from gigapatch.memory.report import format_memory_table, memory_rows, plot_memory
 
 
 def _cfg() -> Config:

@@ -1,4 +1,4 @@
-"""Tests for gigapatch.data.ultramnist: labels, placement, balance, pools, reproducibility."""
+"""Tests for gigapatch.synth.ultramnist: labels, placement, balance, pools, reproducibility."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gigapatch.data import ultramnist
-from gigapatch.data.mnist import load_digits, split_digit_pools
-from gigapatch.data.ultramnist import (
+from gigapatch.synth import ultramnist
+from gigapatch.synth.mnist import load_digits, split_digit_pools
+from gigapatch.synth.ultramnist import (
     DIGIT_POOL_TEST_FRACTION,
     PlacedDigit,
     generate_ultramnist,
@@ -24,7 +24,7 @@ from gigapatch.data.ultramnist import (
     sample_digit_values,
     scale_to_size,
 )
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 
 PER_CLASS = 12
 TINY = dict(side=128, scale_range=(0.5, 3.0), progress=False)  # digits of 14..84 px

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-import gigapatch.train
-from gigapatch.checkpoint import load_checkpoint
+import gigapatch.engine.loop
+from gigapatch.engine.checkpoint import load_checkpoint
 from gigapatch.data.datasets import CSVImageDataset
 from gigapatch.methods.base import create_method
-from gigapatch.train import lr_factor, make_optimizer, train
+from gigapatch.engine.loop import lr_factor, make_optimizer, train
 
 
 @pytest.mark.parametrize("method", ["patchgd", "full"])
@@ -65,11 +65,11 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(
             raise KeyboardInterrupt  # killed during epoch 2, after epoch 1's checkpoint
         return real_evaluate(*args, **kwargs)
 
-    real_evaluate = gigapatch.train.evaluate
-    monkeypatch.setattr(gigapatch.train, "evaluate", crash_in_second_validation)
+    real_evaluate = gigapatch.engine.loop.evaluate
+    monkeypatch.setattr(gigapatch.engine.loop, "evaluate", crash_in_second_validation)
     with pytest.raises(KeyboardInterrupt):
         train(cut)
-    monkeypatch.setattr(gigapatch.train, "evaluate", real_evaluate)
+    monkeypatch.setattr(gigapatch.engine.loop, "evaluate", real_evaluate)
     assert load_checkpoint(tmp_path / "cut/tiny/last.pt")["epoch"] == 0
     train(copy.deepcopy(cut), resume=True)
 

@@ -1,4 +1,4 @@
-"""Tests for gigapatch.estimate: fake-tensor estimates of a training step's peak memory."""
+"""Tests for gigapatch.memory.estimates: fake-tensor estimates of a training step's peak memory."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gigapatch.budget import measure_method_peak
+from gigapatch.memory.budget import measure_method_peak
 from gigapatch.config import Config
-from gigapatch.errors import ConfigError
-from gigapatch.estimate import (
+from gigapatch.core.errors import ConfigError
+from gigapatch.memory.estimates import (
     estimate_step,
     estimate_step_peak,
     estimate_table,

