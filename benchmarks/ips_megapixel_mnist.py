@@ -105,7 +105,7 @@ def selection_quality(checkpoint: Path, data_dir: Path, batch: int = 20) -> dict
     from gigapatch.engine.checkpoint import load_method
     from gigapatch.synth.megapixel_mnist import MegapixelMNISTDataset
 
-    method, _ = load_method(checkpoint)
+    method, _, _ = load_method(checkpoint)
     method.eval()
     ds = MegapixelMNISTDataset(data_dir, "test")
     torch.manual_seed(0)

@@ -20,14 +20,39 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import torch
+
+from gigapatch.config import Config, load_config
 from gigapatch.core.errors import GigapatchError
+from gigapatch.core.units import format_bytes, parse_bytes
+from gigapatch.data.batch import LazyBatch
+from gigapatch.data.datasets import open_dataset
+from gigapatch.demo import run_demo
+from gigapatch.engine.checkpoint import load_method
+from gigapatch.engine.loop import evaluate, loader_for, resolve_device, train
+from gigapatch.io.image import read_image
+from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
+from gigapatch.memory.report import (
+    DEFAULT_SIDES,
+    format_memory_table,
+    memory_rows,
+    plot_memory,
+    write_memory_csv,
+)
+from gigapatch.methods import method_names
+from gigapatch.models.encoders import encoder_names
+from gigapatch.models.heads import HEADS
+from gigapatch.synth.gigapixel import generate_gigapixel
+from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
+from gigapatch.synth.ultramnist import generate_ultramnist
+from gigapatch.tasks import task_names
 
 log = logging.getLogger("gigapatch")
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from gigapatch.synth.ultramnist import generate_ultramnist
 
     summary = generate_ultramnist(
         args.out,
@@ -46,7 +71,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_megapixel(args: argparse.Namespace) -> int:
-    from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
 
     summary = generate_megapixel_mnist(
         args.out,
@@ -63,7 +87,6 @@ def _cmd_data_megapixel(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_gigapixel(args: argparse.Namespace) -> int:
-    from gigapatch.synth.gigapixel import generate_gigapixel
 
     summary = generate_gigapixel(
         args.out,
@@ -86,8 +109,6 @@ def _cmd_data_gigapixel(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gigapatch.config import load_config
-    from gigapatch.engine.loop import train
 
     overrides = list(args.set or [])
     if args.name:
@@ -99,12 +120,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from gigapatch.engine.checkpoint import load_method
-    from gigapatch.data.datasets import open_dataset
-    from gigapatch.engine.loop import evaluate, make_loader, resolve_device
 
     device = resolve_device(args.device)
-    method, cfg = load_method(args.checkpoint, device)
+    method, task, cfg = load_method(args.checkpoint, device)
     if args.batch_size:
         cfg.train.batch_size = args.batch_size
     if args.data:  # a CSV, or a Megapixel MNIST folder (its test split)
@@ -113,7 +131,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         else:
             cfg.data.root = args.data
     ds = open_dataset(cfg, "val")
-    result = evaluate(method, make_loader(ds, cfg, shuffle=False), progress=not args.quiet)
+    result = evaluate(method, task, loader_for(ds, cfg, task, shuffle=False),
+                      precision=cfg.train.precision, progress=not args.quiet)
     data = cfg.data.val_csv if cfg.data.kind in ("csv", "lazy_csv") else \
         f"{cfg.data.root} (held-out split)"
     result.update(checkpoint=str(args.checkpoint), data=str(data), images=len(ds))
@@ -122,19 +141,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    import torch
 
-    from gigapatch.engine.checkpoint import load_method
-    from gigapatch.data.batch import LazyBatch
-    from gigapatch.io.image import read_image
-    from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
-    from gigapatch.tasks import probabilities
-    from gigapatch.engine.loop import resolve_device
 
     device = resolve_device(args.device)
-    method, cfg = load_method(args.checkpoint, device)
+    method, task, cfg = load_method(args.checkpoint, device)
     if SUPPORTED_EXTENSIONS.get(Path(args.image).suffix.lower()) in ("tiff", "openslide", "numpy"):
         image = LazyBatch([open_image(args.image)])  # streamed: read patch by patch
     else:
@@ -147,63 +158,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     method.eval()
     explanation = None
     if args.explain:  # the explanation comes with the prediction (one pass over the image)
-        logits, explanation = _explain(method, image, args.explain)
+        with torch.no_grad():
+            output, explanation = method.explain(image, args.explain)
     else:
         with torch.inference_mode():
-            logits = method.predict(image)
-    probs = probabilities(logits, method.multilabel)
-    result: dict = {"image": str(args.image)}
-    if isinstance(probs, torch.Tensor):
-        result.update(_prediction(probs[0], multilabel=False))
-    else:
-        result["tasks"] = {t: _prediction(p[0], t in method.multilabel) for t, p in probs.items()}
+            output = method.predict(image)
+    result: dict = {"image": str(args.image), **task.prediction(output, 0)}
     if explanation is not None:
         result["explanation"] = str(explanation)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
-
-
-def _prediction(probs, multilabel: bool) -> dict:  # noqa: ANN001 - a (K,) tensor
-    """JSON of one task's probabilities ``(K,)``."""
-    values = [round(float(p), 4) for p in probs]
-    if multilabel:
-        return {"present": [i for i, p in enumerate(values) if p > 0.5], "probabilities": values}
-    top = int(probs.argmax())
-    return {"prediction": top, "confidence": values[top], "probabilities": values}
-
-
-def _first(images):  # noqa: ANN001, ANN202
-    """The first image of a batch: a ``(C, H, W)`` tensor or an image reader."""
-    return images.readers[0] if hasattr(images, "readers") else images[0]
-
-
-def _explain(method, image, out: str):  # noqa: ANN001, ANN202
-    """Predict ``image`` ``(1, C, H, W)`` and draw the evidence to ``out``:
-    ``(logits, path of the drawing)``."""
-    import torch
-
-    from gigapatch.explain import draw_patch_weights, draw_saliency, patchgd_explain
-
-    name = method.cfg.method.name
-    with torch.no_grad():
-        if name == "ips":
-            logits, cells, weights = method.explain(image)
-            main = method.tasks[0] if method.tasks else None
-            top = int((logits[main] if main else logits)[0].argmax())
-            title = (f"IPS: {cells.shape[1]} selected patches, coloured by attention "
-                     f"({main or 'label'} = {top})")
-            return logits, draw_patch_weights(_first(image), method.grid(image), cells[0],
-                                              weights[0, 0], out, title)
-        if name == "patchgd":
-            logits, saliency = patchgd_explain(method, image)
-            return logits, draw_saliency(_first(image), method.grid(image), saliency, out,
-                                         "PatchGD: occlusion saliency of the Z cells")
-    raise GigapatchError(f"--explain supports the methods ips and patchgd, not {name!r}.")
 
 
 def _memory_config(args: argparse.Namespace):
     """The base config of ``gigapatch memory``: a file, or defaults for RGB images, patch 256."""
-    from gigapatch.config import Config, load_config
 
     if args.config:
         cfg = load_config(args.config, list(args.set or []))
@@ -226,18 +194,6 @@ def _memory_config(args: argparse.Namespace):
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from gigapatch.core.units import format_bytes, parse_bytes
-    from gigapatch.memory.report import (
-        DEFAULT_SIDES,
-        format_memory_table,
-        memory_rows,
-        plot_memory,
-        write_memory_csv,
-    )
-    from gigapatch.methods.base import method_names
-
     cfg = _memory_config(args)
     budget = parse_bytes(args.budget) if args.budget else None
     sides = sorted(args.sides or DEFAULT_SIDES)
@@ -275,20 +231,17 @@ def _cmd_memory(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gigapatch.demo import run_demo
 
     run_demo(out_dir=args.out, data_dir=args.data_dir, quick=args.quick)
     return 0
 
 
 def _cmd_encoders(args: argparse.Namespace) -> int:
-    from gigapatch.methods.base import method_names
-    from gigapatch.models.encoders import encoder_names
-    from gigapatch.models.heads import HEADS
 
     print("encoders:", ", ".join(encoder_names()), "+ timm:<model> (with timm installed)")
     print("heads:   ", ", ".join(HEADS.names()))
     print("methods: ", ", ".join(method_names()))
+    print("tasks:   ", ", ".join(task_names()))
     return 0
 
 

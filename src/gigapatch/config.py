@@ -1,7 +1,8 @@
 """Run configuration: typed dataclasses, YAML files, ``--set key=value`` overrides.
 
-A config has four sections (``data``, ``model``, ``method``, ``train``) plus ``name`` and
-``seed``. Unknown keys and wrongly typed values are refused with a :class:`ConfigError` that
+A config has five sections (``data``, ``task``, ``model``, ``method``, ``train``) plus
+``name`` and ``seed``. A config without a ``task`` section is a classification config
+(``task.kind: classify``), as every config was before tasks had their own section. Unknown keys and wrongly typed values are refused with a :class:`ConfigError` that
 names the key, suggests close matches and says what is expected.
 """
 
@@ -19,6 +20,10 @@ from typing import Any
 import yaml
 
 from gigapatch.core.errors import ConfigError
+from gigapatch.core.units import parse_bytes
+
+#: ``train.precision`` choices: float32, bfloat16 autocast, float16 autocast + loss scaling.
+PRECISIONS = ("32", "bf16", "16-mixed")
 
 
 @dataclass
@@ -57,6 +62,21 @@ class DataConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What is predicted: ``kind`` names a registered task (``classify``, ``multilabel``).
+
+    The label heads and classes are described with the data (``data.tasks``,
+    ``data.multilabel``, ``data.num_classes``). ``metrics``: held-out metrics
+    (``accuracy``; ``kappa`` = quadratic-weighted Cohen's kappa of the main head).
+    ``monitor``: the metric (or ``loss``) that chooses ``best.pt``.
+    """
+
+    kind: str = "classify"
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    monitor: str = "accuracy"
+
+
+@dataclass
 class ModelConfig:
     """θ1 (encoder) and θ2 (head) by name; ``latent_dim`` is the channel count C of Z."""
 
@@ -68,6 +88,7 @@ class ModelConfig:
     head_pool: str = "avg"
     attn_heads: int = 8
     attn_dropout: float = 0.0
+    checkpoint_activations: bool = False
 
 
 @dataclass
@@ -102,6 +123,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     schedule: str = "cosine"
     grad_clip: float | None = None
+    precision: str = "32"
+    sync_batchnorm: bool = False
     device: str = "auto"
     out_dir: str = "runs"
     memory_budget: str | None = None
@@ -117,6 +140,7 @@ class Config:
     name: str = "run"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -169,9 +193,10 @@ class Config:
         _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "≥ 0")
         _choice("train.optimizer", t.optimizer, ("adamw", "adam", "sgd"))
         _choice("train.schedule", t.schedule, ("cosine", "linear", "constant"))
+        _choice("train.precision", t.precision, PRECISIONS)
+        _check(bool(self.task.metrics), "task.metrics", self.task.metrics,
+               "at least one metric, e.g. [accuracy]")
         if t.memory_budget is not None:
-            from gigapatch.core.units import parse_bytes
-
             parse_bytes(t.memory_budget)
         return self
 

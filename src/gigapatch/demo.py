@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gigapatch.engine.checkpoint import write_json, write_text
 from gigapatch.config import Config
+from gigapatch.core.files import write_json, write_text
+from gigapatch.core.units import format_bytes
+from gigapatch.engine.loop import train
+from gigapatch.plots import plt, save_figure
+from gigapatch.synth.ultramnist import generate_ultramnist
 
 log = logging.getLogger("gigapatch")
 
@@ -90,8 +94,6 @@ def demo_configs(s: DemoSettings, data_dir: Path, out_dir: Path) -> list[Config]
 
 
 def _ensure_data(s: DemoSettings, data_dir: Path) -> None:
-    from gigapatch.synth.ultramnist import generate_ultramnist
-
     wanted = dict(
         n_train=s.n_train, n_test=s.n_test, side=s.side,
         digits_per_image=list(s.digits_per_image), scale_range=list(s.scale_range),
@@ -112,8 +114,6 @@ def _ensure_data(s: DemoSettings, data_dir: Path) -> None:
 
 def results_table(summaries: list[dict[str, Any]], budget: str) -> str:
     """A Markdown table of the demo's runs."""
-    from gigapatch.core.units import format_bytes
-
     lines = [
         f"| method | input seen by the network | held-out accuracy | peak step memory "
         f"(budget {budget}) | train time | images/s |",
@@ -133,11 +133,6 @@ def results_table(summaries: list[dict[str, Any]], budget: str) -> str:
 
 
 def _plot(summaries: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [f"{r['method']}\n{r['input_size']} px" for r in summaries]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
     a1.bar(names, [100 * r["final_val_accuracy"] for r in summaries], color=["C1", "C0"])
@@ -145,9 +140,7 @@ def _plot(summaries: list[dict[str, Any]], path: Path) -> None:
     a1.set_ylim(0, 100)
     a2.bar(names, [r["peak_memory_bytes"] / 2**20 for r in summaries], color=["C1", "C0"])
     a2.set_ylabel("peak training-step memory (MiB)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_demo(
@@ -157,8 +150,6 @@ def run_demo(
     settings: DemoSettings | None = None,
 ) -> list[dict[str, Any]]:
     """Run the demo; returns the two run summaries (full first)."""
-    from gigapatch.engine.loop import train
-
     s = settings or (QUICK if quick else DemoSettings())
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     t0 = time.perf_counter()

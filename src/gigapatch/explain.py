@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import cm, colors
+from matplotlib.patches import Rectangle
 
 from gigapatch.core.grid import PatchGrid
 from gigapatch.data.batch import read_resized
 from gigapatch.io.readers import ImageReader
+from gigapatch.plots import plt, save_figure
 
 __all__ = [
     "draw_patch_weights",
@@ -63,11 +66,6 @@ def _size(image: torch.Tensor | ImageReader) -> tuple[int, int]:
 
 
 def _figure(image: torch.Tensor, title: str):  # noqa: ANN202 - matplotlib objects
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     arr, scale = thumbnail(image)
     h, w = arr.shape[:2]
     fig, ax = plt.subplots(figsize=(7 * w / max(h, w) + 1.2, 7 * h / max(h, w)))
@@ -78,12 +76,7 @@ def _figure(image: torch.Tensor, title: str):  # noqa: ANN202 - matplotlib objec
 
 
 def _save(fig, plt, path: str | os.PathLike[str]) -> Path:  # noqa: ANN001
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def draw_patch_weights(
@@ -96,8 +89,6 @@ def draw_patch_weights(
 ) -> Path:
     """Draw ``(C, H, W)`` ``image`` (or a reader's image) with patches ``cells`` ``(M,)``
     outlined, coloured by ``weights`` ``(M,)`` (e.g. IPS attention); writes a PNG to ``path``."""
-    from matplotlib import cm, colors
-    from matplotlib.patches import Rectangle
 
     fig, ax, plt, scale = _figure(image, title)
     w = weights.detach().float().cpu()

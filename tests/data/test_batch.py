@@ -15,6 +15,7 @@ from gigapatch.data.batch import LazyBatch, read_resized
 from gigapatch.core.errors import DataError
 from gigapatch.io.readers import open_image
 from gigapatch.methods.base import create_method
+from gigapatch.step import StepContext
 
 
 def _tiff(path, array: np.ndarray, tile: int = 32, levels: int = 2):
@@ -80,9 +81,9 @@ def test_streamed_ips_selects_and_trains_like_in_memory(pair):
     assert torch.equal(a, b)
     opt = torch.optim.SGD(method.parameters(), lr=0.0)
     torch.manual_seed(6)
-    la = method.train_step(lazy, torch.tensor([0, 2]), opt)
+    la = method.train_step(lazy, torch.tensor([0, 2]), StepContext(method, opt))
     torch.manual_seed(6)
-    lb = method.train_step(tensor, torch.tensor([0, 2]), opt)
+    lb = method.train_step(tensor, torch.tensor([0, 2]), StepContext(method, opt))
     assert la == pytest.approx(lb, rel=1e-6)
 
 

@@ -9,7 +9,8 @@ import gigapatch.engine.loop
 from gigapatch.engine.checkpoint import load_checkpoint
 from gigapatch.data.datasets import CSVImageDataset
 from gigapatch.methods.base import create_method
-from gigapatch.engine.loop import lr_factor, make_optimizer, train
+from gigapatch.engine.loop import train
+from gigapatch.step import StepContext, lr_factor, make_optimizer
 
 
 @pytest.mark.parametrize("method", ["patchgd", "full"])
@@ -23,7 +24,8 @@ def test_a_few_steps_drive_the_training_loss_down(tiny_config, method):
     m = create_method(cfg)
     opt = make_optimizer(m, cfg)
     images = m.host_transform(images)
-    losses = [m.train_step(images, targets, opt) for _ in range(25)]
+    ctx = StepContext(m, opt)
+    losses = [m.train_step(images, targets, ctx) for _ in range(25)]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
 
 

@@ -13,6 +13,7 @@ from gigapatch.core.errors import ConfigError
 from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.methods.base import create_method
 from gigapatch.models.attention import sinusoidal_2d
+from gigapatch.step import StepContext
 
 TASKS = ["majority", "max", "top", "multi"]
 
@@ -127,7 +128,7 @@ def test_train_step_learns_from_the_selected_patches_only():
     )
     targets = {"majority": torch.tensor([1, 2]), "max": torch.tensor([3, 4]),
                "top": torch.tensor([0, 1]), "multi": torch.zeros(2, 10)}
-    loss = method.train_step(_images(), targets, opt)
+    loss = method.train_step(_images(), targets, StepContext(method, opt))
     assert loss > 0
     with_grad = [s for g, s in shapes if g]
     assert with_grad == [(2 * 3, 1, 16, 16)]  # one re-encoding of B·M patches

@@ -7,6 +7,7 @@ from gigapatch.memory.budget import measure_method_peak
 from gigapatch.config import Config
 from gigapatch.methods.base import create_method
 from gigapatch.methods.patchgd import sample_cells
+from gigapatch.step import StepContext
 
 
 def _cfg(**method):
@@ -26,11 +27,9 @@ def _grads_of_one_step(method, images, targets):
     """Parameter gradients PatchGD computes for one batch (before the optimizer step)."""
     grads = {}
 
-    def capture(optimizer):
-        grads.update({n: p.grad.clone() for n, p in method.named_parameters()})
-
-    method.optimizer_step = capture
-    method.train_step(images, targets, torch.optim.SGD(method.parameters(), lr=0.0))
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.0))
+    ctx.step = lambda: grads.update({n: p.grad.clone() for n, p in method.named_parameters()})
+    method.train_step(images, targets, ctx)
     return grads
 
 
@@ -51,7 +50,7 @@ def test_full_sampling_equals_plain_autograd(global_context, stride):
     patches = grid.patches(images).flatten(0, 1)  # (B·N, 1, p, p)
     z = reference.encode(patches).view(2, grid.num_patches, -1)
     g = reference.encode(reference.global_patch(images)) if global_context != "none" else None
-    reference.loss(reference.logits(z, grid, g), targets).backward()
+    reference.task.loss(reference.logits(z, grid, g), targets).backward()
 
     for name, p in reference.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-12, msg=name)
@@ -79,9 +78,9 @@ def test_without_accumulation_optimizer_steps_every_inner_step():
     cfg = _cfg(sample_fraction=0.25, inner_steps=4, accumulate=False)
     method = create_method(cfg)
     calls = []
-    method.optimizer_step = lambda opt: calls.append(1)
-    method.train_step(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]),
-                      torch.optim.SGD(method.parameters(), lr=0.1))
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.1))
+    ctx.step = lambda: calls.append(1)
+    method.train_step(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]), ctx)
     assert len(calls) == 4
 
 

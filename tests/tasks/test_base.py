@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gigapatch.config import Config
 from gigapatch.tasks import (
-    TaskMetrics,
-    batch_len,
+    create_task,
     probabilities,
     random_targets,
     task_loss,
@@ -37,18 +37,25 @@ def test_single_output_on_multi_task_targets_uses_the_main_task():
         task_loss({"max": logits["majority"]}, targets)
 
 
+def _task_cfg(tasks, multilabel, metrics=("accuracy",)):
+    cfg = Config()
+    cfg.data.tasks, cfg.data.multilabel = list(tasks), list(multilabel)
+    cfg.task.metrics = list(metrics)
+    return cfg
+
+
 def test_task_metrics_per_task():
     logits = {"majority": torch.eye(10)[[1, 2, 0, 0]] * 5,  # right, right, wrong, wrong
               "multi": torch.full((4, 10), -5.0)}  # predicts no digit present
     targets = {"majority": torch.tensor([1, 2, 3, 4]),
                "multi": torch.zeros(4, 10)}
     targets["multi"][0, :5] = 1  # 5 of the 40 labels are positive
-    m = TaskMetrics(["majority", "multi"], 10, multilabel={"multi"})
+    m = create_task(_task_cfg(["majority", "multi"], ["multi"])).metrics()
     m.update(logits, targets)
     got = m.compute()
     assert got["accuracy"] == pytest.approx(0.5) == got["accuracy_majority"]
     assert got["accuracy_multi"] == pytest.approx(35 / 40)
-    single = TaskMetrics([], 10)
+    single = create_task(_task_cfg([], [])).metrics()
     single.update(logits["majority"], targets["majority"])
     assert single.compute() == {"accuracy": pytest.approx(0.5)}
 
@@ -60,5 +67,5 @@ def test_probabilities_and_random_targets_have_the_right_structure():
     assert torch.allclose(p["multi"], logits["multi"].sigmoid())
     t = random_targets(3, 10, ["majority", "multi"], {"multi"})
     assert t["majority"].shape == (3,) and t["multi"].shape == (3, 10)
-    assert t["multi"].dtype == torch.float32 and batch_len(t) == 3
+    assert t["multi"].dtype == torch.float32 and create_task(_task_cfg(['majority', 'multi'], ['multi'])).batch_size(t) == 3
     assert random_targets(5, 4).shape == (5,)

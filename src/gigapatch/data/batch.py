@@ -10,17 +10,30 @@ instead of decoding level 0. Host memory stays set by the patches, not by the im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gigapatch.core.grid import PatchGrid
 from gigapatch.core.errors import DataError
+from gigapatch.data.tissue import foreground_mask
 from gigapatch.io.readers import ImageReader
 
-__all__ = ["STRIP_PIXELS", "Images", "LazyBatch", "read_resized"]
+__all__ = [
+    "STRIP_PIXELS",
+    "Images",
+    "LazyBatch",
+    "ShardedSampler",
+    "collate",
+    "first_image",
+    "make_loader",
+    "read_resized",
+]
 
 
 STRIP_PIXELS = 1 << 24
@@ -121,8 +134,6 @@ class LazyBatch:
     ) -> torch.Tensor:
         """Which cells of ``grid`` hold content: ``(B, N)`` bool, row-major (an Otsu mask on a
         low-resolution level of each image, :func:`gigapatch.data.tissue.foreground_mask`)."""
-        from gigapatch.data.tissue import foreground_mask
-
         key = (grid.patch_size, grid.stride, background, threshold)
         if key not in self._masks:
             masks = [
@@ -145,3 +156,81 @@ class LazyBatch:
 
 #: Host images as the methods take them: a ``(B, C, H, W)`` tensor or a batch read from disk.
 Images = torch.Tensor | LazyBatch
+
+
+def first_image(images: Images) -> torch.Tensor | ImageReader:
+    """The first image of a batch: a ``(C, H, W)`` tensor, or the reader of a
+    :class:`LazyBatch`."""
+    return images.readers[0] if isinstance(images, LazyBatch) else images[0]
+
+
+def collate(
+    batch: list[tuple[torch.Tensor | ImageReader, Any]],
+    collate_targets: Callable[[list[Any]], Any],
+) -> tuple[Images, Any]:
+    """Stack ``(C, H, W)`` images and collate their targets with ``collate_targets`` (the
+    task's :meth:`~gigapatch.tasks.base.Task.collate`); lazy readers become a
+    :class:`LazyBatch` (read on demand). Differing image sizes give a clear error."""
+    targets = collate_targets([b[1] for b in batch])
+    if isinstance(batch[0][0], ImageReader):
+        return LazyBatch([b[0] for b in batch]), targets
+    shapes = {tuple(img.shape) for img, _ in batch}
+    if len(shapes) > 1:
+        raise DataError(
+            f"images in one batch differ in size {sorted(shapes)}; resize them to one size "
+            "or use batch_size 1."
+        )
+    return torch.stack([b[0] for b in batch]), targets
+
+
+class ShardedSampler(Sampler[int]):
+    """This process's share of a data set's indices, in an order set by ``seed`` alone.
+
+    ``shuffle``: a permutation drawn from ``torch.Generator().manual_seed(seed)``; else the
+    data set's order. With ``world`` processes, process ``rank`` takes every ``world``-th
+    index from position ``rank``, so that the processes' batches ``i`` together are the
+    batch ``i`` of one process with ``world`` times the batch size. ``pad``: repeat indices
+    from the start so that every process gets the same count (training: every process takes
+    the same number of steps); without it the shares differ by at most one and no index
+    repeats (validation: every image counts once).
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1,
+                 pad: bool = True) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world, self.pad = rank, world, pad
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.world > 1 and self.size % self.world:
+            extra = self.world - self.size % self.world
+            order += (order * (extra // max(1, len(order)) + 1))[:extra]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
+def make_loader(ds: Dataset, batch_size: int, collate_targets: Callable[[list[Any]], Any], *,
+                shuffle: bool, seed: int, num_workers: int = 0, rank: int = 0,
+                world: int = 1) -> DataLoader:
+    """A DataLoader over this process's share of ``ds`` (:class:`ShardedSampler`) whose order
+    depends only on ``seed``, not on the number of workers or earlier epochs."""
+    sampler = ShardedSampler(len(ds), shuffle=shuffle, seed=seed, rank=rank, world=world,
+                             pad=shuffle)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate, collate_targets=collate_targets),
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),  # workers' base seed: fixed by seed
+    )

@@ -1,49 +1,22 @@
-"""Checkpoints and other run files, written atomically so that a crash never leaves half a file."""
+"""Checkpoints, written atomically so that a crash never leaves half a file."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from gigapatch.config import Config, config_from_dict
 from gigapatch.core.errors import DataError
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from gigapatch.core.files import atomic_write
+from gigapatch.methods import Method, create_method
+from gigapatch.tasks import Task, create_task
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` ``state`` to ``path`` atomically."""
     atomic_write(path, lambda f: torch.save(state, f))
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -60,12 +33,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_method(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Config]:
-    """Rebuild the trained method from a checkpoint, in eval mode on ``device``."""
-    from gigapatch.methods.base import create_method
-
+def load_method(path: str | Path, device: str | torch.device = "cpu"
+                ) -> tuple[Method, Task, Config]:
+    """Rebuild the trained method (and its task) from a checkpoint, in eval mode on
+    ``device``."""
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"], source=f"{path} (config)")
-    method = create_method(cfg)
+    task = create_task(cfg)
+    method = create_method(cfg, task)
     method.load_state_dict(state["model"])
-    return method.to(device).eval(), cfg
+    return method.to(device).eval(), task, cfg

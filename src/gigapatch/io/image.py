@@ -9,13 +9,13 @@ is refused with a :class:`~gigapatch.core.errors.DataError` that says how to pro
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from gigapatch.core.errors import DataError
+from gigapatch.core.files import atomic_write
 
 __all__ = ["read_image", "write_png"]
 
@@ -97,7 +97,7 @@ def write_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
         array: ``uint8`` of shape ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``.
 
     The image is written to a temporary file in the same directory and moved into place
-    with :func:`os.replace`, so a crash never leaves a half-written PNG at ``path``.
+    (:func:`gigapatch.core.files.atomic_write`), so a crash never leaves half a PNG at ``path``.
     Output is deterministic: the same array always gives the same bytes.
 
     Returns:
@@ -117,14 +117,6 @@ def write_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
             f"write_png needs shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
             f"got {array.shape} for {path}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling name opened with "xb" (not mkstemp, which would force mode 0600).
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp_path, "xb") as handle:
-            Image.fromarray(np.ascontiguousarray(array)).save(handle, format="PNG")
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    image = Image.fromarray(np.ascontiguousarray(array))
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
     return path

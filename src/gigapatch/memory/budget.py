@@ -6,10 +6,14 @@ with the global RNG state restored afterwards so that fitting never changes a ru
 
 :func:`fit_to_budget` chooses the largest setting whose step fits a budget:
 
-- ``full``: the largest input side (a multiple of 4 px, from 16 px up to full resolution);
-- ``patchgd``: first the most patches per inner step k (up to the configured
-  ``sample_fraction``), then the largest no-grad fill chunk (up to ``method.fill_chunk``).
-  k matters for learning, the fill chunk only for speed, hence this order.
+the method names the settings it can shrink (:attr:`~gigapatch.methods.base.Method.budget_knobs`):
+
+- ``input_side`` (``full``): the largest input side (a multiple of 4 px, from 16 px up to
+  full resolution);
+- ``k``, ``fill_chunk`` (``patchgd``): first the most patches per inner step k (up to the
+  configured ``sample_fraction``), then the largest no-grad fill chunk (up to
+  ``method.fill_chunk``). k matters for learning, the fill chunk only for speed, hence this
+  order.
 
 Candidates are priced with fake-tensor estimates (:class:`gigapatch.memory.estimates.StepEstimator`,
 no memory allocated, byte-equal to the CPU measurement), falling back to real measurements for
@@ -30,7 +34,11 @@ from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.units import format_bytes
 from gigapatch.memory.tracker import measure_step_peak
-from gigapatch.tasks import random_targets
+from gigapatch.core.grid import PatchGrid
+from gigapatch.memory.estimates import EstimateError, StepEstimator
+from gigapatch.methods import METHODS, create_method
+from gigapatch.step import StepContext, make_optimizer
+from gigapatch.tasks import create_task
 
 log = logging.getLogger("gigapatch")
 
@@ -50,23 +58,22 @@ def measure_method_peak(
     A batch of ``cfg.train.batch_size`` random images is used; the first step (which creates
     the optimizer state) is not measured, the second is.
     """
-    from gigapatch.methods.base import create_method
-    from gigapatch.engine.loop import make_optimizer
-
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         cfg = copy.deepcopy(cfg)
-        method = create_method(cfg).to(device).train()
+        task = create_task(cfg)
+        method = create_method(cfg, task).to(device).train()
         optimizer = make_optimizer(method, cfg)
+        ctx = StepContext(method, optimizer, precision=cfg.train.precision,
+                          grad_clip=cfg.train.grad_clip, device=device)
         b = cfg.train.batch_size
         images = torch.randint(0, 256, (b, *image_shape), dtype=torch.uint8)
         images = method.host_transform(images)
-        d = cfg.data
-        targets = random_targets(b, d.num_classes, d.tasks, d.multilabel)
-        method.train_step(images, targets, optimizer)
+        targets = task.random_targets(b)
+        method.train_step(images, targets, ctx)
         peak = measure_step_peak(
-            lambda: method.train_step(images, targets, optimizer),
+            lambda: method.train_step(images, targets, ctx),
             model=method,
             optimizer=optimizer,
             device=device,
@@ -79,12 +86,12 @@ def fit_to_budget(
 ) -> Config:
     """Adjust ``cfg`` in place so that one training step on ``(C, H, W)`` fits ``budget`` bytes.
 
-    - ``full`` without ``downsample_to``: the largest input side (multiple of 4 px) that fits;
+    - knob ``input_side`` (``full``) without ``downsample_to``: the largest input side (multiple of 4 px) that fits;
       full resolution when it fits.
-    - ``patchgd``: the largest k ≤ the configured one (``method.sample_fraction`` is lowered;
+    - knobs ``k``, ``fill_chunk`` (``patchgd``): the largest k ≤ the configured one (``method.sample_fraction`` is lowered;
       with ``inner_steps`` unset, J = ⌈1/s⌉ grows so an epoch still covers the grid), then the
       largest ``method.fill_chunk`` ≤ the configured one.
-    - other methods: check that the configured setting fits.
+    - no knobs: check that the configured setting fits.
 
     Logs what it chose and why. Raises :class:`ConfigError` saying what the smallest setting
     needs and what to change when nothing fits.
@@ -92,10 +99,11 @@ def fit_to_budget(
     device = torch.device(device)
     usable = int(budget * (1 - CUDA_HEADROOM)) if device.type == "cuda" else budget
     pricer = _Pricer(cfg, image_shape, device)
-    if cfg.method.name == "full" and cfg.method.downsample_to is None:
-        _fit_full(cfg, image_shape, budget, usable, pricer)
-    elif cfg.method.name == "patchgd":
-        _fit_patchgd(cfg, image_shape, budget, usable, pricer)
+    knobs = METHODS.get(cfg.method.name).budget_knobs
+    if knobs == ("input_side",) and cfg.method.downsample_to is None:
+        _fit_input_side(cfg, image_shape, budget, usable, pricer)
+    elif knobs == ("k", "fill_chunk"):
+        _fit_k_and_chunk(cfg, image_shape, budget, usable, pricer)
     else:
         _check_fits(cfg, image_shape, budget, usable, pricer)
     return cfg
@@ -117,8 +125,6 @@ class _Pricer:
         return self.cache[key]
 
     def _price(self, settings: dict[str, Any]) -> int:
-        from gigapatch.memory.estimates import EstimateError, StepEstimator
-
         if not self._measure:
             try:
                 if self._estimator is None:
@@ -146,7 +152,7 @@ def _largest(lo: int, hi: int, fits: Any) -> int:
     return lo
 
 
-def _fit_full(
+def _fit_input_side(
     cfg: Config, image_shape: tuple[int, int, int], budget: int, usable: int, price: _Pricer
 ) -> None:
     h, w = image_shape[1:]
@@ -181,13 +187,11 @@ def _fit_full(
     )
 
 
-def _fit_patchgd(
+def _fit_k_and_chunk(
     cfg: Config, image_shape: tuple[int, int, int], budget: int, usable: int, price: _Pricer
 ) -> None:
-    from gigapatch.core.grid import PatchGrid
-
     h, w = image_shape[1:]
-    m = cfg.method
+    m, name = cfg.method, cfg.method.name
     n = PatchGrid(h, w, m.patch_size, m.stride).num_patches
     k_max = max(1, min(n, round(m.sample_fraction * n)))
     chunk_max = max(1, m.fill_chunk)
@@ -201,15 +205,15 @@ def _fit_patchgd(
     wanted = peak(k_max, chunk_max)
     if wanted <= usable:
         log.info(
-            "memory budget %s: patchgd at %d×%d with k=%d of %d patches per inner step and "
+            "memory budget %s: %s at %d×%d with k=%d of %d patches per inner step and "
             "fill_chunk %d needs %s, fits",
-            format_bytes(budget), h, w, k_max, n, chunk_max, format_bytes(wanted),
+            format_bytes(budget), name, h, w, k_max, n, chunk_max, format_bytes(wanted),
         )
         return
     smallest = peak(1, 1)
     if smallest > usable:
         raise ConfigError(
-            f"patchgd does not fit the memory budget of {format_bytes(budget)} at {h}×{w} even "
+            f"{name} does not fit the memory budget of {format_bytes(budget)} at {h}×{w} even "
             f"with k=1 patch per inner step and fill_chunk 1: that needs {format_bytes(smallest)}"
             f" (the configured k={k_max}, fill_chunk {chunk_max} needs {format_bytes(wanted)}). "
             f"Raise train.memory_budget to at least {format_bytes(_needed(smallest, price.device))}"
@@ -226,10 +230,10 @@ def _fit_patchgd(
         else f"fill_chunk {chunk + 1} needs {format_bytes(peak(k, chunk + 1))}"
     )
     log.info(
-        "memory budget %s: patchgd at %d×%d (%d patches) uses k=%d patches per inner step "
+        "memory budget %s: %s at %d×%d (%d patches) uses k=%d patches per inner step "
         "(configured %d; sample_fraction %.4g → %.4g, %d inner steps) and fill_chunk %d "
         "(configured %d): %s per step; %s",
-        format_bytes(budget), h, w, n, k, k_max, old_fraction, m.sample_fraction, steps,
+        format_bytes(budget), name, h, w, n, k, k_max, old_fraction, m.sample_fraction, steps,
         chunk, old_chunk, format_bytes(peak(k, chunk)), why,
     )
 

@@ -59,10 +59,15 @@ from torch._subclasses.fake_tensor import (
     UnsupportedOperatorException,
 )
 
+from tqdm.auto import tqdm
+
 from gigapatch.config import Config
+from gigapatch.core.grid import PatchGrid
 from gigapatch.core.errors import ConfigError
 from gigapatch.memory.tracker import TensorMemoryTracker, _state_tensors
-from gigapatch.tasks import random_targets
+from gigapatch.methods import abridged_loops, create_method
+from gigapatch.step import StepContext, make_optimizer
+from gigapatch.tasks import create_task
 
 __all__ = [
     "EstimateError",
@@ -198,7 +203,8 @@ _ITEM = torch.ops.aten._local_scalar_dense.default
 
 
 def _few_iterations(method: Any, warmup: bool) -> Any:
-    """Shorten the loops a method marks with :func:`~gigapatch.methods.base.repeated`.
+    """Shorten the loops a method marks with :func:`~gigapatch.methods.base.repeated` (every
+    method's: a loop whose iterations are alike is marked so by the method itself).
 
     Measured step: iterations 1, 2 and the last (the 1st creates the gradients, the 2nd runs
     while the 1st's tensors are being replaced and accumulates into them; every later one
@@ -206,19 +212,10 @@ def _few_iterations(method: Any, warmup: bool) -> Any:
     the last. For PatchGD these are the fill chunks and the inner steps; the cell order is
     still sampled for all J steps.
     """
-    from gigapatch.methods.base import abridged_loops
-
     return abridged_loops(1 if warmup else 2)
 
 
 _LOCK = threading.RLock()
-
-#: Per method: a context manager ``(method, warmup) -> ...`` that makes its step cheaper to
-#: run on fake tensors without changing its peak (checked against ``exact=True`` in tests).
-_METHOD_SHORTCUTS: dict[str, Callable[[Any, bool], Any]] = {
-    "patchgd": _few_iterations,
-    "ips": _few_iterations,
-}
 
 
 # --------------------------------------------------------------------------- estimates
@@ -265,9 +262,6 @@ class _FakeTrainer:
     """
 
     def __init__(self, cfg: Config, device: torch.device, exact: bool) -> None:
-        from gigapatch.methods.base import create_method
-        from gigapatch.engine.loop import make_optimizer
-
         if device.type not in ("cpu", "cuda"):
             raise ConfigError(f"memory estimates support devices cpu and cuda, not {device}.")
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -276,21 +270,24 @@ class _FakeTrainer:
             build_device = device
         self.cfg = copy.deepcopy(cfg)
         self.cfg.model.pretrained = False  # weights do not change memory; never download
+        self.task = create_task(self.cfg)
         self.device, self.exact = device, exact
         self.count_key = None if device.type == "cpu" else _device_key(build_device)
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
-        self.shortcut = None if exact else _METHOD_SHORTCUTS.get(self.cfg.method.name)
+        self.shortcut = None if exact else _few_iterations
         if build_device.type == "meta":  # built outside: fake mode refuses some meta tensors
             with torch.random.fork_rng(devices=[]), build_device:
-                self.method = create_method(self.cfg)
+                self.method = create_method(self.cfg, self.task)
         with self._active():
             if build_device.type == "meta":
                 _make_fake(self.method, self.fake_mode)
             else:  # build in place (``Module.to`` cannot swap fake parameters)
                 with build_device:
-                    self.method = create_method(self.cfg)
+                    self.method = create_method(self.cfg, self.task)
             self.method.train()
             self.optimizer = make_optimizer(self.method, self.cfg)
+            self.ctx = StepContext(self.method, self.optimizer, precision=self.cfg.train.precision,
+                                   grad_clip=self.cfg.train.grad_clip, device=build_device)
             if device.type == "cuda":
                 for group in self.optimizer.param_groups:
                     if group.get("foreach", False) is None and not group.get("fused"):
@@ -308,7 +305,7 @@ class _FakeTrainer:
         with _LOCK, ExitStack() as stack:
             if self.shortcut is not None:
                 stack.enter_context(self.shortcut(self.method, warmup))
-            self.method.train_step(images, targets, self.optimizer)
+            self.method.train_step(images, targets, self.ctx)
 
     def _count(self, by_device: dict[str, int], total: int) -> int:
         return total if self.count_key is None else by_device.get(self.count_key, 0)
@@ -323,8 +320,7 @@ class _FakeTrainer:
             with self._active():
                 images = torch.empty((b, c, h, w), dtype=torch.uint8)  # fake: never allocated
                 images = self.method.host_transform(images)
-                d = cfg.data
-                targets = random_targets(b, d.num_classes, d.tasks, d.multilabel)
+                targets = self.task.random_targets(b)
                 if not self.warm:
                     with _FakeMemoryTracker():  # answers .item() in the warm-up too
                         self._step(images, targets, warmup=True)
@@ -374,7 +370,7 @@ def estimate_step(
 
     Follows :func:`gigapatch.memory.budget.measure_method_peak` step for step (batch of
     ``cfg.train.batch_size`` ``uint8`` images, optimizer from
-    :func:`gigapatch.engine.loop.make_optimizer`, an unmeasured warm-up step that creates the
+    :func:`gigapatch.step.make_optimizer`, an unmeasured warm-up step that creates the
     optimizer state, then the measured step) with fake tensors. ``cfg.model.pretrained`` is
     ignored (weights do not change memory). ``exact=True`` turns the shortcuts described in
     the module docstring off (slow on big grids; for checking them).
@@ -435,8 +431,6 @@ class StepEstimator:
 
 def patchgd_fraction_for_k(side: int, patch_size: int, k: int, stride: int | None = None) -> float:
     """``sample_fraction`` that gives ``k`` patches per inner step on a ``side²`` image."""
-    from gigapatch.core.grid import PatchGrid
-
     n = PatchGrid(side, side, patch_size, stride).num_patches
     return min(1.0, k / n)
 
@@ -461,15 +455,13 @@ def estimate_table(
         methods: method names, e.g. ``["full", "patchgd"]``; ``"patchgd+add"`` /
             ``"patchgd+concat"`` select PatchGD with that ``method.global_context``.
         device: ``"cpu"`` or ``"cuda"`` (no GPU needed; counts that device's tensors only).
-        patches_per_step: if set, PatchGD's ``sample_fraction`` is set per side so that every
+        patches_per_step: if set, the ``sample_fraction`` of methods with a ``k`` knob (PatchGD) is set per side so that every
             inner step samples this many patches (``k`` fixed across sizes).
         progress: show a progress bar (one tick per row).
     Returns:
         One dict per (method, side), in that order: ``method, side, estimated_bytes,
         persistent_bytes, input_bytes, seconds``.
     """
-    from tqdm.auto import tqdm
-
     dev = _as_device(device)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(methods) * len(sides), desc="estimating", unit="step",
@@ -483,7 +475,7 @@ def estimate_table(
         trainer = _FakeTrainer(trial.validate(), dev, exact=False)
         for side in sides:
             mcfg = trainer.method.cfg.method
-            if patches_per_step is not None and base == "patchgd":
+            if patches_per_step is not None and "k" in type(trainer.method).budget_knobs:
                 mcfg.sample_fraction = patchgd_fraction_for_k(
                     side, mcfg.patch_size, patches_per_step, mcfg.stride
                 )

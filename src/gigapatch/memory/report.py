@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gigapatch.config import Config
+from gigapatch.core.files import write_text
+from gigapatch.plots import plt, save_figure
 from gigapatch.memory.estimates import estimate_table
 from gigapatch.core.units import format_bytes
 
@@ -85,9 +87,7 @@ def write_memory_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -
                             lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_text(path, buf.getvalue())
     return path
 
 
@@ -102,13 +102,6 @@ def plot_memory(
 
     With a budget, a horizontal line marks it and points over it are drawn hollow.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["side"])
@@ -132,7 +125,4 @@ def plot_memory(
     ax.set_title(title or "Estimated peak training memory")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

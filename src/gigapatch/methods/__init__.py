@@ -1,1 +1,24 @@
-"""gigapatch.methods"""
+"""gigapatch.methods: how memory is bounded. Importing this package registers the methods
+``full``, ``patchgd`` and ``ips``."""
+
+from gigapatch.methods import full, ips, patchgd
+from gigapatch.methods.base import (
+    METHODS,
+    Method,
+    abridged_loops,
+    create_method,
+    method_names,
+    repeated,
+)
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "abridged_loops",
+    "create_method",
+    "full",
+    "ips",
+    "method_names",
+    "patchgd",
+    "repeated",
+]

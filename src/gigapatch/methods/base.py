@@ -1,9 +1,12 @@
 """The interface every training method implements, and the method registry.
 
-A method owns its networks and turns a batch of large images into loss, gradients and
-optimizer steps within its memory profile (:meth:`Method.train_step`), and one batch of
-images into logits (:meth:`Method.predict`). The training loop, data, logging and memory
-accounting are shared; adding a method means adding one file that registers a subclass.
+A method owns its networks and says how memory is bounded: it turns a batch of large images
+into losses (through the task), backward passes and optimizer steps (through the step
+context, :class:`~gigapatch.engine.context.StepContext`: :meth:`Method.train_step`), and one
+batch of images into outputs (:meth:`Method.predict`). It tells the memory tools which
+settings they may shrink (:attr:`Method.budget_knobs`). The training loop, tasks, data,
+logging and memory accounting are shared; adding a method means adding one file that
+registers a subclass (imported in ``methods/__init__``).
 
 Images arrive as they come from the data loader: ``(B, C, H, W)`` ``uint8`` (or float in
 [0, 1]) on the host. Each method decides what goes to the device and when.
@@ -11,16 +14,30 @@ Images arrive as they come from the data loader: ``(B, C, H, W)`` ``uint8`` (or 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
 
 from gigapatch.config import Config
+from gigapatch.core.errors import ConfigError
 from gigapatch.core.registry import Registry
-from gigapatch.tasks import Logits, Targets, task_loss
+from gigapatch.tasks import Logits, Targets, Task, create_task
+
+
+class Context(Protocol):
+    """What a method needs of the step context (see
+    :class:`gigapatch.engine.context.StepContext`)."""
+
+    def autocast(self) -> Any: ...
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+    def no_sync(self) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def zero_grad(self) -> None: ...
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -51,16 +68,27 @@ def abridged_loops(head: int) -> Iterator[None]:
 
 
 class Method(nn.Module):
-    """Base class: shared input preparation, loss and optimizer step."""
+    """Base class: shared input preparation; subclasses implement the training step."""
 
-    def __init__(self, cfg: Config) -> None:
+    #: Settings of ``cfg.method`` that :mod:`gigapatch.memory.budget` may lower to fit a
+    #: memory budget, most important first (e.g. PatchGD: ``("k", "fill_chunk")``); empty:
+    #: the budget only checks that the configured setting fits.
+    budget_knobs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_classes = cfg.data.num_classes
         self.in_chans = cfg.data.in_chans
-        #: Tasks predicted (``[]``: one unnamed task); the first is the main task.
-        self.tasks: list[str] = list(cfg.data.tasks)
-        self.multilabel: frozenset[str] = frozenset(cfg.data.multilabel)
+        #: Label heads predicted (``[]``: one unnamed label); the first is the main one.
+        self.tasks: list[str] = list(getattr(task, "heads", []))
+        self.task = task
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)``: the step context calls the method (or its
+        DistributedDataParallel wrapper) this way, so every forward pass of a training step,
+        whatever its shape, is a forward of the trained module."""
+        return fn(*args, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -72,6 +100,15 @@ class Method(nn.Module):
     def dtype(self) -> torch.dtype:
         """Floating dtype of the parameters."""
         return next(self.parameters()).dtype
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations have here: the autocast dtype when autocast is on for the
+        method's device (e.g. ``bfloat16`` under ``train.precision: bf16``), else
+        :attr:`dtype`. PatchGD's Z and IPS's buffer are kept in it."""
+        dev = self.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return self.dtype
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Move pixels to the device as normalised floats.
@@ -102,29 +139,28 @@ class Method(nn.Module):
         """Host-side preprocessing applied by the data pipeline before :meth:`train_step`."""
         return images
 
-    def loss(self, logits: Logits, targets: Targets) -> torch.Tensor:
-        """Cross-entropy of ``(B, K)`` logits against ``(B,)`` class indices; for several tasks
-        (dicts of both) the sum of the tasks' losses, see :func:`gigapatch.tasks.task_loss`."""
-        main = self.tasks[0] if self.tasks else None
-        return task_loss(logits, targets, self.multilabel, main)
+    def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
+        """Method-specific facts for ``summary.json`` (e.g. the patch size, the input size)."""
+        return {}
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip (if configured), step and clear gradients."""
-        clip = self.cfg.train.grad_clip
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def explain(self, images: Any, out: str) -> tuple[Logits, str]:
+        """Predict a batch of one image and draw the evidence to ``out``: ``(output, path)``.
+        Call in eval mode under ``no_grad``."""
+        raise ConfigError(f"--explain is not available for method {self.cfg.method.name!r}.")
 
     # ------------------------------------------------------------------ interface
-    def train_step(
-        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer
-    ) -> float:
+    def train_step(self, images: Any, targets: Targets, ctx: Context) -> float:
         """One training step on a batch (may take several optimizer steps); returns mean loss.
 
+        Losses come from ``self.task.loss``; forward passes run through ``ctx.run`` (or under
+        ``ctx.autocast()`` without gradients), backward passes through ``ctx.backward``,
+        optimizer steps through ``ctx.step``.
+
         Args:
-            images: ``(B, C, H, W)`` host tensor after :meth:`host_transform`.
-            targets: ``(B,)`` long class indices, or a dict of them per task.
+            images: ``(B, C, H, W)`` host tensor after :meth:`host_transform`, or a
+                :class:`~gigapatch.data.batch.LazyBatch`.
+            targets: the task's collated targets.
+            ctx: the step context.
         """
         raise NotImplementedError
 
@@ -134,16 +170,12 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-def create_method(cfg: Config) -> Method:
-    """Build the method named by ``cfg.method.name`` with its encoder and head."""
-    # Importing the method modules registers them.
-    from gigapatch.methods import full, ips, patchgd  # noqa: F401
-
-    return METHODS.get(cfg.method.name)(cfg)
+def create_method(cfg: Config, task: Task | None = None) -> Method:
+    """Build the method named by ``cfg.method.name`` for ``task`` (default: the task
+    ``cfg.task`` describes), with its networks."""
+    return METHODS.get(cfg.method.name)(cfg, task if task is not None else create_task(cfg))
 
 
 def method_names() -> list[str]:
     """Registered method names."""
-    from gigapatch.methods import full, ips, patchgd  # noqa: F401
-
     return METHODS.names()

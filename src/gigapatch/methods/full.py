@@ -8,14 +8,17 @@ memory limit, which loses small details. Memory grows with the (downsampled) H·
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
-from gigapatch.data.batch import LazyBatch
+from gigapatch.data.batch import Images, LazyBatch
 from gigapatch.core.errors import ConfigError
-from gigapatch.methods.base import METHODS, Method
+from gigapatch.methods.base import METHODS, Context, Method
 from gigapatch.models.encoders import create_encoder
+from gigapatch.tasks import Task
 
 
 def downsampled_size(h: int, w: int, longer_side: int) -> tuple[int, int]:
@@ -42,13 +45,16 @@ def downsample(images: torch.Tensor, longer_side: int) -> torch.Tensor:
 class FullImage(Method):
     """``(B, C, H, W)`` → encoder → ``(B, K)`` logits, one optimizer step per batch."""
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
+    budget_knobs = ("input_side",)
+
+    def __init__(self, cfg: Config, task: Task) -> None:
+        super().__init__(cfg, task)
         d = cfg.method.downsample_to
         if d is not None and d < 8:
             raise ConfigError(f"method.downsample_to = {d} is too small; use ≥ 8 pixels or null.")
         self.net = create_encoder(
-            cfg.model.encoder, self.num_classes, self.in_chans, cfg.model.pretrained
+            cfg.model.encoder, self.num_classes, self.in_chans, cfg.model.pretrained,
+            checkpoint_activations=cfg.model.checkpoint_activations,
         )
 
     def host_transform(self, images: torch.Tensor | LazyBatch) -> torch.Tensor:
@@ -60,18 +66,23 @@ class FullImage(Method):
             return images.resized(downsampled_size(h, w, d)).float() / 255.0
         return images if d is None else downsample(images, d)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` host images (already host-transformed) → ``(B, K)`` logits."""
         return self.net(self.prepare(images))
 
-    def train_step(
-        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer
-    ) -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self(images), targets)
-        loss.backward()
-        self.optimizer_step(optimizer)
+    def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
+        h, w = image_hw
+        d = self.cfg.method.downsample_to
+        if d is not None and max(h, w) > d:
+            h, w = downsampled_size(h, w, d)
+        return {"input_size": h if h == w else [h, w]}
+
+    def train_step(self, images: torch.Tensor, targets: Any, ctx: Context) -> float:
+        ctx.zero_grad()
+        loss = ctx.run(lambda: self.task.loss(self.logits(images), targets))
+        ctx.backward(loss)
+        ctx.step()
         return float(loss.detach())
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self(self.host_transform(images))
+    def predict(self, images: Images) -> torch.Tensor:
+        return self.logits(self.host_transform(images))

@@ -32,27 +32,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from gigapatch.config import Config
 from gigapatch.core.grid import PatchGrid, Take
-from gigapatch.data.batch import Images
+from gigapatch.core.sampling import shuffled_cells
+from gigapatch.data.batch import Images, first_image
+from gigapatch.explain import draw_patch_weights
 from gigapatch.core.errors import ConfigError
-from gigapatch.methods.base import METHODS, Method, repeated
-from gigapatch.methods.patchgd import shuffled_cells
+from gigapatch.methods.base import METHODS, Context, Method, repeated
 from gigapatch.models.attention import CrossAttentionPool, sinusoidal_2d
 from gigapatch.models.encoders import create_encoder
-from gigapatch.tasks import Logits
+from gigapatch.tasks import Logits, Task
 
 
 @METHODS.register("ips")
 class IPS(Method):
     """θ1 = encoder (patch → D), aggregator = cross-attention pool, one classifier per task."""
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, task: Task) -> None:
+        super().__init__(cfg, task)
         mc = cfg.model
         self.dim = mc.latent_dim
         if self.dim % mc.attn_heads or (cfg.method.pos_encoding and self.dim % 4):
@@ -62,7 +64,8 @@ class IPS(Method):
                                       if cfg.method.pos_encoding else "")
                 + "; e.g. 64 or 128."
             )
-        self.encoder = create_encoder(mc.encoder, self.dim, self.in_chans, mc.pretrained)
+        self.encoder = create_encoder(mc.encoder, self.dim, self.in_chans, mc.pretrained,
+                                      checkpoint_activations=mc.checkpoint_activations)
         names = self.tasks or ["label"]
         self.pool = CrossAttentionPool(self.dim, mc.attn_heads, len(names), dropout=mc.attn_dropout)
         self.classifiers = nn.ModuleDict({t: nn.Linear(self.dim, self.num_classes) for t in names})
@@ -119,11 +122,12 @@ class IPS(Method):
         step = self.cfg.method.iter_size
         with torch.no_grad(), self._eval():
             cells = order[:, :m]
-            memory = self.embed(take, grid, cells)  # (B, M, D)
+            memory = self.embed(take, grid, cells)  # (B, M, D), in the compute dtype
             for start in repeated(range(m, n, step)):
                 new = order[:, start : start + step]  # (B, ≤I)
                 cand_cells = torch.cat([cells, new], dim=1)
-                cand = torch.cat([memory, self.embed(take, grid, new)], dim=1)  # (B, M+I, D)
+                fresh = self.embed(take, grid, new).to(memory.dtype)
+                cand = torch.cat([memory, fresh], dim=1)  # (B, M+I, D)
                 top = self.scores(cand).topk(m, dim=1).indices  # (B, M) on the device
                 memory = cand.gather(1, top[:, :, None].expand(-1, -1, self.dim))
                 cells = cand_cells.gather(1, top.cpu())
@@ -136,7 +140,7 @@ class IPS(Method):
         logits = {t: head(pooled[:, i]) for i, (t, head) in enumerate(self.classifiers.items())}
         return (logits if self.tasks else logits["label"]), weights
 
-    def explain(self, images: torch.Tensor) -> tuple[Logits, torch.Tensor, torch.Tensor]:
+    def evidence(self, images: Images) -> tuple[Logits, torch.Tensor, torch.Tensor]:
         """Prediction with its evidence: logits, selected cells ``(B, M)`` (host) and their
         attention weights ``(B, T, M)``. Call in eval mode under ``no_grad``."""
         grid = self.grid(images)
@@ -146,18 +150,36 @@ class IPS(Method):
         return logits, cells, weights
 
     # ------------------------------------------------------------------ interface
-    def train_step(
-        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer
-    ) -> float:
+    def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
+        return {"patch_size": self.cfg.method.patch_size,
+                "memory_size": self.cfg.method.memory_size}
+
+    def train_step(self, images: Images, targets: Any, ctx: Context) -> float:
         grid = self.grid(images)
         take = grid.taker(images)
-        cells = self.select(images, grid, take)  # no graph, O(M + I) memory
-        optimizer.zero_grad(set_to_none=True)
-        logits, _ = self.aggregate(self.embed(take, grid, cells))
-        loss = self.loss(logits, targets)
-        loss.backward()
-        self.optimizer_step(optimizer)
+        with ctx.autocast():  # the selection calls the unwrapped module: no graph, O(M + I)
+            cells = self.select(images, grid, take)
+        ctx.zero_grad()
+
+        def learn() -> torch.Tensor:
+            logits, _ = self.aggregate(self.embed(take, grid, cells))
+            return self.task.loss(logits, targets)
+
+        loss = ctx.run(learn)  # one forward/backward through DDP per step
+        ctx.backward(loss)
+        ctx.step()
         return float(loss.detach())
 
-    def predict(self, images: torch.Tensor) -> Logits:
-        return self.explain(images)[0]
+    def predict(self, images: Images) -> Logits:
+        return self.evidence(images)[0]
+
+    def explain(self, images: Images, out: str) -> tuple[Logits, str]:
+        """The selected patches of the first image, coloured by attention, drawn to ``out``."""
+        logits, cells, weights = self.evidence(images)
+        main = self.tasks[0] if self.tasks else None
+        top = int((logits[main] if main else logits)[0].argmax())
+        title = (f"IPS: {cells.shape[1]} selected patches, coloured by attention "
+                 f"({main or 'label'} = {top})")
+        path = draw_patch_weights(first_image(images), self.grid(images), cells[0],
+                                  weights[0, 0].float(), out, title)
+        return logits, str(path)

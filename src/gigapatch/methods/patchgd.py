@@ -34,51 +34,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
 from gigapatch.core.grid import PatchGrid, Take
-from gigapatch.data.batch import Images, LazyBatch
-from gigapatch.methods.base import METHODS, Method, repeated
+from gigapatch.core.sampling import sample_cells
+from gigapatch.data.batch import Images, LazyBatch, first_image
+from gigapatch.explain import draw_saliency, patchgd_explain
+from gigapatch.methods.base import METHODS, Context, Method, repeated
 from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import create_head
-
-
-def shuffled_cells(batch: int, num_cells: int, mask: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """A random order of the cells per image ``(batch, num_cells)``; with a foreground
-    ``mask`` ``(batch, num_cells)`` the foreground cells come first (in random order)."""
-    keys = torch.rand(batch, num_cells)
-    if mask is not None:
-        keys = keys + (~mask).float()  # background keys in [1, 2): after every foreground key
-    return torch.argsort(keys, dim=1)
-
-
-def sample_cells(batch: int, num_cells: int, count: int, device: torch.device | None = None,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Random cell indices ``(batch, count)``, each row without repetition while it can.
-
-    Rows are concatenations of independent random orders of ``range(num_cells)``, so the
-    first ``num_cells`` entries of a row are distinct; with a foreground ``mask`` each order
-    lists the foreground cells first. Uses the global torch RNG.
-    """
-    reps = math.ceil(count / num_cells)
-    perms = [shuffled_cells(batch, num_cells, mask) for _ in range(reps)]
-    return torch.cat(perms, dim=1)[:, :count].to(device)
+from gigapatch.tasks import Task
 
 
 @METHODS.register("patchgd")
 class PatchGD(Method):
     """PatchGD over a latent grid Z with θ1 = encoder, θ2 = head."""
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
+    budget_knobs = ("k", "fill_chunk")
+
+    def __init__(self, cfg: Config, task: Task) -> None:
+        super().__init__(cfg, task)
         m, mc = cfg.method, cfg.model
         self.latent_dim = mc.latent_dim
-        self.encoder = create_encoder(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained)
+        self.encoder = create_encoder(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained,
+                                      checkpoint_activations=mc.checkpoint_activations)
         head_in = 2 * mc.latent_dim if m.global_context == "concat" else mc.latent_dim
         self.head = create_head(mc.head, head_in, self.num_classes, mc.head_width, mc.head_pool)
 
@@ -111,11 +95,12 @@ class PatchGD(Method):
         b, n = images.shape[0], grid.num_patches
         take = take or grid.taker(images)
         chunk = self.cfg.method.fill_chunk
+        dtype = self.compute_dtype()  # Z in the compute dtype (bfloat16 under bf16 autocast)
         if mask is None:
-            z = torch.empty(b, n, self.latent_dim, device=self.device, dtype=self.dtype)
+            z = torch.empty(b, n, self.latent_dim, device=self.device, dtype=dtype)
             todo = None
         else:
-            z = torch.zeros(b, n, self.latent_dim, device=self.device, dtype=self.dtype)
+            z = torch.zeros(b, n, self.latent_dim, device=self.device, dtype=dtype)
             todo = mask.reshape(-1).nonzero().flatten()  # flat indices of foreground cells
         total = b * n if todo is None else len(todo)
         for start in repeated(range(0, total, chunk)):
@@ -124,7 +109,7 @@ class PatchGD(Method):
                 flat = todo[flat]
             bi, cell = flat // n, flat % n
             patches = take(bi, cell)  # (P, C_in, p, p) copy
-            z[bi.to(self.device), cell.to(self.device)] = self.encode(patches)
+            z[bi.to(self.device), cell.to(self.device)] = self.encode(patches).to(dtype)
         return z
 
     def global_patch(self, images: Images) -> torch.Tensor:
@@ -160,9 +145,11 @@ class PatchGD(Method):
             self.encoder.train(was_training)
 
     # ------------------------------------------------------------------ interface
-    def train_step(
-        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer
-    ) -> float:
+    def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
+        return {"patch_size": self.cfg.method.patch_size,
+                "global_context": self.cfg.method.global_context}
+
+    def train_step(self, images: Images, targets: Any, ctx: Context) -> float:
         grid = self.grid(images)
         b = images.shape[0]
         k, steps = self.plan(grid)
@@ -172,26 +159,35 @@ class PatchGD(Method):
 
         take = grid.taker(images)
         mask = self.foreground(images, grid)  # (B, N) or None
-        with torch.no_grad(), self._fill_mode(self.cfg.method.fill_mode):
-            z = self.fill(images, grid, take, mask)  # (B, N, C)
+        with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
+            z = self.fill(images, grid, take, mask)  # (B, N, C) in the compute dtype
         order = sample_cells(b, grid.num_patches, k * steps, mask=mask)  # (B, k·J), host
 
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for j in repeated(range(steps)):
-            idx = order[:, j * k : (j + 1) * k]  # (B, k)
+        def inner(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             emb = self.encode(grid.gather_with(take, idx).flatten(0, 1)).view(b, k, -1)
+            emb = emb.to(z.dtype)
             where = idx.to(self.device)[:, :, None].expand(-1, -1, self.latent_dim)
             z_j = z.scatter(1, where, emb)  # differentiable w.r.t. emb only
             g = self.encode(gpatch) if use_global else None
-            loss = self.loss(self.logits(z_j, grid, g), targets)
-            (loss / steps if accumulate else loss).backward()
+            return self.task.loss(self.logits(z_j, grid, g), targets), emb, where
+
+        ctx.zero_grad()
+        total = 0.0
+        loop = repeated(range(steps))
+        for n_done, j in enumerate(loop):
+            idx = order[:, j * k : (j + 1) * k]  # (B, k)
+            # One gradient synchronisation per update: all but the last backward of an
+            # accumulated update stay local.
+            local = accumulate and n_done < len(loop) - 1
+            with ctx.no_sync() if local else nullcontext():
+                loss, emb, where = ctx.run(inner, idx)
+                ctx.backward(loss / steps if accumulate else loss)
             z.scatter_(1, where, emb.detach())
             total += float(loss.detach())
             if not accumulate:
-                self.optimizer_step(optimizer)
+                ctx.step()
         if accumulate:
-            self.optimizer_step(optimizer)
+            ctx.step()
         return total / steps
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -201,3 +197,10 @@ class PatchGD(Method):
         if self.cfg.method.global_context != "none":
             g = self.encode(self.global_patch(images))
         return self.logits(z, grid, g)
+
+    def explain(self, images: Images, out: str) -> tuple[torch.Tensor, str]:
+        """Occlusion saliency of the first image's Z cells as a heat map drawn to ``out``."""
+        logits, saliency = patchgd_explain(self, images)
+        path = draw_saliency(first_image(images), self.grid(images), saliency, out,
+                             "PatchGD: occlusion saliency of the Z cells")
+        return logits, str(path)

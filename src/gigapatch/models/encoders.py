@@ -15,11 +15,14 @@ libraries (or read from their cache). Nothing in gigapatch downloads on its own.
 
 from __future__ import annotations
 
+import difflib
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torchvision
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.registry import Registry
@@ -29,7 +32,8 @@ ENCODERS: Registry[EncoderBuilder] = Registry("encoder")
 
 
 def create_encoder(
-    name: str, out_dim: int, in_chans: int = 3, pretrained: bool = False
+    name: str, out_dim: int, in_chans: int = 3, pretrained: bool = False, *,
+    checkpoint_activations: bool = False,
 ) -> nn.Module:
     """Build the encoder ``name``: ``(B, in_chans, h, w)`` → ``(B, out_dim)``.
 
@@ -38,14 +42,69 @@ def create_encoder(
         out_dim: size of the output vector (the latent channels ``C`` of PatchGD's Z).
         in_chans: input channels (1 for grayscale, 3 for RGB).
         pretrained: load ImageNet weights through torchvision/timm.
+        checkpoint_activations: keep only the inputs of the encoder's stages during a forward
+            pass with gradients and recompute the rest in backward
+            (:func:`checkpoint_stages`): less memory for large patches, ~30 % more compute.
     """
     if not (isinstance(out_dim, int) and out_dim > 0):
         raise ConfigError(f"encoder out_dim must be a positive integer, got {out_dim!r}.")
     if not (isinstance(in_chans, int) and in_chans > 0):
         raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}.")
     if isinstance(name, str) and name.startswith("timm:"):
-        return _timm_encoder(name[len("timm:") :], out_dim, in_chans, pretrained)
-    return ENCODERS.get(name)(out_dim, in_chans, pretrained)
+        net = _timm_encoder(name[len("timm:") :], out_dim, in_chans, pretrained)
+    else:
+        net = ENCODERS.get(name)(out_dim, in_chans, pretrained)
+    if checkpoint_activations:
+        checkpoint_stages(net)
+    return net
+
+
+def checkpoint_stages(net: nn.Module) -> nn.Module:
+    """Turn on activation checkpointing over ``net``'s stages, in place (state dict unchanged).
+
+    timm models use their own ``set_grad_checkpointing``; torchvision ResNets checkpoint each
+    residual block of ``layer1``–``layer4``; encoders with a ``features`` ``nn.Sequential``
+    (``tiny_cnn``, ``resnet18_layer2``, MobileNets) run it as ⌈√L⌉ checkpointed segments of
+    its L layers. Only forward passes with gradients are checkpointed (the no-grad fill is
+    unchanged). Raises :class:`ConfigError` for a model with none of these structures.
+    """
+    if hasattr(net, "set_grad_checkpointing"):
+        net.set_grad_checkpointing(True)
+        return net
+    layers = [getattr(net, f"layer{i}", None) for i in range(1, 5)]
+    if all(isinstance(layer, nn.Sequential) for layer in layers):
+        for layer in layers:
+            for block in layer:
+                _checkpoint_forward(block)
+        return net
+    features = getattr(net, "features", None)
+    if isinstance(features, nn.Sequential):
+        segments = max(1, math.ceil(math.sqrt(len(features))))
+        plain = features.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled():
+                return plain(x)
+            return checkpoint_sequential(features, segments, x, use_reentrant=False)
+
+        features.forward = forward  # type: ignore[method-assign]
+        return net
+    raise ConfigError(
+        f"model.checkpoint_activations: cannot find the stages of {type(net).__name__}; "
+        "set model.checkpoint_activations: false for this encoder."
+    )
+
+
+def _checkpoint_forward(module: nn.Module) -> None:
+    """Make ``module``'s forward recompute its activations in backward."""
+    plain = module.forward
+
+    def forward(*args: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return plain(*args)
+        return checkpoint(plain, *args, use_reentrant=False)
+
+    module.forward = forward  # type: ignore[method-assign]
 
 
 def encoder_names() -> list[str]:
@@ -197,8 +256,6 @@ def _timm_encoder(model: str, out_dim: int, in_chans: int, pretrained: bool) -> 
             f"encoder 'timm:{model}' needs timm: pip install 'gigapatch[timm]'."
         ) from None
     if not timm.is_model(model):
-        import difflib
-
         close = difflib.get_close_matches(model, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise ConfigError(f"unknown timm model {model!r}.{hint}")

@@ -63,7 +63,6 @@ import json
 import math
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +92,7 @@ from gigapatch.synth.megapixel_mnist import (
     _sample_digits,
     _sample_layout,
     _source_name,
-    _write_atomic,
+
     compute_labels,
     make_noise_patterns,
     read_dataset_meta,
@@ -101,6 +100,7 @@ from gigapatch.synth.megapixel_mnist import (
 )
 from gigapatch.synth.mnist import DIGIT_SIDE, load_digits, split_digit_pools
 from gigapatch.core.errors import ConfigError, DataError
+from gigapatch.core.files import atomic_path, write_bytes
 
 __all__ = [
     "COMPRESSIONS",
@@ -452,21 +452,15 @@ def _write_tiff(
         options["compressionargs"] = {"level": quality}
     if workers > 1 and "buffersize" in inspect.signature(tifffile.TiffWriter.write).parameters:
         options["buffersize"] = 4 * workers * tile * tile  # at most 4 tiles per thread queued
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tifffile.TiffWriter(tmp_path, bigtiff=True) as tif:
-            for level, level_side in enumerate(sizes):
-                extra = {"subifds": len(sizes) - 1} if level == 0 else {"subfiletype": 1}
-                tif.write(
-                    canvas.tiles(level, level_side, tile, bar),
-                    shape=(level_side, level_side),
-                    **options,
-                    **extra,
-                )
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp_path, tifffile.TiffWriter(tmp_path, bigtiff=True) as tif:
+        for level, level_side in enumerate(sizes):
+            extra = {"subifds": len(sizes) - 1} if level == 0 else {"subfiletype": 1}
+            tif.write(
+                canvas.tiles(level, level_side, tile, bar),
+                shape=(level_side, level_side),
+                **options,
+                **extra,
+            )
 
 
 def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
@@ -590,7 +584,7 @@ def generate_gigapixel(
                     "max": labels["max"], "top": labels["top"],
                     "multi": _format_multi(labels["multi"]),
                 })
-            _write_atomic(out / f"{split}.csv", _csv_bytes(rows))
+            write_bytes(out / f"{split}.csv", _csv_bytes(rows))
             csv_paths[f"{split}_csv"] = str(out / f"{split}.csv")
             class_counts[split] = np.bincount(majorities, minlength=NUM_CLASSES).tolist()
     seconds = time.perf_counter() - started
@@ -642,7 +636,7 @@ def generate_gigapixel(
         "files": {split: f"{split}.csv" for split in SPLITS},
         "bytes": total_bytes,
     }
-    _write_atomic(out / _META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    write_bytes(out / _META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return {
         "out_dir": str(out), "meta": str(out / _META_NAME), **csv_paths,
         "n_train": counts["train"], "n_test": counts["test"], "side": side, "tile": tile,

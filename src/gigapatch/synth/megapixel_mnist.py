@@ -50,7 +50,6 @@ import io
 import json
 import math
 import os
-import uuid
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +69,7 @@ from gigapatch.synth.mnist import (
     split_digit_pools,
 )
 from gigapatch.core.errors import ConfigError, DataError
+from gigapatch.core.files import write_bytes
 
 __all__ = [
     "DIGITS_PER_IMAGE",
@@ -433,21 +433,6 @@ def _source_name(digits_source: str | os.PathLike[str] | None) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + ``os.replace``: a crash never
-    leaves half a file at ``path``."""
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp_path, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` as a compressed ``.npz`` atomically, with fixed zip timestamps so
     that equal arrays give byte-identical files."""
@@ -460,7 +445,7 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             array = np.ascontiguousarray(arrays[name])
             np.lib.format.write_array(buffer, array, allow_pickle=False)
             archive.writestr(info, buffer.getvalue())
-    _write_atomic(path, content.getvalue())
+    write_bytes(path, content.getvalue())
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -687,7 +672,7 @@ def generate_megapixel_mnist(
         "arrays": SPLIT_ARRAYS,
         "files": {split: f"{split}.npz" for split in SPLITS},
     }
-    _write_atomic(out / _META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    write_bytes(out / _META_NAME, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     paths = [out / _META_NAME, *(out / f"{s}.npz" for s in SPLITS)]
     summary.update(
         meta=str(out / _META_NAME),

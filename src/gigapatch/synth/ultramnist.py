@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from gigapatch.synth.mnist import (
     split_digit_pools,
 )
 from gigapatch.core.errors import ConfigError, DataError
+from gigapatch.core.files import write_text
 from gigapatch.io.image import write_png
 
 __all__ = [
@@ -373,18 +373,6 @@ def render_ultramnist_image(
 # ----------------------------------------------------------------------------- generation
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8, ``\\n`` newlines) to ``path`` via a temporary file + os.replace."""
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp_path, "x", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(fieldnames: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), lineterminator="\n")
@@ -525,8 +513,8 @@ def generate_ultramnist(
                 bar.update(1)
             if count == 0:
                 (out / split).mkdir(exist_ok=True)
-            _write_text_atomic(out / f"{split}.csv", _csv_text(["path", "label"], image_rows))
-            _write_text_atomic(out / f"{split}_digits.csv", _csv_text(_DIGIT_CSV_FIELDS, digit_rows))
+            write_text(out / f"{split}.csv", _csv_text(["path", "label"], image_rows))
+            write_text(out / f"{split}_digits.csv", _csv_text(_DIGIT_CSV_FIELDS, digit_rows))
             summary[f"{split}_csv"] = str(out / f"{split}.csv")
             summary[f"{split}_digits_csv"] = str(out / f"{split}_digits.csv")
             summary["class_counts"][split] = np.bincount(
@@ -550,7 +538,7 @@ def generate_ultramnist(
         "class_counts": summary["class_counts"],
         "files": {"train": "train.csv", "test": "test.csv"},
     }
-    _write_text_atomic(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     summary.update(
         meta=str(out / "meta.json"),
         n_train=n_images["train"],

@@ -1,147 +1,95 @@
-"""One or several prediction tasks: losses, metrics and probabilities.
+"""The interface every task implements, and the task registry.
 
-A single-task method gives logits ``(B, K)`` and is trained on targets ``(B,)``. A multi-task
-method (e.g. IPS on Megapixel MNIST) gives a dict ``{task: (B, K)}`` and is trained on a dict
-``{task: (B,) class indices}`` or, for multi-label tasks, ``{task: (B, K) multi-hot}``.
-Single-label tasks use softmax cross-entropy, multi-label tasks sigmoid binary cross-entropy.
-A single-task method trained on multi-task data predicts the main (first) task.
+A task says what the labels are; a method says how memory is bounded. A task owns:
+
+- :meth:`Task.collate`: a batch of per-image targets → what the loss takes (tensors, dicts
+  per label head, or ragged lists);
+- :meth:`Task.loss`: the loss of a method's output against the targets;
+- :meth:`Task.metrics`: a torchmetrics :class:`~torchmetrics.MetricCollection` over the
+  held-out set, reduced over all processes when training is distributed;
+- :attr:`Task.monitor` / :attr:`Task.monitor_mode`: the metric that chooses ``best.pt``;
+- :meth:`Task.random_targets`: targets of the right structure for memory estimates;
+- :meth:`Task.prediction`: one image's prediction as a JSON-ready dict (a CSV row).
+
+Adding a task means one file that registers a subclass (imported in ``tasks/__init__``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
+from torch.utils.data import default_collate
+from torchmetrics import MetricCollection
 
-__all__ = [
-    "Logits",
-    "Targets",
-    "TaskMetrics",
-    "batch_len",
-    "probabilities",
-    "random_targets",
-    "task_loss",
-]
+from gigapatch.config import Config
+from gigapatch.core.registry import Registry
+
+__all__ = ["TASKS", "Logits", "Targets", "Task", "create_task", "task_names"]
 
 Logits = torch.Tensor | dict[str, torch.Tensor]
-Targets = torch.Tensor | dict[str, torch.Tensor]
+Targets = Any  # a tensor, a dict of tensors per head, or a list per image (ragged targets)
+
+TASKS: Registry[type["Task"]] = Registry("task")
 
 
-def _pick(targets: Targets, main_task: str | None) -> torch.Tensor:
-    """The target tensor a single-output method is trained on."""
-    if isinstance(targets, torch.Tensor):
-        return targets
-    if main_task is None:
-        main_task = next(iter(targets))
-    return targets[main_task]
+class Task(ABC):
+    """What the labels are: collation, loss, metrics, the monitored metric, predictions."""
 
+    #: Registered name (``task.kind``).
+    kind: ClassVar[str] = ""
 
-def _one_loss(logits: torch.Tensor, target: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    target = target.to(logits.device)
-    if multilabel:
-        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
-    return F.cross_entropy(logits, target)
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        #: Name of the metric that chooses ``best.pt`` (a key of :meth:`metrics`, or ``loss``).
+        self.monitor: str = cfg.task.monitor
+        #: ``max`` (higher is better) or ``min``.
+        self.monitor_mode: str = "min" if self.monitor == "loss" else "max"
 
+    def collate(self, targets: list[Any]) -> Targets:
+        """Stack the targets of a batch's images (default: torch's ``default_collate``)."""
+        return default_collate(targets)
 
-def task_loss(
-    logits: Logits,
-    targets: Targets,
-    multilabel: Collection[str] = (),
-    main_task: str | None = None,
-) -> torch.Tensor:
-    """Sum of the tasks' losses (a scalar).
+    @abstractmethod
+    def loss(self, output: Logits, targets: Targets) -> torch.Tensor:
+        """Scalar loss of a method's output against a batch's targets."""
 
-    Args:
-        logits: ``(B, K)`` or ``{task: (B, K)}``.
-        targets: ``(B,)`` class indices, or ``{task: (B,) indices or (B, K) multi-hot}``; a
-            dict may hold more tasks than the logits (only the logits' tasks are used).
-        multilabel: the tasks scored with sigmoid BCE (the others with softmax CE).
-        main_task: the task a single ``(B, K)`` output is compared with when ``targets`` is a
-            dict (default: its first task).
-    """
-    if isinstance(logits, torch.Tensor):
-        task = main_task if isinstance(targets, dict) else None
-        return _one_loss(logits, _pick(targets, main_task), task in multilabel)
-    if not isinstance(targets, dict):
-        raise TypeError("multi-task logits need a dict of targets, one entry per task")
-    missing = [t for t in logits if t not in targets]
-    if missing:
-        raise KeyError(f"targets lack the task(s) {missing}; they have {list(targets)}")
-    losses = [_one_loss(out, targets[t], t in multilabel) for t, out in logits.items()]
-    return torch.stack(losses).sum()
+    @abstractmethod
+    def metrics(self) -> MetricCollection:
+        """Fresh held-out metrics; ``update(output, targets)`` per batch, then ``compute()``."""
 
+    @abstractmethod
+    def random_targets(self, batch: int) -> Targets:
+        """Targets of the right structure and dtype for a batch of ``batch`` images."""
 
-def probabilities(logits: Logits, multilabel: Collection[str] = ()) -> Logits:
-    """Softmax (single-label) or sigmoid (multi-label) of each task's logits, same structure."""
-    if isinstance(logits, torch.Tensor):
-        return logits.softmax(dim=-1)
-    return {t: out.sigmoid() if t in multilabel else out.softmax(dim=-1)
-            for t, out in logits.items()}
+    @abstractmethod
+    def prediction(self, output: Logits, index: int = 0) -> dict[str, Any]:
+        """Image ``index`` of a batch's output as a JSON-ready dict (finite numbers only)."""
 
-
-def random_targets(
-    batch: int, num_classes: int, tasks: Sequence[str] = (), multilabel: Collection[str] = ()
-) -> Targets:
-    """Random targets of the right structure (for memory measurements): ``(B,)`` indices, or
-    a dict per task (multi-hot ``(B, K)`` floats for multi-label tasks)."""
-    if not tasks:
-        return torch.randint(0, num_classes, (batch,))
-    return {
-        t: torch.randint(0, 2, (batch, num_classes)).float() if t in multilabel
-        else torch.randint(0, num_classes, (batch,))
-        for t in tasks
-    }
-
-
-def batch_len(targets: Targets) -> int:
-    """Number of samples in a batch of targets."""
-    if isinstance(targets, torch.Tensor):
-        return len(targets)
-    return len(next(iter(targets.values())))
-
-
-class TaskMetrics:
-    """Accuracy per task (torchmetrics), accumulated over batches.
-
-    Single-label tasks: multiclass accuracy. Multi-label tasks: the share of the ``K`` labels
-    predicted right (sigmoid > 0.5), over all samples (micro). ``compute()`` gives
-    ``{"accuracy": main task, "accuracy_<task>": each task}`` (only ``accuracy`` for one task).
-    """
-
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        num_classes: int,
-        multilabel: Collection[str] = (),
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.tasks = list(tasks) or ["label"]
-        self.single = not tasks
-        self.metrics = {
-            t: (
-                MultilabelAccuracy(num_labels=num_classes, average="micro")
-                if t in multilabel
-                else MulticlassAccuracy(num_classes=num_classes, average="micro")
-            ).to(device)
-            for t in self.tasks
-        }
-
-    def update(self, logits: Logits, targets: Targets) -> None:
-        """Add one batch."""
-        if isinstance(logits, torch.Tensor):
-            logits = {self.tasks[0]: logits}
+    def batch_size(self, targets: Targets) -> int:
+        """Number of images in a batch of targets."""
         if isinstance(targets, torch.Tensor):
-            targets = {self.tasks[0]: targets}
-        for task, out in logits.items():
-            target = targets[task].to(out.device)
-            self.metrics[task].update(out, target.long() if target.is_floating_point() else target)
+            return len(targets)
+        if isinstance(targets, dict):
+            return len(next(iter(targets.values())))
+        return len(targets)
 
-    def compute(self) -> dict[str, float]:
-        """``accuracy`` of the main task, plus ``accuracy_<task>`` per task if several."""
-        values = {t: float(m.compute()) for t, m in self.metrics.items() if m.update_count}
-        result = {"accuracy": values.get(self.tasks[0], float("nan"))}
-        if len(self.tasks) > 1:
-            result.update({f"accuracy_{t}": v for t, v in values.items()})
-        return result
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` of the monitored metric beats ``best`` (``None``: nothing yet).
+        A NaN is never better."""
+        if value != value:  # NaN
+            return False
+        if best is None:
+            return True
+        return value < best if self.monitor_mode == "min" else value > best
+
+
+def create_task(cfg: Config) -> Task:
+    """The task named by ``cfg.task.kind``."""
+    return TASKS.get(cfg.task.kind)(cfg)
+
+
+def task_names() -> list[str]:
+    """Registered task kinds."""
+    return TASKS.names()
