@@ -11,6 +11,7 @@ backward) and without unused-parameter search (every parameter is used in every 
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -71,6 +72,9 @@ def wrap(module: nn.Module, place: Dist, device: torch.device, sync_batchnorm: b
     if sync_batchnorm:
         nn.SyncBatchNorm.convert_sync_batchnorm(module)
     ids = [device.index] if device.type == "cuda" else None
+    # Buffers are not re-broadcast at every forward (PatchGD runs several per backward).
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
