@@ -186,8 +186,10 @@ def collate(
 class ShardedSampler(Sampler[int]):
     """This process's share of a data set's indices, in an order set by ``seed`` alone.
 
-    ``shuffle``: a permutation drawn from ``torch.Generator().manual_seed(seed)``; else the
-    data set's order. With ``world`` processes, process ``rank`` takes every ``world``-th
+    ``shuffle``: a permutation drawn from ``torch.Generator().manual_seed(seed)`` after two
+    int64 draws (the order the loaders of gigapatch 0.1 gave for the same seed: each of
+    their two iterators per epoch drew a worker seed first; kept so that a seed still
+    gives the same run); else the data set's order. With ``world`` processes, process ``rank`` takes every ``world``-th
     index from position ``rank``, so that the processes' batches ``i`` together are the
     batch ``i`` of one process with ``world`` times the batch size. ``pad``: repeat indices
     from the start so that every process gets the same count (training: every process takes
@@ -203,6 +205,7 @@ class ShardedSampler(Sampler[int]):
     def _indices(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed)
+            torch.empty(2, dtype=torch.int64).random_(generator=g)
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))

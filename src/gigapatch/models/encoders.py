@@ -16,13 +16,12 @@ libraries (or read from their cache). Nothing in gigapatch downloads on its own.
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torchvision
-from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+from torch.utils.checkpoint import checkpoint
 
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.registry import Registry
@@ -64,8 +63,8 @@ def checkpoint_stages(net: nn.Module) -> nn.Module:
 
     timm models use their own ``set_grad_checkpointing``; torchvision ResNets checkpoint each
     residual block of ``layer1``–``layer4``; encoders with a ``features`` ``nn.Sequential``
-    (``tiny_cnn``, ``resnet18_layer2``, MobileNets) run it as ⌈√L⌉ checkpointed segments of
-    its L layers. Only forward passes with gradients are checkpointed (the no-grad fill is
+    (``tiny_cnn``, ``resnet18_layer2``, MobileNets) checkpoint each of its blocks, and its
+    plain layers in runs from one convolution to the next. Only forward passes with gradients are checkpointed (the no-grad fill is
     unchanged). Raises :class:`ConfigError` for a model with none of these structures.
     """
     if hasattr(net, "set_grad_checkpointing"):
@@ -79,13 +78,13 @@ def checkpoint_stages(net: nn.Module) -> nn.Module:
         return net
     features = getattr(net, "features", None)
     if isinstance(features, nn.Sequential):
-        segments = max(1, math.ceil(math.sqrt(len(features))))
-        plain = features.forward
+        runs = _runs(features)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if not torch.is_grad_enabled():
-                return plain(x)
-            return checkpoint_sequential(features, segments, x, use_reentrant=False)
+            for run in runs:
+                x = checkpoint(_apply, run, x, use_reentrant=False) if torch.is_grad_enabled() \
+                    else _apply(run, x)
+            return x
 
         features.forward = forward  # type: ignore[method-assign]
         return net
@@ -93,6 +92,34 @@ def checkpoint_stages(net: nn.Module) -> nn.Module:
         f"model.checkpoint_activations: cannot find the stages of {type(net).__name__}; "
         "set model.checkpoint_activations: false for this encoder."
     )
+
+
+def _runs(features: nn.Sequential) -> list[list[nn.Module]]:
+    """``features`` cut into checkpoint segments: each block of a nested ``nn.Sequential``
+    (ResNet layers) and each container (MobileNet blocks) alone; plain layers in runs that
+    start at a convolution, so that no segment starts with an in-place op that would modify
+    the previous segment's saved output."""
+    runs: list[list[nn.Module]] = []
+    after_block = True
+    for module in features:
+        if isinstance(module, nn.Sequential):
+            runs += [[block] for block in module]
+            after_block = True
+        elif next(module.children(), None) is not None:
+            runs.append([module])
+            after_block = True
+        elif after_block or isinstance(module, nn.Conv2d):
+            runs.append([module])
+            after_block = False
+        else:
+            runs[-1].append(module)
+    return runs
+
+
+def _apply(run: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for module in run:
+        x = module(x)
+    return x
 
 
 def _checkpoint_forward(module: nn.Module) -> None:
