@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = args.runs / f"patchgd_{big}" / "last.pt"
     if ckpt.is_file():
         image = args.data / str(big) / "test" / "000000.tiff"
-        heat = args.out / "gigapixel_patchgd_saliency.png"
+        heat = args.out / "gigapixel_occlusion_saliency.png"
         r = run_rss([sys.executable, "-m", "gigapatch.cli", "predict", str(image),
                      "--checkpoint", str(ckpt), "--explain", str(heat)])
         results["predict"] = {"side": big, "code": r["code"], "seconds": r["seconds"],

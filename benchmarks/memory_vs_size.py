@@ -38,8 +38,8 @@ import torch  # noqa: E402
 from gigapatch.memory.budget import measure_method_peak  # noqa: E402
 from gigapatch.config import Config  # noqa: E402
 from gigapatch.core.grid import PatchGrid  # noqa: E402
-from gigapatch.memory.estimates import estimate_table, patchgd_fraction_for_k  # noqa: E402
-from gigapatch.memory.tracker import format_bytes  # noqa: E402
+from gigapatch.memory.estimates import estimate_table, fraction_for_k  # noqa: E402
+from gigapatch.core.units import format_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SIDES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -90,7 +90,7 @@ def method_config(cfg: Config, method: str, side: int, k: int) -> Config:
     base, _, context = method.partition("+")
     cfg.method.name = base
     cfg.method.global_context = context or "none"
-    cfg.method.sample_fraction = patchgd_fraction_for_k(side, cfg.method.patch_size, k)
+    cfg.method.sample_fraction = fraction_for_k(side, cfg.method.patch_size, k)
     return cfg
 
 

@@ -173,7 +173,7 @@ def test_ips_multi_task_train_eval_predict_explain(tiny_megapixel, tmp_path, cap
     assert (tmp_path / "why.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_patchgd_explain_gives_the_same_prediction(tiny_config, tmp_path, capsys):
+def test_occlusion_explain_gives_the_same_prediction(tiny_config, tmp_path, capsys):
     tiny_config.train.epochs = 1
     path = _config_file(tiny_config, tmp_path)
     assert _run(capsys, "train", "--config", str(path))[0] == 0

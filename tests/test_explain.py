@@ -4,7 +4,7 @@ import torch
 
 from gigapatch.config import Config
 from gigapatch.core.grid import PatchGrid
-from gigapatch.explain import draw_patch_weights, draw_saliency, patchgd_saliency
+from gigapatch.explain import draw_patch_weights, draw_saliency, occlusion_saliency
 from gigapatch.methods.base import create_method
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +26,7 @@ def _patchgd(**model) -> torch.nn.Module:
 def test_occlusion_saliency_is_zero_when_every_cell_is_the_mean():
     method = _patchgd()
     flat = torch.full((1, 1, 64, 48), 90, dtype=torch.uint8)  # every patch the same
-    s = patchgd_saliency(method, flat, chunk=5)
+    s = occlusion_saliency(method, flat, chunk=5)
     assert s.shape == (4, 3)
     assert torch.allclose(s, torch.zeros(4, 3), atol=1e-6)
 
@@ -35,7 +35,7 @@ def test_occlusion_saliency_finds_the_one_cell_that_decides():
     method = _patchgd(head="linear", head_pool="max")
     image = torch.zeros(1, 1, 64, 64, dtype=torch.uint8)
     image[0, 0, 36:44, 20:28] = 255  # content in cell (2, 1) only
-    s = patchgd_saliency(method, image)
+    s = occlusion_saliency(method, image)
     assert s.shape == (4, 4)
     others = torch.cat([s.flatten()[:9], s.flatten()[10:]])
     # Empty cells equal each other: occluding one of them changes little compared with the
@@ -56,8 +56,8 @@ def test_first_order_saliency_approximates_occlusion_on_big_grids():
     method = _patchgd(head="linear", head_pool="max")
     torch.manual_seed(1)
     image = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
-    exact = patchgd_saliency(method, image)
-    approx = patchgd_saliency(method, image, exact_up_to=0)
+    exact = occlusion_saliency(method, image)
+    approx = occlusion_saliency(method, image, exact_up_to=0)
     assert approx.shape == exact.shape == (4, 4)
     # The first-order approximation finds the same most important cell.
     assert int(approx.flatten().argmax()) == int(exact.flatten().argmax())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,7 +116,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"name={args.name}")
     cfg = load_config(args.config, overrides)
     summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, from rank 0
+        print(json.dumps(summary, indent=2))
     return 0
 
 

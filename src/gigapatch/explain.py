@@ -2,7 +2,7 @@
 
 - IPS: the image (a downsampled view of it) with the M selected patches outlined and coloured
   by their attention weight (:func:`draw_patch_weights`).
-- PatchGD: occlusion saliency of the Z cells (:func:`patchgd_saliency`): how much the
+- PatchGD: occlusion saliency of the Z cells (:func:`occlusion_saliency`): how much the
   predicted class's probability drops when a cell's embedding is replaced by the mean
   embedding, drawn as a heat map over the image (:func:`draw_saliency`).
 """
@@ -26,8 +26,8 @@ from gigapatch.plots import plt, save_figure
 __all__ = [
     "draw_patch_weights",
     "draw_saliency",
-    "patchgd_explain",
-    "patchgd_saliency",
+    "occlusion_explain",
+    "occlusion_saliency",
     "thumbnail",
 ]
 
@@ -130,14 +130,14 @@ def draw_saliency(
     return _save(fig, plt, path)
 
 
-def patchgd_saliency(
+def occlusion_saliency(
     method, images, chunk: int = 64, exact_up_to: int = 1024  # noqa: ANN001
 ) -> torch.Tensor:
-    """Occlusion saliency ``(rows, cols)``; see :func:`patchgd_explain`."""
-    return patchgd_explain(method, images, chunk, exact_up_to)[1]
+    """Occlusion saliency ``(rows, cols)``; see :func:`occlusion_explain`."""
+    return occlusion_explain(method, images, chunk, exact_up_to)[1]
 
 
-def patchgd_explain(
+def occlusion_explain(
     method, images, chunk: int = 64, exact_up_to: int = 1024  # noqa: ANN001
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Occlusion saliency of PatchGD's Z cells for one image ``(1, C, H, W)`` (tensor or

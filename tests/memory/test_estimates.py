@@ -17,7 +17,7 @@ from gigapatch.memory.estimates import (
     estimate_step,
     estimate_step_peak,
     estimate_table,
-    patchgd_fraction_for_k,
+    fraction_for_k,
 )
 
 
@@ -96,7 +96,7 @@ def test_shortcuts_do_not_change_the_peak() -> None:
 def test_huge_images_are_estimated_quickly_without_allocating() -> None:
     full = _cfg("resnet18", "full", batch=1)
     patchgd = _cfg("resnet18", batch=1, patch_size=256, fill_chunk=16)
-    patchgd.method.sample_fraction = patchgd_fraction_for_k(16384, 256, k=4)
+    patchgd.method.sample_fraction = fraction_for_k(16384, 256, k=4)
     estimate_step(_cfg(), (1, 64, 64))  # pay fake mode's one-off set-up before timing
     rss_before = _peak_rss()
 

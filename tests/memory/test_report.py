@@ -9,7 +9,7 @@ import pytest
 from gigapatch.memory.budget import measure_method_peak
 from gigapatch.cli import main
 from gigapatch.config import Config, save_config
-from gigapatch.memory.estimates import patchgd_fraction_for_k
+from gigapatch.memory.estimates import fraction_for_k
 from gigapatch.memory import estimate
 from gigapatch.memory.report import format_memory_table, memory_rows, plot_memory
 
@@ -27,7 +27,7 @@ def _cfg() -> Config:
 
 def test_memory_estimate_equals_the_measured_step():
     cfg = _cfg()
-    cfg.method.sample_fraction = patchgd_fraction_for_k(128, 32, 2)
+    cfg.method.sample_fraction = fraction_for_k(128, 32, 2)
     assert estimate(cfg, (1, 128, 128)) == measure_method_peak(cfg, (1, 128, 128))
 
 

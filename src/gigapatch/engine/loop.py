@@ -138,6 +138,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     place, device = distributed.setup(resolve_device(cfg.train.device))
     run_dir = Path(cfg.train.out_dir) / cfg.name
     handler: logging.Handler | None = None
+    level = log.level
+    if not place.main:
+        log.setLevel(logging.WARNING)  # only rank 0 logs progress
     if place.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(run_dir / "train.log")
@@ -146,6 +149,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     try:
         return _train(cfg, run_dir, resume, place, device)
     finally:
+        log.setLevel(level)
         if handler is not None:
             log.removeHandler(handler)
             handler.close()

@@ -76,7 +76,7 @@ __all__ = [
     "estimate_step",
     "estimate_step_peak",
     "estimate_table",
-    "patchgd_fraction_for_k",
+    "fraction_for_k",
 ]
 
 
@@ -429,7 +429,7 @@ class StepEstimator:
         return self.estimate(image_shape, **method_settings).peak
 
 
-def patchgd_fraction_for_k(side: int, patch_size: int, k: int, stride: int | None = None) -> float:
+def fraction_for_k(side: int, patch_size: int, k: int, stride: int | None = None) -> float:
     """``sample_fraction`` that gives ``k`` patches per inner step on a ``side²`` image."""
     n = PatchGrid(side, side, patch_size, stride).num_patches
     return min(1.0, k / n)
@@ -476,7 +476,7 @@ def estimate_table(
         for side in sides:
             mcfg = trainer.method.cfg.method
             if patches_per_step is not None and "k" in type(trainer.method).budget_knobs:
-                mcfg.sample_fraction = patchgd_fraction_for_k(
+                mcfg.sample_fraction = fraction_for_k(
                     side, mcfg.patch_size, patches_per_step, mcfg.stride
                 )
             est = trainer.estimate((trial.data.in_chans, side, side))

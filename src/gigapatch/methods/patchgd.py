@@ -44,7 +44,7 @@ from gigapatch.config import Config
 from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, LazyBatch, first_image
-from gigapatch.explain import draw_saliency, patchgd_explain
+from gigapatch.explain import draw_saliency, occlusion_explain
 from gigapatch.methods.base import METHODS, Context, Method, repeated
 from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import create_head
@@ -200,7 +200,7 @@ class PatchGD(Method):
 
     def explain(self, images: Images, out: str) -> tuple[torch.Tensor, str]:
         """Occlusion saliency of the first image's Z cells as a heat map drawn to ``out``."""
-        logits, saliency = patchgd_explain(self, images)
+        logits, saliency = occlusion_explain(self, images)
         path = draw_saliency(first_image(images), self.grid(images), saliency, out,
                              "PatchGD: occlusion saliency of the Z cells")
         return logits, str(path)
