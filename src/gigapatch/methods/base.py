@@ -2,7 +2,7 @@
 
 A method owns its networks and says how memory is bounded: it turns a batch of large images
 into losses (through the task), backward passes and optimizer steps (through the step
-context, :class:`~gigapatch.engine.context.StepContext`: :meth:`Method.train_step`), and one
+context, :class:`~gigapatch.step.context.StepContext`: :meth:`Method.train_step`), and one
 batch of images into outputs (:meth:`Method.predict`). It tells the memory tools which
 settings they may shrink (:attr:`Method.budget_knobs`). The training loop, tasks, data,
 logging and memory accounting are shared; adding a method means adding one file that
@@ -30,7 +30,7 @@ from gigapatch.tasks import Logits, Targets, Task, create_task
 
 class Context(Protocol):
     """What a method needs of the step context (see
-    :class:`gigapatch.engine.context.StepContext`)."""
+    :class:`gigapatch.step.context.StepContext`)."""
 
     def autocast(self) -> Any: ...
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...

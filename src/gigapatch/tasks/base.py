@@ -52,8 +52,10 @@ class Task(ABC):
         return default_collate(targets)
 
     @abstractmethod
-    def loss(self, output: Logits, targets: Targets) -> torch.Tensor:
-        """Scalar loss of a method's output against a batch's targets."""
+    def loss(self, output: Logits, targets: Targets, window: Any = None) -> torch.Tensor:
+        """Scalar loss of a method's output against a batch's targets. ``window``: the
+        region of the image the output covers, for dense tasks whose methods compute the
+        loss window by window (``None``: the whole image; image-level tasks ignore it)."""
 
     @abstractmethod
     def metrics(self) -> MetricCollection:

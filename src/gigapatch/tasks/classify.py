@@ -183,7 +183,7 @@ class Classify(Task):
             names += [f"accuracy_{h}" for h in self.heads]
         return names
 
-    def loss(self, output: Logits, targets: Targets) -> torch.Tensor:
+    def loss(self, output: Logits, targets: Targets, window: Any = None) -> torch.Tensor:
         return task_loss(output, targets, self.multilabel, self.main)
 
     def _accuracy(self, head: str | None) -> Metric:
