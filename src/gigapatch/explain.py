@@ -72,11 +72,7 @@ def _figure(image: torch.Tensor, title: str):  # noqa: ANN202 - matplotlib objec
     ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1)
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
-    return fig, ax, plt, scale
-
-
-def _save(fig, plt, path: str | os.PathLike[str]) -> Path:  # noqa: ANN001
-    return save_figure(fig, path)
+    return fig, ax, scale
 
 
 def draw_patch_weights(
@@ -90,7 +86,7 @@ def draw_patch_weights(
     """Draw ``(C, H, W)`` ``image`` (or a reader's image) with patches ``cells`` ``(M,)``
     outlined, coloured by ``weights`` ``(M,)`` (e.g. IPS attention); writes a PNG to ``path``."""
 
-    fig, ax, plt, scale = _figure(image, title)
+    fig, ax, scale = _figure(image, title)
     w = weights.detach().float().cpu()
     lo, hi = (float(w.min()), float(w.max())) if len(w) else (0.0, 1.0)
     norm = colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
@@ -103,7 +99,7 @@ def draw_patch_weights(
         ))
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.04,
                  label="attention weight")
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def draw_saliency(
@@ -115,7 +111,7 @@ def draw_saliency(
 ) -> Path:
     """Draw ``(C, H, W)`` ``image`` (or a reader's image) under a heat map of per-cell
     ``saliency`` ``(rows, cols)``; writes a PNG to ``path``."""
-    fig, ax, plt, scale = _figure(image, title)
+    fig, ax, scale = _figure(image, title)
     # One stride-sized tile per cell, centred on the cell's patch.
     off = (grid.patch_size - grid.stride) / 2
     extent = ((off - 0.5) * scale, (off + grid.cols * grid.stride) * scale,
@@ -127,7 +123,7 @@ def draw_saliency(
     ax.set_xlim(-0.5, w * scale - 0.5)
     ax.set_ylim(h * scale - 0.5, -0.5)
     fig.colorbar(im, ax=ax, fraction=0.04, label="probability drop when the cell is occluded")
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def occlusion_saliency(

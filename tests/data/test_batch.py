@@ -11,7 +11,7 @@ import torch
 
 from gigapatch.config import Config
 from gigapatch.core.grid import PatchGrid
-from gigapatch.data.batch import LazyBatch, read_resized
+from gigapatch.data.batch import LazyBatch, ShardedSampler, read_resized
 from gigapatch.core.errors import DataError
 from gigapatch.io.readers import open_image
 from gigapatch.methods.base import create_method
@@ -214,3 +214,15 @@ def test_ips_never_reads_or_scores_background(sparse):
         cells = method.select(lazy)
         assert set(cells[0].tolist()) <= {1, 6, 15} and cells.shape == (1, 2)
     assert sum(seen) == 5 * 3  # 2 buffer + 1 chunk of 1 per selection: the 3 foreground cells
+
+
+@pytest.mark.parametrize(("size", "world", "pad"), [(10, 1, True), (10, 3, True), (10, 3, False),
+                                                    (2, 4, False), (7, 2, True)])
+def test_sharded_sampler_length_matches_its_indices(size, world, pad):
+    shares = [list(ShardedSampler(size, shuffle=True, seed=3, rank=r, world=world, pad=pad))
+              for r in range(world)]
+    for r, share in enumerate(shares):
+        assert len(ShardedSampler(size, shuffle=True, seed=3, rank=r, world=world, pad=pad)) \
+            == len(share)
+    if not pad:  # every index exactly once over the processes
+        assert sorted(i for s in shares for i in s) == list(range(size))

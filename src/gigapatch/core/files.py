@@ -10,6 +10,7 @@ removed; an interrupted process (``kill -9``) may leave one behind, which
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import IO, Any
 __all__ = [
     "atomic_path",
     "atomic_write",
+    "finite",
     "remove_orphans",
     "write_bytes",
     "write_json",
@@ -70,8 +72,21 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON (strict: NaN/inf are refused) to ``path`` atomically."""
-    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    """Write ``obj`` as indented, strict JSON to ``path`` atomically; NaN and ±inf (which
+    JSON cannot hold) are written as ``null``."""
+    write_text(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (in nested dicts, lists, tuples) replaced by
+    ``None``, so that it is valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def remove_orphans(folder: str | os.PathLike[str]) -> list[Path]:

@@ -11,6 +11,7 @@ instead of decoding level 0. Host memory stays set by the patches, not by the im
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -218,7 +219,9 @@ class ShardedSampler(Sampler[int]):
         return iter(self._indices())
 
     def __len__(self) -> int:
-        return len(self._indices())
+        if self.pad and self.world > 1:
+            return math.ceil(self.size / self.world)
+        return len(range(self.rank, self.size, self.world))
 
 
 def make_loader(ds: Dataset, batch_size: int, collate_targets: Callable[[list[Any]], Any], *,

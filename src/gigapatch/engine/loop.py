@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from gigapatch.config import Config, config_from_dict, save_config
 from gigapatch.core.errors import ConfigError
-from gigapatch.core.files import write_json
+from gigapatch.core.files import remove_orphans, write_json
 from gigapatch.core.units import format_bytes, parse_bytes
 from gigapatch.data.batch import make_loader
 from gigapatch.data.datasets import describe_data, open_dataset
@@ -146,6 +146,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+        for orphan in remove_orphans(run_dir):  # left by a write that a crash interrupted
+            log.info("removed the unfinished file %s", orphan)
     try:
         return _train(cfg, run_dir, resume, place, device)
     finally:
