@@ -110,7 +110,7 @@ def train_cmd(method: str, data: Path, runs: Path, side: int, k: int) -> list[st
     if method == "patchgd":
         sets.append(f"method.sample_fraction={k / n}")
     cmd = [sys.executable, "-m", "gigapatch.cli", "train", "--config", str(_base_config(runs)),
-           "--name", f"{method}_{side}"]
+           "--name", f"{method}_{side}", "--overwrite"]
     for s in sets:
         cmd += ["--set", s]
     return cmd

@@ -74,7 +74,7 @@ def train_run(args: argparse.Namespace) -> dict[str, Any]:
         *args.set,
     ])
     start = time.perf_counter()
-    summary = train(cfg)
+    summary = train(cfg, overwrite=True)  # the benchmark owns its run directory
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     summary["selection"] = selection_quality(Path(summary["run_dir"]) / "last.pt", args.data_dir)
     summary["settings"] = {

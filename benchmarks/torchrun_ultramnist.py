@@ -27,7 +27,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node=2", "-m", "gigapatch", "train", "--config",
                     "configs/ultramnist_patchgd.yaml", "--set", "train.epochs=1",
-                    "--set", "train.progress=false", "--name", NAME],
+                    "--set", "train.progress=false", "--name", NAME, "--overwrite"],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     s = json.loads((ROOT / "runs" / NAME / "summary.json").read_text())
     print(f"world_size {s['world_size']}: one epoch in {s['train_seconds']:.0f} s, "

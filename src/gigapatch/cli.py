@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from gigapatch.config import Config, load_config
-from gigapatch.core.errors import GigapatchError
+from gigapatch.core.errors import DataError, GigapatchError
 from gigapatch.core.units import format_bytes, parse_bytes
 from gigapatch.data.batch import LazyBatch
-from gigapatch.data.datasets import open_dataset
+from gigapatch.data.datasets import check_images, describe_data, open_dataset
 from gigapatch.demo import run_demo
 from gigapatch.engine.checkpoint import load_method
 from gigapatch.engine.loop import evaluate, loader_for, resolve_device, train
@@ -54,7 +54,6 @@ log = logging.getLogger("gigapatch")
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-
     summary = generate_ultramnist(
         args.out,
         n_train=args.n_train,
@@ -72,7 +71,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_megapixel(args: argparse.Namespace) -> int:
-
     summary = generate_megapixel_mnist(
         args.out,
         n_train=args.n_train,
@@ -88,7 +86,6 @@ def _cmd_data_megapixel(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_gigapixel(args: argparse.Namespace) -> int:
-
     summary = generate_gigapixel(
         args.out,
         n_train=args.n_train,
@@ -110,19 +107,17 @@ def _cmd_data_gigapixel(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-
     overrides = list(args.set or [])
     if args.name:
         overrides.append(f"name={args.name}")
     cfg = load_config(args.config, overrides)
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, from rank 0
         print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-
     device = resolve_device(args.device)
     method, task, cfg = load_method(args.checkpoint, device)
     if args.batch_size:
@@ -132,7 +127,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             cfg.data.val_csv = args.data
         else:
             cfg.data.root = args.data
-    ds = open_dataset(cfg, "val")
+    trained = (f"the checkpoint {args.checkpoint} was trained for {cfg.data.num_classes} "
+               f"classes (labels 0..{cfg.data.num_classes - 1}) on {cfg.data.in_chans}-channel "
+               "images")
+    try:
+        ds = open_dataset(cfg, "val")
+        check_images(ds, cfg.data.in_chans, describe_data(cfg, "val"), progress=not args.quiet)
+    except DataError as e:
+        raise DataError(f"{e} Here {trained}: evaluate it on data like that.") from None
     result = evaluate(method, task, loader_for(ds, cfg, task, shuffle=False),
                       precision=cfg.train.precision, progress=not args.quiet)
     data = cfg.data.val_csv if cfg.data.kind in ("csv", "lazy_csv") else \
@@ -143,9 +145,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-
-
-
     device = resolve_device(args.device)
     method, task, cfg = load_method(args.checkpoint, device)
     if SUPPORTED_EXTENSIONS.get(Path(args.image).suffix.lower()) in ("tiff", "openslide", "numpy"):
@@ -153,9 +152,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         image = torch.from_numpy(read_image(args.image)).permute(2, 0, 1)[None]  # (1, C, H, W)
     if image.shape[1] != cfg.data.in_chans:
-        raise GigapatchError(
-            f"{args.image} has {image.shape[1]} channel(s) but the model expects "
-            f"{cfg.data.in_chans}."
+        raise DataError(
+            f"{args.image} has {image.shape[1]} channel(s), but the checkpoint "
+            f"{args.checkpoint} was trained on {cfg.data.in_chans}-channel images. Convert the "
+            "image, or use a checkpoint trained on images like it."
         )
     method.eval()
     explanation = None
@@ -233,13 +233,11 @@ def _cmd_memory(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-
     run_demo(out_dir=args.out, data_dir=args.data_dir, quick=args.quick)
     return 0
 
 
 def _cmd_encoders(args: argparse.Namespace) -> int:
-
     print("encoders:", ", ".join(encoder_names()), "+ timm:<model> (with timm installed)")
     print("heads:   ", ", ".join(HEADS.names()))
     print("methods: ", ", ".join(method_names()))
@@ -328,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--name", help="run name (default: the config's name)")
     t.add_argument("--resume", action="store_true", help="continue from <run>/last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in <out_dir>/<name> (refused without it)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a CSV data set")

@@ -108,6 +108,9 @@ class MethodConfig:
     memory_size: int = 100
     iter_size: int = 100
     pos_encoding: bool = True
+    patch_weighting: str = "mean"
+    hard_fraction: float = 0.25
+    pool: str = "mean"
 
 
 @dataclass
@@ -154,6 +157,8 @@ class Config:
         _check(self.data.num_classes >= 2, "data.num_classes", self.data.num_classes, "≥ 2")
         _check(self.data.in_chans >= 1, "data.in_chans", self.data.in_chans, "≥ 1")
         _check(self.data.std > 0, "data.std", self.data.std, "> 0")
+        _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers,
+               "≥ 0 (0 = load in the main process)")
         d = self.data
         _choice("data.kind", d.kind, ("csv", "lazy_csv", "folder", "megapixel_mnist"))
         _choice("data.background", d.background, ("auto", "bright", "dark"))
@@ -184,6 +189,10 @@ class Config:
         _check(m.fill_chunk >= 1, "method.fill_chunk", m.fill_chunk, "≥ 1")
         _choice("method.fill_mode", m.fill_mode, ("train", "eval"))
         _choice("method.global_context", m.global_context, ("none", "add", "concat"))
+        _choice("method.patch_weighting", m.patch_weighting, ("mean", "top_k_loss"))
+        _check(0 < m.hard_fraction <= 1, "method.hard_fraction", m.hard_fraction,
+               "in (0, 1] (the share of the sampled patches with the highest loss trained on)")
+        _choice("method.pool", m.pool, ("mean", "max", "logsumexp"))
         _check(m.memory_size >= 1, "method.memory_size", m.memory_size, "≥ 1 (IPS's M)")
         _check(m.iter_size >= 1, "method.iter_size", m.iter_size, "≥ 1 (IPS's I)")
         t = self.train

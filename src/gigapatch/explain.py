@@ -108,9 +108,10 @@ def draw_saliency(
     saliency: torch.Tensor,
     path: str | os.PathLike[str],
     title: str = "",
+    label: str = "probability drop when the cell is occluded",
 ) -> Path:
     """Draw ``(C, H, W)`` ``image`` (or a reader's image) under a heat map of per-cell
-    ``saliency`` ``(rows, cols)``; writes a PNG to ``path``."""
+    ``saliency`` ``(rows, cols)`` (``label`` names the values); writes a PNG to ``path``."""
     fig, ax, scale = _figure(image, title)
     # One stride-sized tile per cell, centred on the cell's patch.
     off = (grid.patch_size - grid.stride) / 2
@@ -122,7 +123,7 @@ def draw_saliency(
     h, w = _size(image)
     ax.set_xlim(-0.5, w * scale - 0.5)
     ax.set_ylim(h * scale - 0.5, -0.5)
-    fig.colorbar(im, ax=ax, fraction=0.04, label="probability drop when the cell is occluded")
+    fig.colorbar(im, ax=ax, fraction=0.04, label=label)
     return save_figure(fig, path)
 
 

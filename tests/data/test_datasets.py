@@ -82,12 +82,20 @@ def test_label_out_of_range_names_line_value_and_range(tmp_path: Path, images: d
 
 
 def test_negative_and_non_integer_labels(tmp_path: Path, images: dict) -> None:
-    with pytest.raises(DataError, match="line 2: label -1 is out of range"):
+    with pytest.raises(DataError, match="line 2: label '-1' is not a class index"):
         CSVImageDataset(_write_csv(tmp_path / "neg.csv", "path,label\nimg/a.png,-1\n"))
-    with pytest.raises(DataError, match="line 3: label 'cat' is not an integer"):
+    with pytest.raises(DataError, match="line 3: label 'cat' is not a class index"):
         CSVImageDataset(_write_csv(tmp_path / "cat.csv", "path,label\nimg/a.png,1\nimg/b.png,cat\n"))
-    with pytest.raises(DataError, match="label '2.5' is not an integer"):
+    with pytest.raises(DataError, match="label '2.5' is not a class index"):
         CSVImageDataset(_write_csv(tmp_path / "frac.csv", "path,label\nimg/a.png,2.5\n"))
+
+
+@pytest.mark.parametrize("text", ["1_0", "+1", "\u0663", "1e1"])
+def test_labels_are_plain_digits_only(tmp_path: Path, images: dict, text: str) -> None:
+    """Python's int() reads "1_0" as 10 and "\u0663" (Arabic-Indic three) as 3: refused."""
+    with pytest.raises(DataError, match="is not a class index"):
+        CSVImageDataset(_write_csv(tmp_path / "u.csv", f"path,label\nimg/a.png,{text}\n"))
+    assert CSVImageDataset(_write_csv(tmp_path / "ok.csv", "path,label\nimg/a.png, 12 \n")).labels == [12]
 
 
 def test_missing_image_file_is_named(tmp_path: Path, images: dict) -> None:

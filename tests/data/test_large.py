@@ -116,8 +116,8 @@ def test_gigapixel_csv_reads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("path,label\na.tiff,x\n", r"line 2: label 'x' is not an integer"),
-        ("path,label\na.tiff,1\nb.png,-1\n", r"line 3: label -1 is out of range"),
+        ("path,label\na.tiff,x\n", r"line 2: label 'x' is not a class index"),
+        ("path,label\na.tiff,1\nb.png,-1\n", r"line 3: label '-1' is not a class index"),
         ("path,label\na.tiff,7\n", r"line 2: label 7 is out of range \[0, 3\)"),
         ("file,label\na.tiff,1\n", r"lacks column\(s\) \['path'\]; found columns \['file', "),
         ("path,label\n", "no rows"),

@@ -18,3 +18,7 @@ class ConfigError(GigapatchError, ValueError):
 
 class DataError(GigapatchError):
     """An input file or label is missing, corrupt or out of range."""
+
+
+class TrainingDiverged(GigapatchError):
+    """The loss or the gradients stopped being finite (NaN/inf): training cannot go on."""

@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gigapatch.core.grid import PatchGrid
-from gigapatch.core.errors import DataError
+from gigapatch.core.errors import DataError, GigapatchError
 from gigapatch.data.tissue import foreground_mask
 from gigapatch.io.readers import ImageReader
 
 __all__ = [
+    "batches",
+    "unwrap_worker_error",
     "STRIP_PIXELS",
     "Images",
     "LazyBatch",
@@ -240,3 +242,35 @@ def make_loader(ds: Dataset, batch_size: int, collate_targets: Callable[[list[An
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),  # workers' base seed: fixed by seed
     )
+
+
+#: What DataLoader puts before the original traceback of an error raised in a worker.
+_WORKER_MARK = "Original Traceback"
+
+
+def unwrap_worker_error(err: GigapatchError) -> GigapatchError:
+    """The error a DataLoader worker raised, without the worker wrapping.
+
+    A worker's exception is re-raised in the main process as the same class with the message
+    ``"Caught DataError in DataLoader worker process 0. Original Traceback …"`` (some 25
+    lines); this gives back the same class with the original one-line message (``err``
+    itself if it was not wrapped)."""
+    text = str(err)
+    if _WORKER_MARK not in text:
+        return err
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    at = text.rfind(name)
+    message = text[at + len(name):] if at >= 0 else text.strip().splitlines()[-1]
+    return type(err)(message.strip())
+
+
+def batches(loader: DataLoader) -> Iterator[Any]:
+    """Iterate ``loader`` (once: its workers start once), with errors raised in its worker
+    processes shown as they would be without workers (:func:`unwrap_worker_error`)."""
+    try:
+        yield from loader
+    except GigapatchError as err:
+        clean = unwrap_worker_error(err)
+        if clean is err:
+            raise
+        raise clean from None

@@ -107,18 +107,19 @@ def _parse_label(
     csv_path: Path, column: str, text: str, line: int, num_classes: int | None
 ) -> int:
     """The integer label on CSV line ``line``; DataError if not an integer in range."""
-    try:
-        label = int(text)
-    except ValueError:
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()):  # int() would take "1_0", " +3", "٣"
         raise DataError(
-            f"Dataset CSV {csv_path}, line {line}: {column} {text!r} is not an integer. "
-            "Labels must be class indices 0, 1, 2, ..."
-        ) from None
+            f"Dataset CSV {csv_path}, line {line}: {column} {text!r} is not a class index. "
+            "Labels must be plain non-negative integers 0, 1, 2, ..."
+        )
+    label = int(digits)
     if label < 0 or (num_classes is not None and label >= num_classes):
         upper = "num_classes" if num_classes is None else str(num_classes)
         raise DataError(
             f"Dataset CSV {csv_path}, line {line}: {column} {label} is out of range "
             f"[0, {upper}). Fix the label"
-            + (" or pass a larger num_classes." if num_classes is not None else ".")
+            + (" (or, when training, set data.num_classes)." if num_classes is not None
+               else ".")
         )
     return label

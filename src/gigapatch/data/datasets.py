@@ -15,17 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from gigapatch.config import Config
 from gigapatch.data.large import LargeImageCSVDataset, LargeImageFolderDataset
 from gigapatch.data.task_columns import LABEL_TASK, TaskColumns
-from gigapatch.core.errors import ConfigError
+from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.image import read_image
 from gigapatch.synth.megapixel_mnist import TASKS, MegapixelMNISTDataset
 
-__all__ = ["CSVImageDataset", "describe_data", "open_dataset"]
+__all__ = ["CSVImageDataset", "check_images", "describe_data", "open_dataset"]
 
-
+_MAX_LISTED = 5  # files named in one message
 
 class CSVImageDataset(LargeImageCSVDataset):
     """Images and integer labels listed in a CSV with columns ``path,label``, decoded whole.
@@ -84,6 +85,67 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
     return TaskColumns(ds, d.tasks, d.multilabel, d.num_classes) if d.tasks else ds
 
 
-def describe_data(cfg: Config) -> str:
-    """Where ``cfg``'s training images come from, for messages."""
-    return cfg.data.train_csv if cfg.data.kind in ("csv", "lazy_csv") else str(cfg.data.root)
+def describe_data(cfg: Config, split: str = "train") -> str:
+    """Where ``cfg``'s ``train`` or ``val`` images come from, for messages."""
+    d = cfg.data
+    if d.kind in ("csv", "lazy_csv"):
+        return d.train_csv if split == "train" else d.val_csv
+    sub = {"folder": {"train": "train", "val": "val"},
+           "megapixel_mnist": {"train": "train", "val": "test"}}.get(d.kind, {}).get(split, "")
+    return str(Path(d.root) / sub) if sub else str(d.root)
+
+
+def check_images(ds: Dataset, in_chans: int, where: str, *, progress: bool = True) -> int:
+    """Check every image ``ds`` will give against ``in_chans`` channels of 8-bit pixels,
+    from the file headers (no pixels are decoded), before any training or evaluation starts.
+
+    Images decoded whole (``data.kind: csv``) become 1 channel (grayscale modes) or 3 (RGB;
+    alpha dropped, 16-bit scaled to 8), so only their channel count is checked; images read
+    lazily must also be ``uint8``. Data sets without image files (Megapixel MNIST renders
+    1-channel canvases) are checked by their first item. Returns the number of images checked.
+
+    Raises:
+        DataError: naming up to five offending files (and how many more), their channels or
+            pixel type, ``where`` they are listed, and what to change.
+    """
+    base = getattr(ds, "base", ds)  # TaskColumns wraps the CSV set
+    if not hasattr(base, "reader"):
+        image, _ = ds[0]
+        c = image.shape[0] if isinstance(image, torch.Tensor) else image.shape[2]
+        if c != in_chans:
+            raise DataError(f"images of {where} have {c} channel(s) but the model takes "
+                            f"{in_chans}; set data.in_chans={c} (or use a matching checkpoint).")
+        return 1
+    decoded = isinstance(base, CSVImageDataset)
+    wrong: list[str] = []
+    not_8bit: list[str] = []
+    n = len(base)
+    for i in tqdm(range(n), desc="checking image headers", unit="img", leave=False,
+                  disable=not progress or n < 2000):
+        reader = base.reader(i)
+        c = reader.shape[2]
+        if decoded:
+            c = 1 if c == 1 else 3
+        elif reader.dtype != np.uint8:
+            not_8bit.append(f"{reader.path} ({reader.dtype})")
+        if c != in_chans:
+            wrong.append(f"{reader.path} ({c} channel{'s' if c != 1 else ''})")
+    if wrong:
+        raise DataError(
+            f"{len(wrong)} of the {n} images listed in {where} do not have the "
+            f"{in_chans} channel(s) the model takes (data.in_chans = {in_chans}): "
+            f"{_listing(wrong)}. Convert them (e.g. to {'grayscale' if in_chans == 1 else 'RGB'}"
+            "), or set data.in_chans to the channels of all images (every split must match)."
+        )
+    if not_8bit:
+        raise DataError(
+            f"{len(not_8bit)} of the {n} images listed in {where} are not 8-bit: "
+            f"{_listing(not_8bit)}. gigapatch trains on uint8 pixels: convert them (e.g. "
+            "rescale 16-bit to 0..255)."
+        )
+    return n
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")

@@ -41,5 +41,34 @@ def load_method(path: str | Path, device: str | torch.device = "cpu"
     cfg = config_from_dict(state["config"], source=f"{path} (config)")
     task = create_task(cfg)
     method = create_method(cfg, task)
+    _check_weights(method, state["model"], path, cfg)
     method.load_state_dict(state["model"])
     return method.to(device).eval(), task, cfg
+
+
+def _check_weights(method: Method, weights: dict[str, Any], path: str | Path, cfg: Config
+                   ) -> None:
+    """DataError unless ``weights`` has exactly the keys and shapes of ``method``."""
+    own = method.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(v.shape)} in the model"
+              for k, v in own.items()
+              if k in weights and hasattr(weights[k], "shape") and weights[k].shape != v.shape]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"{len(missing)} missing ({_few(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({_few(unexpected)})" if unexpected else "",
+             f"{len(shapes)} of another shape ({_few(shapes)})" if shapes else ""]
+    raise DataError(
+        f"{path}: the weights do not fit the model its config describes (method "
+        f"{cfg.method.name}, encoder {cfg.model.encoder}, latent_dim {cfg.model.latent_dim}, "
+        f"{cfg.data.num_classes} classes, {cfg.data.in_chans} input channel(s)): keys "
+        + "; ".join(p for p in parts if p)
+        + ". Was the file's config edited, or the file written by another gigapatch version? "
+        "Use the checkpoint as its run wrote it."
+    )
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

@@ -12,6 +12,11 @@ task's metrics, and keeps everything in ``<out_dir>/<name>/``:
 - ``summary.json`` — method, task, sizes, best/final metrics, measured peak memory of one
   training step, time, throughput and ``world_size``; ``train.log`` — the log.
 
+A run directory that already holds a run (``last.pt``, ``best.pt``, ``metrics.csv`` or
+``summary.json``) is never overwritten by accident: ``train`` refuses unless it resumes that
+run (``resume=True``) or is told to replace it (``overwrite=True``, which deletes the old
+run's files first; other files in the directory are left alone).
+
 Several processes (torchrun): each takes its share of every batch (the processes' batches
 together are one batch of ``world_size`` × ``train.batch_size`` images), gradients are
 synchronised once per update, validation metrics are reduced over all processes, and only
@@ -37,11 +42,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gigapatch.config import Config, config_from_dict, save_config
-from gigapatch.core.errors import ConfigError
+from gigapatch.core.errors import ConfigError, TrainingDiverged
 from gigapatch.core.files import remove_orphans, write_json
 from gigapatch.core.units import format_bytes, parse_bytes
-from gigapatch.data.batch import make_loader
-from gigapatch.data.datasets import describe_data, open_dataset
+from gigapatch.data.batch import batches, make_loader
+from gigapatch.data.datasets import check_images, describe_data, open_dataset
 from gigapatch.engine import distributed
 from gigapatch.engine.checkpoint import load_checkpoint, save_checkpoint
 from gigapatch.engine.reporting import plot_curves, write_metrics
@@ -54,7 +59,13 @@ from gigapatch.tasks import Task, create_task
 
 log = logging.getLogger("gigapatch")
 
-__all__ = ["evaluate", "loader_for", "resolve_device", "seed_everything", "train"]
+__all__ = ["RUN_FILES", "evaluate", "loader_for", "resolve_device", "seed_everything", "train"]
+
+#: The files a run writes into its directory (``--overwrite`` deletes these, nothing else).
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "summary.json", "config.yaml", "train.log",
+             "training_curve.png")
+#: Files whose presence means the directory holds a run.
+_RUN_MARKERS = ("last.pt", "best.pt", "metrics.csv", "summary.json")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,7 +107,7 @@ def evaluate(method: Method, task: Task, loader: DataLoader, *, precision: str =
     metrics = task.metrics().to(method.device)
     loss_sum, n = 0.0, 0
     bar = tqdm(total=len(loader), desc="eval", leave=False, disable=not progress)
-    for images, targets in loader:
+    for images, targets in batches(loader):
         with autocast(precision, method.device):
             output = method.predict(images)
             loss = task.loss(output, targets)
@@ -129,18 +140,65 @@ def _image_size(ds: Dataset) -> tuple[int, int, int]:
     return tuple(img.shape)  # type: ignore[return-value]
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+class _Forward(logging.Handler):
+    """Hands records at or above its level to the root logger's handlers (what propagation
+    would have done at the logger's original level)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
+def _claim(run_dir: Path, resume: bool, overwrite: bool, main: bool) -> None:
+    """Refuse to write over a run held in ``run_dir`` unless resuming it or told to
+    overwrite it (then, on the main process, delete that run's files)."""
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: --resume continues the run "
+                          f"in {run_dir}, --overwrite replaces it. Choose one.")
+    if resume:
+        return
+    held = [f for f in _RUN_MARKERS if (run_dir / f).exists()]
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"the run directory {run_dir} already holds a run ({', '.join(held)}); training "
+            "again would overwrite it. Continue it with --resume (train(cfg, resume=True)), "
+            "give this run another name (--name NAME, or name=... in the config), or replace "
+            "the old run with --overwrite (train(cfg, overwrite=True))."
+        )
+    if main:
+        for f in RUN_FILES:
+            (run_dir / f).unlink(missing_ok=True)
+        log.info("--overwrite: deleted the previous run's files in %s", run_dir)
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg`` and return the summary dict (also written to ``summary.json``).
 
-    Under torchrun (``WORLD_SIZE`` > 1) joins the process group first and leaves it at the
-    end; every process returns the same summary."""
+    ``resume``: continue the run in ``<out_dir>/<name>`` from its ``last.pt``. ``overwrite``:
+    replace a run already there (without it, an existing run is refused with a
+    :class:`ConfigError`). Under torchrun (``WORLD_SIZE`` > 1) joins the process group first
+    and leaves it at the end; every process returns the same summary."""
     cfg.validate()
     place, device = distributed.setup(resolve_device(cfg.train.device))
     run_dir = Path(cfg.train.out_dir) / cfg.name
+    try:
+        _claim(run_dir, resume, overwrite, place.main)
+    except BaseException:
+        if place.enabled:
+            distributed.teardown()
+        raise
     handler: logging.Handler | None = None
-    level = log.level
+    level, propagate, forward = log.level, log.propagate, None
     if not place.main:
         log.setLevel(logging.WARNING)  # only rank 0 logs progress
+    elif log.getEffectiveLevel() > logging.INFO:
+        # Started from Python with logging at WARNING (the default): train.log still gets
+        # the INFO lines; what reaches the caller's handlers stays as it was.
+        forward = _Forward(log.getEffectiveLevel())
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.addHandler(forward)
     if place.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(run_dir / "train.log")
@@ -152,6 +210,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         return _train(cfg, run_dir, resume, place, device)
     finally:
         log.setLevel(level)
+        log.propagate = propagate
+        if forward is not None:
+            log.removeHandler(forward)
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
@@ -171,12 +232,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
     task = create_task(cfg)
 
     train_ds, val_ds = open_dataset(cfg, "train"), open_dataset(cfg, "val")
+    for split, ds in (("train", train_ds), ("val", val_ds)):  # headers, before any epoch
+        check_images(ds, cfg.data.in_chans, describe_data(cfg, split), progress=place.main)
     c, h, w = _image_size(train_ds)
-    if c != cfg.data.in_chans:
-        raise ConfigError(
-            f"images in {describe_data(cfg)} have {c} channel(s) but data.in_chans = "
-            f"{cfg.data.in_chans}; set data.in_chans={c}."
-        )
     if state is None and cfg.train.memory_budget is not None:
         fit_to_budget(cfg, (c, h, w), parse_bytes(cfg.train.memory_budget), device)
 
@@ -205,6 +263,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
         history = state["history"]
         peak_memory = state["peak_memory_bytes"]
         train_seconds, images_seen = state["train_seconds"], state["images_seen"]
+        best_value, best_epoch = _best_on_disk(run_dir, best_value, best_epoch)
         log.info("resumed %s from epoch %d", run_dir / "last.pt", start_epoch)
     if place.main:
         save_config(cfg, run_dir / "config.yaml")
@@ -224,26 +283,29 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
         loss_sum, n_batches, n_images = 0.0, 0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not progress, leave=False)
-        for i, (images, targets) in enumerate(loader):
+        for i, (images, targets) in enumerate(batches(loader)):
             if i >= steps_per_epoch:
                 break
             images = method.host_transform(images)
             measure = peak_memory is None and cfg.train.measure_memory and (
                 i == 1 or steps_per_epoch == 1
             )
-            if measure:
-                out: dict[str, float] = {}
+            try:
+                if measure:
+                    out: dict[str, float] = {}
 
-                def step() -> None:
-                    out["loss"] = method.train_step(images, targets, ctx)
+                    def step() -> None:
+                        out["loss"] = method.train_step(images, targets, ctx)
 
-                peak_memory = measure_step_peak(
-                    step, model=method, optimizer=optimizer, device=device
-                )
-                loss = out["loss"]
-                log.info("peak memory of one training step: %s", format_bytes(peak_memory))
-            else:
-                loss = method.train_step(images, targets, ctx)
+                    peak_memory = measure_step_peak(
+                        step, model=method, optimizer=optimizer, device=device
+                    )
+                    loss = out["loss"]
+                    log.info("peak memory of one training step: %s", format_bytes(peak_memory))
+                else:
+                    loss = method.train_step(images, targets, ctx)
+            except TrainingDiverged as err:
+                raise _diverged(cfg, run_dir, epoch, i, str(err)) from None
             scheduler.step()
             loss_sum += loss
             n_batches += 1
@@ -273,6 +335,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             epoch + 1, cfg.train.epochs, row["train_loss"], row["val_loss"], task.monitor,
             val[task.monitor], row["epoch_seconds"],
         )
+        if not all(bool(torch.isfinite(p).all()) for p in method.parameters()):
+            raise _diverged(cfg, run_dir, epoch, steps_per_epoch - 1, "a parameter is not finite")
         improved = task.better(val[task.monitor], best_value)
         if improved:
             best_value, best_epoch = val[task.monitor], epoch + 1
@@ -315,12 +379,51 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
     return summary
 
 
+def _best_on_disk(run_dir: Path, best_value: float | None, best_epoch: int
+                  ) -> tuple[float | None, int]:
+    """The best epoch and value as ``best.pt`` itself records them.
+
+    ``best.pt`` is written before ``last.pt``, so a crash between the two leaves a
+    ``best.pt`` one epoch ahead of what ``last.pt`` names; ``best.pt`` is then the truth (the
+    resumed run retrains that epoch and keeps ``best.pt`` unless it does better). A missing
+    ``best.pt`` is rewritten by the next epoch."""
+    path = run_dir / "best.pt"
+    if not path.is_file():
+        if best_epoch > 0:
+            log.warning("%s is missing (last.pt names epoch %d); the next epoch writes it",
+                        path, best_epoch)
+        return None, -1
+    saved = load_checkpoint(path)
+    epoch, value = saved["epoch"] + 1, saved["best_value"]
+    if epoch != best_epoch:
+        log.warning("%s holds epoch %d where last.pt names epoch %d (a crash between the two "
+                    "writes); keeping best.pt's epoch %d as the best", path, epoch, best_epoch,
+                    epoch)
+    return value, epoch
+
+
+def _diverged(cfg: Config, run_dir: Path, epoch: int, step: int, what: str) -> TrainingDiverged:
+    """The error that stops a run whose loss or gradients became NaN/inf."""
+    kept = (f"{run_dir / 'last.pt'} keeps the last finite state (epoch {epoch}) and best.pt "
+            "the best epoch before it" if epoch > 0 else "no checkpoint was written (epoch 1 did not "
+            "finish)")
+    t = cfg.train
+    return TrainingDiverged(
+        f"training diverged in epoch {epoch + 1}, step {step + 1}: {what}. Stopped; {kept}. "
+        f"Try a lower train.lr (now {t.lr:g}), gradient clipping (train.grad_clip=1.0"
+        f"{'' if t.grad_clip is None else f', now {t.grad_clip:g}'}), a longer warm-up "
+        f"(train.warmup_epochs, now {t.warmup_epochs:g})"
+        + (f" or train.precision=32 (now {t.precision})" if t.precision != "32" else "")
+        + "; then train again with --overwrite or under a new name."
+    )
+
+
 def _summary(cfg: Config, task: Task, method: Method, history: list[dict[str, Any]],
              best_value: float | None, best_epoch: int, hw: tuple[int, int]
              ) -> dict[str, Any]:
     """The run's facts and figures: best and final held-out metrics."""
     h, w = hw
-    best = history[best_epoch - 1] if history and best_epoch > 0 else {}
+    best = history[best_epoch - 1] if 0 < best_epoch <= len(history) else {}
     last = history[-1] if history else {}
     metrics = [k[len("val_"):] for k in last if k.startswith("val_") and k != "val_loss"]
     out: dict[str, Any] = {

@@ -10,10 +10,10 @@ the method names the settings it can shrink (:attr:`~gigapatch.methods.base.Meth
 
 - ``input_side`` (``full``): the largest input side (a multiple of 4 px, from 16 px up to
   full resolution);
-- ``k``, ``fill_chunk`` (``patchgd``): first the most patches per inner step k (up to the
-  configured ``sample_fraction``), then the largest no-grad fill chunk (up to
-  ``method.fill_chunk``). k matters for learning, the fill chunk only for speed, hence this
-  order.
+- ``k``, ``fill_chunk`` (``patchgd``, ``patchwise``): first the most patches per (inner)
+  step k (up to the configured ``sample_fraction``), then the largest no-grad chunk (up to
+  ``method.fill_chunk``: PatchGD's fill, patchwise's scoring and prediction). k matters for
+  learning, the chunk only for speed, hence this order.
 
 Candidates are priced with fake-tensor estimates (:class:`gigapatch.memory.estimates.StepEstimator`,
 no memory allocated, byte-equal to the CPU measurement), falling back to real measurements for
@@ -202,19 +202,20 @@ def _fit_k_and_chunk(
     def peak(k: int, chunk: int) -> int:
         return price(sample_fraction=frac(k), fill_chunk=chunk)
 
+    kind = METHODS.get(name)
     wanted = peak(k_max, chunk_max)
     if wanted <= usable:
         log.info(
-            "memory budget %s: %s at %d×%d with k=%d of %d patches per inner step and "
-            "fill_chunk %d needs %s, fits",
-            format_bytes(budget), name, h, w, k_max, n, chunk_max, format_bytes(wanted),
+            "memory budget %s: %s at %d×%d with k=%d of %d %s and fill_chunk %d needs %s, fits",
+            format_bytes(budget), name, h, w, k_max, n, kind.k_means, chunk_max,
+            format_bytes(wanted),
         )
         return
     smallest = peak(1, 1)
     if smallest > usable:
         raise ConfigError(
             f"{name} does not fit the memory budget of {format_bytes(budget)} at {h}×{w} even "
-            f"with k=1 patch per inner step and fill_chunk 1: that needs {format_bytes(smallest)}"
+            f"with k=1 ({kind.k_means}) and fill_chunk 1: that needs {format_bytes(smallest)}"
             f" (the configured k={k_max}, fill_chunk {chunk_max} needs {format_bytes(wanted)}). "
             f"Raise train.memory_budget to at least {format_bytes(_needed(smallest, price.device))}"
             ", or lower train.batch_size, method.patch_size or model.latent_dim, or use a "
@@ -230,10 +231,10 @@ def _fit_k_and_chunk(
         else f"fill_chunk {chunk + 1} needs {format_bytes(peak(k, chunk + 1))}"
     )
     log.info(
-        "memory budget %s: %s at %d×%d (%d patches) uses k=%d patches per inner step "
-        "(configured %d; sample_fraction %.4g → %.4g, %d inner steps) and fill_chunk %d "
-        "(configured %d): %s per step; %s",
-        format_bytes(budget), name, h, w, n, k, k_max, old_fraction, m.sample_fraction, steps,
+        "memory budget %s: %s at %d×%d (%d patches) uses k=%d %s (configured %d; "
+        "sample_fraction %.4g → %.4g%s) and fill_chunk %d (configured %d): %s per step; %s",
+        format_bytes(budget), name, h, w, n, k, kind.k_means, k_max, old_fraction,
+        m.sample_fraction, f", {steps} inner steps" if kind.has_inner_steps else "",
         chunk, old_chunk, format_bytes(peak(k, chunk)), why,
     )
 

@@ -1,7 +1,7 @@
 """gigapatch.methods: how memory is bounded. Importing this package registers the methods
-``full``, ``patchgd`` and ``ips``."""
+``full``, ``patchgd``, ``ips`` and ``patchwise``."""
 
-from gigapatch.methods import full, ips, patchgd
+from gigapatch.methods import full, ips, patchgd, patchwise
 from gigapatch.methods.base import (
     METHODS,
     Method,
@@ -20,5 +20,6 @@ __all__ = [
     "ips",
     "method_names",
     "patchgd",
+    "patchwise",
     "repeated",
 ]

@@ -74,6 +74,10 @@ class Method(nn.Module):
     #: memory budget, most important first (e.g. PatchGD: ``("k", "fill_chunk")``); empty:
     #: the budget only checks that the configured setting fits.
     budget_knobs: ClassVar[tuple[str, ...]] = ()
+    #: What the budget's ``k`` counts, for its messages (methods with a ``k`` knob).
+    k_means: ClassVar[str] = "patches per step"
+    #: Whether ``method.inner_steps`` (J) applies (PatchGD).
+    has_inner_steps: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__()

@@ -56,6 +56,8 @@ class PatchGD(Method):
     """PatchGD over a latent grid Z with θ1 = encoder, θ2 = head."""
 
     budget_knobs = ("k", "fill_chunk")
+    k_means = "patches per inner step"
+    has_inner_steps = True
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)

@@ -17,6 +17,13 @@ once per update::
 
 Precision (``train.precision``): ``32`` (float32), ``bf16`` (``torch.autocast`` to bfloat16,
 on CPU and CUDA) or ``16-mixed`` (autocast to float16 with a gradient scaler; CUDA only).
+
+Divergence: before every optimizer step the global gradient norm is checked (it is already
+computed when clipping). A non-finite norm raises
+:class:`~gigapatch.core.errors.TrainingDiverged` *before* the step, so the parameters stay
+finite. Under ``16-mixed`` an overflow is normal (the scaler skips that step and lowers its
+scale); only :data:`MAX_SKIPPED_STEPS` skipped steps in a row count as divergence. Gradients
+are checked after their synchronisation, so every process decides alike.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gigapatch.core.errors import ConfigError
+from gigapatch.core.errors import ConfigError, TrainingDiverged
 
-__all__ = ["StepContext", "autocast", "autocast_dtype"]
+__all__ = ["MAX_SKIPPED_STEPS", "StepContext", "autocast", "autocast_dtype"]
+
+#: Float16 steps skipped in a row (gradient overflow) that count as divergence.
+MAX_SKIPPED_STEPS = 25
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -83,6 +93,7 @@ class StepContext:
         #: Optimizer steps taken (skipped float16 steps included).
         self.steps = 0
         self._sync = True
+        self._skipped = 0  # float16 steps skipped in a row
 
     # ------------------------------------------------------------------ forward
     def autocast(self) -> Any:
@@ -116,15 +127,36 @@ class StepContext:
         loss.backward()
 
     def step(self) -> None:
-        """Unscale, clip, step the optimizer and clear the gradients."""
+        """Unscale, clip, step the optimizer and clear the gradients.
+
+        Raises:
+            TrainingDiverged: the gradients are not finite (float32/bfloat16; the
+                parameters are left as they were), or :data:`MAX_SKIPPED_STEPS` float16
+                steps in a row overflowed.
+        """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.grad is not None]
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        elif self.scaler is None and params:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        else:
+            norm = None
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self._skipped = self._skipped + 1 if self.scaler.get_scale() < scale else 0
+            if self._skipped >= MAX_SKIPPED_STEPS:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(
+                    f"the float16 gradients overflowed in {self._skipped} steps in a row "
+                    f"(loss scale now {self.scaler.get_scale():g})")
         else:
+            if norm is not None and not bool(torch.isfinite(norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(f"the gradient norm is {float(norm)}")
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1

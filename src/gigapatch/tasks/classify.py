@@ -27,6 +27,7 @@ __all__ = [
     "HeadMetric",
     "probabilities",
     "random_targets",
+    "sample_losses",
     "task_loss",
 ]
 
@@ -76,6 +77,27 @@ def task_loss(
         raise KeyError(f"targets lack the task(s) {missing}; they have {list(targets)}")
     losses = [_one_loss(out, targets[t], t in multilabel) for t, out in logits.items()]
     return torch.stack(losses).sum()
+
+
+def sample_losses(
+    logits: Logits, targets: Targets, multilabel: Collection[str] = (), main_task: str | None = None
+) -> torch.Tensor:
+    """Each sample's loss ``(B,)``, summed over the tasks; its mean is :func:`task_loss`.
+
+    Same arguments as :func:`task_loss`; a multi-label task's loss is its BCE averaged over
+    the K labels.
+    """
+    def one(out: torch.Tensor, target: torch.Tensor, multi: bool) -> torch.Tensor:
+        target = target.to(out.device)
+        if multi:
+            return F.binary_cross_entropy_with_logits(
+                out, target.to(out.dtype), reduction="none").mean(dim=1)
+        return F.cross_entropy(out, target, reduction="none")
+
+    if isinstance(logits, torch.Tensor):
+        task = main_task if isinstance(targets, dict) else None
+        return one(logits, _pick(targets, main_task), task in multilabel)
+    return torch.stack([one(out, targets[t], t in multilabel) for t, out in logits.items()]).sum(0)
 
 
 def probabilities(logits: Logits, multilabel: Collection[str] = ()) -> Logits:
@@ -185,6 +207,10 @@ class Classify(Task):
 
     def loss(self, output: Logits, targets: Targets, window: Any = None) -> torch.Tensor:
         return task_loss(output, targets, self.multilabel, self.main)
+
+    def sample_losses(self, output: Logits, targets: Targets) -> torch.Tensor:
+        """Each sample's loss ``(B,)`` (their mean is :meth:`loss`)."""
+        return sample_losses(output, targets, self.multilabel, self.main)
 
     def _accuracy(self, head: str | None) -> Metric:
         k = self.num_classes
