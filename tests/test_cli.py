@@ -27,7 +27,7 @@ def _config_file(cfg, tmp_path, **changes):
 
 @pytest.mark.parametrize("sub", [[], ["data", "ultramnist"], ["train"], ["eval"], ["predict"],
                                  ["demo"], ["encoders"], ["memory"], ["data", "megapixel-mnist"],
-                                 ["data", "gigapixel"]])
+                                 ["data", "gigapixel"], ["data", "segmentation"]])
 def test_help_everywhere(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([*sub, "--help"])
@@ -188,3 +188,40 @@ def test_occlusion_explain_gives_the_same_prediction(tiny_config, tmp_path, caps
     plain = json.loads(out)
     assert plain["prediction"] == explained["prediction"]
     assert plain["probabilities"] == pytest.approx(explained["probabilities"], abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "patchwise"])
+def test_segmentation_train_eval_predict_mask_and_overlay(method, tmp_path, capsys):
+    code, _, _ = _run(capsys, "data", "segmentation", "--out", str(tmp_path / "seg"),
+                      "--n-train", "4", "--n-test", "2", "--side", "64", "--scale-min", "16",
+                      "--scale-max", "24", "--quiet")
+    assert code == 0
+    cfg = Config(name="seg")
+    cfg.task.kind = "segment"
+    cfg.task.metrics, cfg.task.monitor = ["dice", "iou", "pixel_accuracy"], "dice"
+    cfg.data.kind = "lazy_csv" if method == "patchwise" else "csv"
+    cfg.data.train_csv = str(tmp_path / "seg/train_majority.csv")
+    cfg.data.val_csv = str(tmp_path / "seg/test_majority.csv")
+    cfg.data.num_classes, cfg.data.in_chans = 2, 1
+    cfg.model.encoder = "tiny_unet"
+    cfg.method.name, cfg.method.patch_size = method, 32
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 1, 2, False
+    cfg.train.out_dir = str(tmp_path / "runs")
+    path = tmp_path / "seg.yaml"
+    save_config(cfg, path)
+    code, out, _ = _run(capsys, "train", "--config", str(path))
+    assert code == 0
+    summary = json.loads(out[out.index("{"):])
+    assert summary["monitor"] == "dice" and 0 <= summary["val_dice"] <= 1
+    ckpt = tmp_path / "runs/seg/best.pt"
+    code, out, _ = _run(capsys, "eval", "--checkpoint", str(ckpt), "--quiet")
+    assert code == 0 and json.loads(out)["dice"] == pytest.approx(summary["val_dice"])
+    image = tmp_path / "seg/test/images/000000.png"
+    code, out, _ = _run(capsys, "predict", str(image), "--checkpoint", str(ckpt), "--mask",
+                        str(tmp_path / "m.png"), "--overlay", str(tmp_path / "o.png"))
+    assert code == 0
+    result = json.loads(out)
+    assert sum(result["class_fractions"].values()) == pytest.approx(1.0, abs=1e-5)
+    from PIL import Image
+    assert Image.open(tmp_path / "m.png").size == (64, 64)
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"

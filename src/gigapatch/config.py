@@ -34,6 +34,9 @@ class DataConfig:
     ``kind: lazy_csv``: the same CSVs, read patch by patch from disk (tiled TIFF, slides, …).
     ``kind: folder``: ``root/{train,val}/<class>/<image>``, read patch by patch.
     ``kind: megapixel_mnist``: a Megapixel MNIST folder ``root`` (splits ``train``/``test``).
+    Segmentation (``task.kind: segment``): the CSVs list ``path`` and ``mask_column``; a
+    folder holds ``root/{train,val}/images`` and ``root/{train,val}/<mask_dir>`` with matching
+    file names; ``num_classes`` counts the background (class 0).
     ``tasks``: the labels to predict, e.g. ``[majority, max, top, multi]`` (empty: the single
     label of a CSV); the first is the main task (validation accuracy, best checkpoint). For
     CSVs each task is a column (``label`` the label column; multi-label columns list the
@@ -59,6 +62,8 @@ class DataConfig:
     num_workers: int = 0
     mean: float = 0.0
     std: float = 1.0
+    mask_column: str = "mask"
+    mask_dir: str = "masks"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from gigapatch.io.readers import ImageReader
 from gigapatch.plots import plt, save_figure
 
 __all__ = [
+    "draw_mask_overlay",
     "draw_patch_weights",
     "draw_saliency",
     "occlusion_explain",
@@ -178,3 +179,28 @@ def occlusion_explain(
             p = method.logits(zz, grid, gg).softmax(dim=1)[:, top]
             drops[start : start + len(cells)] = probs[top].cpu() - p.cpu()
     return logits, drops.view(grid.rows, grid.cols)
+
+
+def draw_mask_overlay(
+    image: torch.Tensor | ImageReader,
+    mask: torch.Tensor,
+    path: str | os.PathLike[str],
+    title: str = "",
+    num_classes: int | None = None,
+) -> Path:
+    """Draw class ids ``mask`` ``(H, W)`` over ``(C, H, W)`` ``image`` (a thumbnail of at most
+    :data:`MAX_SIDE` px): background (0) transparent, classes 1.. in distinct colours."""
+    fig, ax, scale = _figure(image, title)
+    h, w = mask.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    k = int(num_classes or int(small.max()) + 1)
+    cmap = plt.get_cmap("tab10" if k <= 11 else "tab20")
+    rgba = np.zeros((*size, 4), dtype=np.float32)
+    ids = small.numpy()
+    for c in range(1, k):
+        where = ids == c
+        if where.any():
+            rgba[where] = (*cmap((c - 1) % cmap.N)[:3], 0.6)
+    ax.imshow(rgba, interpolation="nearest")
+    return save_figure(fig, path)

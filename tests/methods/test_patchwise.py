@@ -206,3 +206,82 @@ def test_bad_settings_are_refused():
         _cfg(patch_weighting="hardest")
     with pytest.raises(ConfigError, match="method.hard_fraction"):
         _cfg(hard_fraction=0.0)
+
+
+# ---------------------------------------------------------------- segmentation
+def _seg_cfg(**method) -> Config:
+    cfg = Config()
+    cfg.task.kind = "segment"
+    cfg.data.num_classes, cfg.data.in_chans = 3, 1
+    cfg.model.encoder = "tiny_unet"
+    cfg.method.name = "patchwise"
+    cfg.method.patch_size = 16
+    cfg.method.fill_chunk = 5
+    for k, v in method.items():
+        setattr(cfg.method, k, v)
+    return cfg.validate()
+
+
+def test_dense_patchwise_with_one_patch_equals_full():
+    torch.manual_seed(0)
+    cfg = _seg_cfg(patch_size=32, sample_fraction=1.0)
+    pw = create_method(cfg).double()
+    full_cfg = copy.deepcopy(cfg)
+    full_cfg.method.name = "full"
+    full = create_method(full_cfg).double()
+    full.load_state_dict(pw.state_dict())
+    images = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    masks = pw.task.random_targets(2, (32, 32))
+    got, want = _grads(pw, images, masks), _grads(full, images, masks)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_dense_patches_are_trained_against_their_mask_windows():
+    torch.manual_seed(3)
+    method = create_method(_seg_cfg(sample_fraction=0.25))
+    images = torch.randint(0, 256, (2, 1, 48, 64), dtype=torch.uint8)  # 3×4 grid, k = 3
+    masks = method.task.random_targets(2, (48, 64))
+    seen = []
+    real_loss = method.task.loss
+    method.task.loss = lambda out, t, window=None: seen.append(window) or real_loss(out, t, window)
+    torch.manual_seed(7)
+    _grads(method, images, masks)
+    (window,) = seen
+    image, boxes = window
+    assert image.tolist() == [0, 0, 0, 1, 1, 1]
+    torch.manual_seed(7)
+    from gigapatch.core.sampling import sample_cells
+    cells = sample_cells(2, 12, 3)
+    assert torch.equal(boxes, method.grid(images).boxes()[cells.flatten()])
+
+
+def test_blend_weight_is_positive_symmetric_and_peaks_in_the_centre():
+    from gigapatch.methods.patchwise import blend_weight
+    for p in (7, 8):
+        w = blend_weight(p)
+        assert (w > 0).all() and torch.equal(w, w.T) and torch.equal(w, w.flip(0))
+        assert w.max() == 1.0 and w[p // 2, p // 2] == 1.0 and w[0, 0] == w.min()
+
+
+def test_sliding_window_of_a_pointwise_network_equals_the_whole_image():
+    """Overlapping windows blend to the whole-image output when patches agree where they
+    overlap (a pointwise network), at any stride and with padded borders."""
+    method = create_method(_seg_cfg(stride=6)).eval()
+    conv = torch.nn.Conv2d(1, 3, 1)
+    method.net = conv
+    images = torch.randint(0, 256, (2, 1, 40, 45), dtype=torch.uint8)
+    with torch.no_grad():
+        got = method.predict(images)
+        want = conv(method.prepare(images))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_patchwise_memory_is_flat_in_image_size():
+    cfg = _seg_cfg(sample_fraction=4 / 64, patch_size=32)
+    cfg.train.batch_size = 1
+    small = measure_method_peak(cfg, (1, 256, 256))
+    big_cfg = copy.deepcopy(cfg)
+    big_cfg.method.sample_fraction = 4 / 1024
+    big = measure_method_peak(big_cfg, (1, 1024, 1024))
+    assert big <= 1.1 * small, (small, big)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from gigapatch.config import Config
 from gigapatch.data.large import LargeImageCSVDataset, LargeImageFolderDataset
+from gigapatch.data.segmentation import SegmentationDataset, segmentation_csv, segmentation_folder
 from gigapatch.data.task_columns import LABEL_TASK, TaskColumns
 from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.image import read_image
@@ -62,6 +63,8 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
     d = cfg.data
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if cfg.task.kind == "segment":
+        return _segmentation(cfg, split)
     if d.kind == "megapixel_mnist":
         unknown = [t for t in d.tasks if t not in TASKS]
         if unknown:
@@ -83,6 +86,17 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
     else:
         ds = CSVImageDataset(path, num_classes=d.num_classes, extra_columns=extra)
     return TaskColumns(ds, d.tasks, d.multilabel, d.num_classes) if d.tasks else ds
+
+
+def _segmentation(cfg: Config, split: str) -> Dataset:
+    d = cfg.data
+    if d.kind == "folder":
+        return segmentation_folder(Path(d.root) / split, d.num_classes, mask_dir=d.mask_dir)
+    if d.kind in ("csv", "lazy_csv"):
+        return segmentation_csv(d.train_csv if split == "train" else d.val_csv, d.num_classes,
+                                lazy=d.kind == "lazy_csv", mask_column=d.mask_column)
+    raise ConfigError(f"data.kind = {d.kind!r} has no masks; for task.kind = segment use csv, "
+                      "lazy_csv (path,mask CSVs) or folder (images/ + masks/).")
 
 
 def describe_data(cfg: Config, split: str = "train") -> str:
@@ -116,7 +130,8 @@ def check_images(ds: Dataset, in_chans: int, where: str, *, progress: bool = Tru
             raise DataError(f"images of {where} have {c} channel(s) but the model takes "
                             f"{in_chans}; set data.in_chans={c} (or use a matching checkpoint).")
         return 1
-    decoded = isinstance(base, CSVImageDataset)
+    decoded = isinstance(base, CSVImageDataset) or (
+        isinstance(base, SegmentationDataset) and not base.lazy)
     wrong: list[str] = []
     not_8bit: list[str] = []
     n = len(base)

@@ -12,12 +12,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 from gigapatch.core.errors import DataError
-from gigapatch.core.files import atomic_write
+from gigapatch.core.files import atomic_path, atomic_write
 
-__all__ = ["read_image", "write_png"]
+__all__ = ["read_image", "write_mask", "write_png"]
 
 # Modes that become a single grayscale channel; everything else becomes RGB.
 _GRAY_MODES = {"1", "L", "LA", "La"}
@@ -120,3 +121,19 @@ def write_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     image = Image.fromarray(np.ascontiguousarray(array))
     atomic_write(path, lambda handle: image.save(handle, format="PNG"))
     return path
+
+
+def write_mask(path: str | os.PathLike[str], ids: np.ndarray, tile: int = 512) -> Path:
+    """Write class ids ``(H, W)`` (0..255) as a PNG, or, for a ``.tif``/``.tiff`` path, a
+    tiled TIFF (zlib), atomically."""
+    path = Path(path)
+    ids = np.asarray(ids)
+    if ids.min(initial=0) < 0 or ids.max(initial=0) > 255:
+        raise ValueError(f"class ids for {path} must be in 0..255")
+    ids = ids.astype(np.uint8)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, ids, tile=(tile, tile), compression="zlib",
+                             photometric="minisblack")
+        return path
+    return write_png(path, ids)

@@ -70,7 +70,7 @@ def measure_method_peak(
         b = cfg.train.batch_size
         images = torch.randint(0, 256, (b, *image_shape), dtype=torch.uint8)
         images = method.host_transform(images)
-        targets = task.random_targets(b)
+        targets = task.random_targets(b, tuple(image_shape[1:]))
         method.train_step(images, targets, ctx)
         peak = measure_step_peak(
             lambda: method.train_step(images, targets, ctx),

@@ -320,7 +320,7 @@ class _FakeTrainer:
             with self._active():
                 images = torch.empty((b, c, h, w), dtype=torch.uint8)  # fake: never allocated
                 images = self.method.host_transform(images)
-                targets = self.task.random_targets(b)
+                targets = self.task.random_targets(b, (h, w))
                 if not self.warm:
                     with _FakeMemoryTracker():  # answers .item() in the warm-up too
                         self._step(images, targets, warmup=True)

@@ -1,9 +1,13 @@
 """Full-image gradient descent ("GD"), the baseline every claim is measured against.
 
-The whole image goes through one network: the encoder named in the config, with its output
-size set to the number of classes. With ``method.downsample_to = S`` the image is first resized
-on the host (antialiased) so that its longer side is ``S`` pixels: the usual workaround under a
-memory limit, which loses small details. Memory grows with the (downsampled) H·W.
+The whole image goes through one network: for image-level tasks the encoder named by
+``model.encoder`` with its output size set to the number of classes; for dense tasks
+(segmentation) the dense network of that name (:mod:`gigapatch.models.dense`: ``tiny_unet``,
+``smp:<arch>[:<encoder>]``) with one logit per class and pixel. With
+``method.downsample_to = S`` the image is first resized on the host (antialiased) so that its
+longer side is ``S`` pixels: the usual workaround under a memory limit, which loses small
+details; a dense prediction is then upsampled back to the full mask (bilinear logits). Memory
+grows with the (downsampled) H·W.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from gigapatch.config import Config
 from gigapatch.data.batch import Images, LazyBatch
 from gigapatch.core.errors import ConfigError
 from gigapatch.methods.base import METHODS, Context, Method
+from gigapatch.models.dense import create_dense_net
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Task
+from gigapatch.tasks.segment import fit_to
 
 
 def downsampled_size(h: int, w: int, longer_side: int) -> tuple[int, int]:
@@ -52,10 +58,14 @@ class FullImage(Method):
         d = cfg.method.downsample_to
         if d is not None and d < 8:
             raise ConfigError(f"method.downsample_to = {d} is too small; use ≥ 8 pixels or null.")
-        self.net = create_encoder(
-            cfg.model.encoder, self.num_classes, self.in_chans, cfg.model.pretrained,
-            checkpoint_activations=cfg.model.checkpoint_activations,
-        )
+        if task.dense:
+            self.net = create_dense_net(cfg.model.encoder, self.num_classes, self.in_chans,
+                                        cfg.model.pretrained)
+        else:
+            self.net = create_encoder(
+                cfg.model.encoder, self.num_classes, self.in_chans, cfg.model.pretrained,
+                checkpoint_activations=cfg.model.checkpoint_activations,
+            )
 
     def host_transform(self, images: torch.Tensor | LazyBatch) -> torch.Tensor:
         d = self.cfg.method.downsample_to
@@ -67,7 +77,8 @@ class FullImage(Method):
         return images if d is None else downsample(images, d)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` host images (already host-transformed) → ``(B, K)`` logits."""
+        """``(B, C, H, W)`` host images (already host-transformed) → ``(B, K)`` logits, or
+        ``(B, K, H, W)`` for dense tasks (at the input's size; the task upsamples)."""
         return self.net(self.prepare(images))
 
     def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
@@ -85,4 +96,5 @@ class FullImage(Method):
         return float(loss.detach())
 
     def predict(self, images: Images) -> torch.Tensor:
-        return self.logits(self.host_transform(images))
+        out = self.logits(self.host_transform(images))
+        return fit_to(out, images.shape[-2:]) if self.task.dense else out

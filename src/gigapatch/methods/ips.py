@@ -55,6 +55,10 @@ class IPS(Method):
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)
+        if task.dense:
+            raise ConfigError(
+                "method ips does not support task.kind = segment yet; use full or patchwise."
+            )
         mc = cfg.model
         self.dim = mc.latent_dim
         if self.dim % mc.attn_heads or (cfg.method.pos_encoding and self.dim % 4):

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
+from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, LazyBatch, first_image
@@ -61,6 +62,10 @@ class PatchGD(Method):
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)
+        if task.dense:
+            raise ConfigError(
+                "method patchgd does not support task.kind = segment yet; use full or patchwise."
+            )
         m, mc = cfg.method, cfg.model
         self.latent_dim = mc.latent_dim
         self.encoder = create_encoder(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained,

@@ -24,6 +24,13 @@ For a batch of B images cut into N patches (``method.patch_size``/``stride``):
 Memory: parameters, gradients and optimizer state + activations of the B·k trained patches
 (``top_k_loss``: of the kept ones, plus a no-grad chunk): set by k and p, not by the image.
 With one patch covering the whole image this is exactly ``full`` (same network, same loss).
+
+**Segmentation** (dense tasks). θ is the dense network ``model.encoder``
+(:mod:`gigapatch.models.dense`); each sampled patch is trained against its crop of the mask
+(the task's loss over the patch windows, ``mean`` weighting). Prediction slides the patch over
+the image with ``method.stride`` (default p/2: half overlap) and blends overlapping logits with
+a pyramid weight (1 at the patch centre, falling linearly to ~0 at its border), so no seam
+shows where patches meet; no patch sees beyond itself.
 """
 
 from __future__ import annotations
@@ -41,10 +48,11 @@ from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, first_image
 from gigapatch.explain import draw_saliency
 from gigapatch.methods.base import METHODS, Context, Method, repeated
+from gigapatch.models.dense import create_dense_net
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Logits, Targets, Task
 
-__all__ = ["Patchwise", "pool_patches", "repeat_targets"]
+__all__ = ["Patchwise", "blend_weight", "pool_patches", "repeat_targets"]
 
 
 def repeat_targets(targets: Targets, repeats: int) -> Targets:
@@ -91,13 +99,20 @@ class Patchwise(Method):
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)
-        if not hasattr(task, "sample_losses"):
-            raise ConfigError(
-                f"method patchwise does not support task.kind = {cfg.task.kind!r} yet; "
-                "use classify or multilabel."
-            )
         mc = cfg.model
         self.heads = len(self.tasks) or 1
+        if task.dense:
+            if cfg.method.patch_weighting != "mean":
+                raise ConfigError("method.patch_weighting = top_k_loss is for image labels; "
+                                  "segmentation patches use mean.")
+            self.net = create_dense_net(mc.encoder, self.num_classes, self.in_chans,
+                                        mc.pretrained)
+            return
+        if not hasattr(task, "sample_losses"):
+            raise ConfigError(
+                f"method patchwise does not support task.kind = {cfg.task.kind!r}; use "
+                "classify, multilabel or segment."
+            )
         self.net = create_encoder(mc.encoder, self.num_classes * self.heads, self.in_chans,
                                   mc.pretrained, checkpoint_activations=mc.checkpoint_activations)
 
@@ -183,7 +198,11 @@ class Patchwise(Method):
         ctx.zero_grad()
 
         def learn() -> torch.Tensor:
-            out = self.split(self.patch_outputs(grid.gather_with(take, cells).flatten(0, 1)))
+            patches = grid.gather_with(take, cells).flatten(0, 1)  # (B·k, C, p, p)
+            if self.task.dense:  # each patch against its window of the mask
+                return self.task.loss(self.patch_outputs(patches), targets,
+                                      _windows(grid, cells))
+            out = self.split(self.patch_outputs(patches))
             return self.task.loss(out, repeat_targets(targets, cells.shape[1]))
 
         loss = ctx.run(learn)
@@ -192,13 +211,42 @@ class Patchwise(Method):
         return float(loss.detach())
 
     def predict(self, images: Images) -> Logits:
+        if self.task.dense:
+            return self.slide(images)
         grid = self.grid(images)
         out = self.all_patch_outputs(images, grid)
         return self.split(pool_patches(out, self.cfg.method.pool, self.foreground(images, grid)))
 
+    def slide(self, images: Images) -> torch.Tensor:
+        """Dense logits ``(B, K, H, W)``: the patch slid with ``method.stride`` (default
+        p/2), overlapping outputs blended by :func:`blend_weight` (call under ``no_grad``)."""
+        b, _, h, w = images.shape
+        p = self.cfg.method.patch_size
+        grid = PatchGrid(h, w, p, self.cfg.method.stride or max(1, p // 2))
+        take = grid.taker(images)
+        ph, pw = grid.padded_size
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        out = torch.zeros(b, self.num_classes, ph, pw, device=self.device, dtype=dtype)
+        weight = torch.zeros(ph, pw, device=self.device, dtype=dtype)
+        kernel = blend_weight(p, self.device, dtype)
+        n, chunk = grid.num_patches, self.cfg.method.fill_chunk
+        for start in range(0, b * n, chunk):
+            flat = torch.arange(start, min(start + chunk, b * n))
+            logits = self.patch_outputs(take(flat // n, flat % n)).to(dtype)  # (P, K, p, p)
+            for (bi, cell), lg in zip(zip((flat // n).tolist(), (flat % n).tolist()), logits):
+                y, x, _, _ = grid.box(cell)
+                out[bi, :, y : y + p, x : x + p] += lg * kernel
+        for cell in range(n):
+            y, x, _, _ = grid.box(cell)
+            weight[y : y + p, x : x + p] += kernel
+        return (out / weight)[..., :h, :w]
+
     def explain(self, images: Images, out: str) -> tuple[Logits, str]:
         """Each patch's probability of the image's predicted class (main head), as a heat
         map over the first image, drawn to ``out``."""
+        if self.task.dense:
+            raise ConfigError("--explain draws image-level evidence; for segmentation use "
+                              "predict's mask output.")
         grid = self.grid(images)
         patch = self.all_patch_outputs(images, grid)  # (B, N, heads·K)
         logits = self.split(pool_patches(patch, self.cfg.method.pool,
@@ -217,6 +265,24 @@ class Patchwise(Method):
         path = draw_saliency(first_image(images), grid, probs.view(grid.rows, grid.cols), out,
                              title, label=f"patch probability of class {top}")
         return logits, str(path)
+
+
+def blend_weight(p: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``(p, p)`` weight of a patch's logits when overlapping patches are blended: the
+    outer product of a triangle that is 1 at the centre and ``1/ceil(p/2)`` at the border."""
+    half = -(-p // 2)
+    i = torch.arange(p, device=device, dtype=dtype)
+    tri = torch.minimum(i + 1, p - i) / half
+    return tri[:, None] * tri[None, :]
+
+
+def _windows(grid: PatchGrid, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image (B·k,), boxes (B·k, 4))`` of the patches ``cells`` ``(B, k)``, image-major."""
+    b, k = cells.shape
+    image = torch.arange(b).repeat_interleave(k)
+    boxes = grid.boxes()[cells.flatten().cpu()]
+    return image, boxes
 
 
 def _index(targets: Targets, index: torch.Tensor) -> Targets:

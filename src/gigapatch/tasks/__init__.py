@@ -1,18 +1,20 @@
 """gigapatch.tasks: what the labels are (collation, losses, metrics, predictions).
 
-Importing this package registers the tasks: ``classify`` and ``multilabel``.
+Importing this package registers the tasks: ``classify``, ``multilabel`` and ``segment``.
 """
 
-from gigapatch.tasks import classify, multilabel
+from gigapatch.tasks import classify, multilabel, segment
 from gigapatch.tasks.base import TASKS, Logits, Targets, Task, create_task, task_names
 from gigapatch.tasks.classify import Classify, probabilities, random_targets, task_loss
 from gigapatch.tasks.multilabel import MultiLabel
+from gigapatch.tasks.segment import Segment
 
 __all__ = [
     "TASKS",
     "Classify",
     "Logits",
     "MultiLabel",
+    "Segment",
     "Targets",
     "Task",
     "classify",
@@ -20,6 +22,7 @@ __all__ = [
     "multilabel",
     "probabilities",
     "random_targets",
+    "segment",
     "task_loss",
     "task_names",
 ]

@@ -61,9 +61,13 @@ class Task(ABC):
     def metrics(self) -> MetricCollection:
         """Fresh held-out metrics; ``update(output, targets)`` per batch, then ``compute()``."""
 
+    #: Whether the targets are per pixel (segmentation): methods then build dense networks.
+    dense: ClassVar[bool] = False
+
     @abstractmethod
-    def random_targets(self, batch: int) -> Targets:
-        """Targets of the right structure and dtype for a batch of ``batch`` images."""
+    def random_targets(self, batch: int, image_hw: tuple[int, int] | None = None) -> Targets:
+        """Targets of the right structure and dtype for a batch of ``batch`` images of size
+        ``image_hw`` (needed by dense tasks)."""
 
     @abstractmethod
     def prediction(self, output: Logits, index: int = 0) -> dict[str, Any]:

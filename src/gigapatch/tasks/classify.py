@@ -230,7 +230,7 @@ class Classify(Task):
             found["kappa"] = HeadMetric(kappa, self.main)
         return MetricCollection(found, compute_groups=False)
 
-    def random_targets(self, batch: int) -> Targets:
+    def random_targets(self, batch: int, image_hw: tuple[int, int] | None = None) -> Targets:
         return random_targets(batch, self.num_classes, self.heads, self.multilabel)
 
     def prediction(self, output: Logits, index: int = 0) -> dict[str, Any]:
