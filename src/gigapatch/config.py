@@ -94,6 +94,7 @@ class ModelConfig:
     attn_heads: int = 8
     attn_dropout: float = 0.0
     checkpoint_activations: bool = False
+    head_layers: int = 2
 
 
 @dataclass
@@ -116,6 +117,7 @@ class MethodConfig:
     patch_weighting: str = "mean"
     hard_fraction: float = 0.25
     pool: str = "mean"
+    z_stride: int = 4
 
 
 @dataclass
@@ -198,6 +200,10 @@ class Config:
         _check(0 < m.hard_fraction <= 1, "method.hard_fraction", m.hard_fraction,
                "in (0, 1] (the share of the sampled patches with the highest loss trained on)")
         _choice("method.pool", m.pool, ("mean", "max", "logsumexp"))
+        _check(m.z_stride >= 1, "method.z_stride", m.z_stride,
+               "≥ 1 (pixels per latent-map pixel, dense PatchGD)")
+        _check(self.model.head_layers >= 0, "model.head_layers", self.model.head_layers,
+               "≥ 0 (3×3 convs of the dense θ2)")
         _check(m.memory_size >= 1, "method.memory_size", m.memory_size, "≥ 1 (IPS's M)")
         _check(m.iter_size >= 1, "method.iter_size", m.iter_size, "≥ 1 (IPS's I)")
         t = self.train

@@ -15,7 +15,8 @@ from gigapatch.io.readers import open_image
 from gigapatch.memory.budget import fit_to_budget, measure_method_peak
 from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.methods.base import create_method
-from gigapatch.methods.patchwise import pool_patches, repeat_targets
+from gigapatch.core.sampling import sample_cells
+from gigapatch.methods.patchwise import blend_weight, pool_patches, repeat_targets
 from gigapatch.step import StepContext
 
 
@@ -251,13 +252,11 @@ def test_dense_patches_are_trained_against_their_mask_windows():
     image, boxes = window
     assert image.tolist() == [0, 0, 0, 1, 1, 1]
     torch.manual_seed(7)
-    from gigapatch.core.sampling import sample_cells
     cells = sample_cells(2, 12, 3)
     assert torch.equal(boxes, method.grid(images).boxes()[cells.flatten()])
 
 
 def test_blend_weight_is_positive_symmetric_and_peaks_in_the_centre():
-    from gigapatch.methods.patchwise import blend_weight
     for p in (7, 8):
         w = blend_weight(p)
         assert (w > 0).all() and torch.equal(w, w.T) and torch.equal(w, w.flip(0))

@@ -154,14 +154,16 @@ class Masks:
         _, h, w = self.shape
         return torch.stack([self._window(b, 0, 0, h, w) for b in range(len(self))])
 
-    def crop(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Windows of the masks: ``image`` ``(P,)`` (which mask), ``boxes`` ``(P, 4)`` as
-        ``(y, x, h, w)`` in pixels, all the same ``h, w`` → ``(P, h, w)`` int64; pixels past
-        the border are :data:`IGNORE`. Only the windows are read."""
+    def crop(self, image: torch.Tensor | list[int], boxes: torch.Tensor) -> torch.Tensor:
+        """Windows of the masks: ``image`` ``(P,)`` (which mask; a tensor or a list),
+        ``boxes`` ``(P, 4)`` as ``(y, x, h, w)`` in pixels, all the same ``h, w`` →
+        ``(P, h, w)`` int64; pixels past the border are :data:`IGNORE`. Only the windows are
+        read."""
         _, H, W = self.shape
         h, w = int(boxes[0, 2]), int(boxes[0, 3])
         out = torch.full((len(image), h, w), IGNORE, dtype=torch.int64)
-        for i, (b, box) in enumerate(zip(image.tolist(), boxes.tolist())):
+        images = image if isinstance(image, list) else image.tolist()
+        for i, (b, box) in enumerate(zip(images, boxes.tolist())):
             y, x = box[0], box[1]
             y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
             if y0 < y1 and x0 < x1:

@@ -47,8 +47,17 @@ from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, LazyBatch, first_image
 from gigapatch.explain import draw_saliency, occlusion_explain
 from gigapatch.methods.base import METHODS, Context, Method, repeated
+from gigapatch.methods.latent_map import (
+    MapGeometry,
+    global_windows,
+    paste,
+    pixel_logits,
+    valid,
+    windows_of,
+)
+from gigapatch.models.dense import create_dense_net
 from gigapatch.models.encoders import create_encoder
-from gigapatch.models.heads import create_head
+from gigapatch.models.heads import DenseHead, create_head
 from gigapatch.tasks import Task
 
 
@@ -62,16 +71,28 @@ class PatchGD(Method):
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)
-        if task.dense:
-            raise ConfigError(
-                "method patchgd does not support task.kind = segment yet; use full or patchwise."
-            )
         m, mc = cfg.method, cfg.model
         self.latent_dim = mc.latent_dim
+        if task.dense:
+            self._init_dense(cfg)
+            return
         self.encoder = create_encoder(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained,
                                       checkpoint_activations=mc.checkpoint_activations)
         head_in = 2 * mc.latent_dim if m.global_context == "concat" else mc.latent_dim
         self.head = create_head(mc.head, head_in, self.num_classes, mc.head_width, mc.head_pool)
+
+    def _init_dense(self, cfg: Config) -> None:
+        m, mc = cfg.method, cfg.model
+        if m.patch_size % m.z_stride:
+            raise ConfigError(f"method.patch_size = {m.patch_size} must be a multiple of "
+                              f"method.z_stride = {m.z_stride} (map pixels per patch).")
+        if m.stride not in (None, m.patch_size):
+            raise ConfigError("dense PatchGD lays patches side by side in Z: leave "
+                              f"method.stride unset (it is {m.stride}).")
+        self.encoder = create_dense_net(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained)
+        c = mc.latent_dim
+        width = (2 * c if m.global_context == "concat" else c) + c  # [Z, (G,) pooled Z]
+        self.head = DenseHead(width, self.num_classes, mc.head_width, mc.head_layers)
 
     # ------------------------------------------------------------------ pieces
     def grid(self, images: torch.Tensor) -> PatchGrid:
@@ -151,12 +172,141 @@ class PatchGD(Method):
         finally:
             self.encoder.train(was_training)
 
+    # ------------------------------------------------------------------ dense (segmentation)
+    def geometry(self, images: Images) -> MapGeometry:
+        """Where the patches of a ``(B, C, H, W)`` batch sit in the dense map Z."""
+        h, w = images.shape[-2:]
+        m = self.cfg.method
+        return MapGeometry(PatchGrid(h, w, m.patch_size), m.z_stride, self.head.halo)
+
+    def encode_map(self, patches: torch.Tensor) -> torch.Tensor:
+        """θ1 on host patches: ``(P, C_in, p, p)`` → ``(P, C, q, q)`` (mean over each
+        ``s × s`` block of the dense output) on the device."""
+        out = self.encoder(self.prepare(patches))
+        s = self.cfg.method.z_stride
+        return F.avg_pool2d(out, s) if s > 1 else out
+
+    def fill_map(self, images: Images, geo: MapGeometry, take: Take | None = None
+                 ) -> torch.Tensor:
+        """Z ``(B, C, Hz, Wz)`` on the host, in the compute dtype: every patch encoded,
+        ``fill_chunk`` at a time (call under ``no_grad``)."""
+        b, grid, q = images.shape[0], geo.grid, geo.q
+        take = take or grid.taker(images)
+        n, chunk = grid.num_patches, self.cfg.method.fill_chunk
+        z = torch.empty(b, self.latent_dim, *geo.size, dtype=self.compute_dtype())
+        for start in repeated(range(0, b * n, chunk)):
+            stop = min(start + chunk, b * n)
+            flat = torch.arange(start, stop)
+            blocks = self.encode_map(take(flat // n, flat % n)).to("cpu", z.dtype)
+            for f, block in zip(range(start, stop), blocks):  # Python ints: no data reads
+                bi, cell = divmod(f, n)
+                y, x = geo.origin(cell)
+                z[bi, :, y : y + q, x : x + q] = block
+        return z
+
+    def window_logits(self, zwin: torch.Tensor, g: torch.Tensor | None, pool: torch.Tensor,
+                      image: list[int], cells: list[int], geo: MapGeometry) -> torch.Tensor:
+        """θ2 on windows of Z ``(P, C, side, side)`` with the global map ``g`` ``(B, C, q, q)``
+        (or ``None``) and the pooled map ``pool`` ``(B, C)`` → pixel logits ``(P, K, p, p)``."""
+        inside = valid(image, cells, geo, zwin.device, zwin.dtype)
+        parts = [zwin]
+        mode = self.cfg.method.global_context
+        if g is not None:
+            gwin = global_windows(g.to(zwin.dtype), image, cells, geo)
+            if mode == "add":
+                parts[0] = zwin + gwin
+            else:
+                parts.append(gwin)
+        per_window = torch.stack([pool[i] for i in image]).to(zwin.dtype)  # (P, C)
+        parts.append(per_window[:, :, None, None] * inside)
+        return pixel_logits(self.head(torch.cat(parts, dim=1)), image, cells, geo)
+
+    def _dense_step(self, images: Images, targets: Any, ctx: Context) -> float:
+        geo = self.geometry(images)
+        grid, q = geo.grid, geo.q
+        b = images.shape[0]
+        k, steps = self.plan(grid)
+        accumulate = self.cfg.method.accumulate
+        use_global = self.cfg.method.global_context != "none"
+        gpatch = self.global_patch(images) if use_global else None
+        take = grid.taker(images)
+        with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
+            z = self.fill_map(images, geo, take)  # (B, C, Hz, Wz) on the host
+        area = geo.size[0] * geo.size[1]
+        z_sum = z.sum(dim=(2, 3), dtype=torch.float64)  # (B, C), for the pooled map
+        order = sample_cells(b, grid.num_patches, k * steps)  # (B, k·J), host
+        image = [i for i in range(b) for _ in range(k)]  # the image of each window
+
+        def inner(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cells = idx.flatten().tolist()
+            new = self.encode_map(grid.gather_with(take, idx).flatten(0, 1))  # (B·k, C, q, q)
+            zwin = paste(windows_of(z, image, cells, geo, new.device, new.dtype),
+                         image, cells, new, image, cells, geo)
+            old = torch.stack([z[bi, :, y : y + q, x : x + q].sum(dim=(1, 2), dtype=torch.float64)
+                               for bi, (y, x) in zip(image, map(geo.origin, cells))])
+            rest = (z_sum - old.view(b, k, -1).sum(1)).to(new.device, new.dtype)
+            pool = (rest + new.sum(dim=(2, 3)).view(b, k, -1).sum(1)) / area  # (B, C)
+            g = self.encode_map(gpatch) if use_global else None
+            logits = self.window_logits(zwin, g, pool, image, cells, geo)
+            window = (image, grid.boxes()[idx.flatten()])
+            return self.task.loss(logits, targets, window), new
+
+        ctx.zero_grad()
+        total = 0.0
+        loop = repeated(range(steps))
+        for n_done, j in enumerate(loop):
+            idx = order[:, j * k : (j + 1) * k]
+            local = accumulate and n_done < len(loop) - 1
+            with ctx.no_sync() if local else nullcontext():
+                loss, new = ctx.run(inner, idx)
+                ctx.backward(loss / steps if accumulate else loss)
+            with torch.no_grad():  # the re-encoded blocks stay in Z for the later steps
+                blocks = new.detach().to("cpu", z.dtype)
+                for bi, cell, block in zip(image, idx.flatten().tolist(), blocks):
+                    y, x = geo.origin(cell)
+                    z_sum[bi] += (block.double().sum(dim=(1, 2))
+                                  - z[bi, :, y : y + q, x : x + q].double().sum(dim=(1, 2)))
+                    z[bi, :, y : y + q, x : x + q] = block
+            total += float(loss.detach())
+            if not accumulate:
+                ctx.step()
+        if accumulate:
+            ctx.step()
+        return total / steps
+
+    def _dense_predict(self, images: Images) -> torch.Tensor:
+        geo = self.geometry(images)
+        grid, p = geo.grid, self.cfg.method.patch_size
+        b, n = images.shape[0], grid.num_patches
+        z = self.fill_map(images, geo)
+        pool = z.float().mean(dim=(2, 3)).to(self.device)
+        g = self.encode_map(self.global_patch(images)) \
+            if self.cfg.method.global_context != "none" else None
+        ph, pw = grid.padded_size
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        out = torch.empty(b, self.num_classes, ph, pw, device=self.device, dtype=dtype)
+        chunk = self.cfg.method.fill_chunk
+        for start in range(0, b * n, chunk):
+            flat = torch.arange(start, min(start + chunk, b * n))
+            image, cells = (flat // n).tolist(), (flat % n).tolist()
+            zwin = windows_of(z, image, cells, geo, self.device, self.dtype)
+            logits = self.window_logits(zwin, g, pool, image, cells, geo)
+            for bi, cell, lg in zip(image, cells, logits):
+                y, x, _, _ = grid.box(cell)
+                out[bi, :, y : y + p, x : x + p] = lg
+        return out[..., : images.shape[-2], : images.shape[-1]]
+
     # ------------------------------------------------------------------ interface
     def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
-        return {"patch_size": self.cfg.method.patch_size,
-                "global_context": self.cfg.method.global_context}
+        out = {"patch_size": self.cfg.method.patch_size,
+               "global_context": self.cfg.method.global_context}
+        if self.task.dense:
+            out.update(z_stride=self.cfg.method.z_stride, head_halo=self.head.halo)
+        return out
 
     def train_step(self, images: Images, targets: Any, ctx: Context) -> float:
+        if self.task.dense:
+            return self._dense_step(images, targets, ctx)
         grid = self.grid(images)
         b = images.shape[0]
         k, steps = self.plan(grid)
@@ -198,6 +348,8 @@ class PatchGD(Method):
         return total / steps
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
+        if self.task.dense:
+            return self._dense_predict(images)
         grid = self.grid(images)
         z = self.fill(images, grid, mask=self.foreground(images, grid))
         g = None
@@ -207,6 +359,9 @@ class PatchGD(Method):
 
     def explain(self, images: Images, out: str) -> tuple[torch.Tensor, str]:
         """Occlusion saliency of the first image's Z cells as a heat map drawn to ``out``."""
+        if self.task.dense:
+            raise ConfigError("--explain draws image-level evidence; for segmentation use "
+                              "predict's --mask and --overlay.")
         logits, saliency = occlusion_explain(self, images)
         path = draw_saliency(first_image(images), self.grid(images), saliency, out,
                              "PatchGD: occlusion saliency of the Z cells")

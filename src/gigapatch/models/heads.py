@@ -83,3 +83,28 @@ class LinearHead(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(z).flatten(1))
+
+
+class DenseHead(nn.Module):
+    """θ2 for dense latent maps: ``layers`` 3×3 convs without padding (each with ReLU), then a
+    1×1 conv to ``out_channels``: ``(P, in, h, w)`` → ``(P, out, h − 2·halo, w − 2·halo)``.
+
+    Its receptive field is ``2·layers + 1`` map pixels: an output pixel depends on the input
+    within :attr:`halo` = ``layers`` pixels of it, so applied to a window plus that halo it
+    gives exactly what it gives on the whole (zero-padded) map there. No normalisation layer:
+    a GroupNorm's statistics would span the window and break that locality.
+    """
+
+    def __init__(self, in_chans: int, out_channels: int, width: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        if layers < 0:
+            raise ConfigError(f"model.head_layers = {layers} must be ≥ 0.")
+        body: list[nn.Module] = []
+        for i in range(layers):
+            body += [nn.Conv2d(in_chans if i == 0 else width, width, 3), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*body)
+        self.out = nn.Conv2d(width if layers else in_chans, out_channels, 1)
+        self.halo = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
