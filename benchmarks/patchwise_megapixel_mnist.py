@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ensure_data(args.data_dir)
     runs: dict[str, dict[str, Any]] = {"patchwise": run(CONFIG, args, args.set)}
-    source = "this run"
+    source = "not in this run (pass --with-ips, or see benchmarks/ips_megapixel_mnist.py)"
     if args.with_ips:
         runs["ips"] = run(IPS_CONFIG, args, [])
+        source = "this run"
     else:
         ips = RESULTS / "ips_megapixel_mnist.json"
         saved = json.loads(ips.read_text()).get("training") if ips.is_file() else None
@@ -95,12 +96,18 @@ def main(argv: list[str] | None = None) -> int:
             runs["ips"] = saved
             source = str(ips.relative_to(ROOT))
     results = {"threads": args.threads, "data": DATA, "runs": runs, "ips_from": source}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "patchwise_megapixel_mnist.json").write_text(json.dumps(results, indent=2))
-    lines = table(runs) + ["", f"IPS from {source}; {args.threads} thread(s)."]
-    (args.out / "patchwise_megapixel_mnist.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(results, args.out)
     return 0
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    """``patchwise_megapixel_mnist.{json,md}`` in ``out``, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "patchwise_megapixel_mnist.json").write_text(json.dumps(results, indent=2))
+    lines = table(results["runs"]) + ["", f"IPS: {results['ips_from']}; "
+                                      f"{results['threads']} thread(s)."]
+    (out / "patchwise_megapixel_mnist.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from gigapatch.demo import run_demo
 from gigapatch.engine.checkpoint import load_method
 from gigapatch.engine.loop import evaluate, loader_for, resolve_device, train
 from gigapatch.explain import draw_mask_overlay
-from gigapatch.io.image import read_image, write_mask
+from gigapatch.io.image import read_image, write_mask_blocks
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
 from gigapatch.memory.report import (
     DEFAULT_SIDES,
@@ -53,6 +54,9 @@ from gigapatch.synth.ultramnist import generate_ultramnist
 from gigapatch.tasks import task_names
 
 log = logging.getLogger("gigapatch")
+
+#: Side of the mask thumbnail kept for ``predict --overlay``.
+OVERLAY_SIDE = 1024
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -171,6 +175,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "image, or use a checkpoint trained on images like it."
         )
     method.eval()
+    if task.dense:
+        return _predict_mask(args, method, task, cfg, image)
+    if args.mask or args.overlay:
+        raise GigapatchError("--mask and --overlay are for segmentation checkpoints; this "
+                             f"one was trained for task {cfg.task.kind!r}.")
     explanation = None
     if args.explain:  # the explanation comes with the prediction (one pass over the image)
         with torch.no_grad():
@@ -181,18 +190,45 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     result: dict = {"image": str(args.image), **task.prediction(output, 0)}
     if explanation is not None:
         result["explanation"] = str(explanation)
-    if args.mask or args.overlay:
-        if not task.dense:
-            raise GigapatchError("--mask and --overlay are for segmentation checkpoints; this "
-                                 f"one was trained for task {cfg.task.kind!r}.")
-        ids = output[0].argmax(dim=0).cpu()
+    print(json.dumps(result, indent=2, allow_nan=False))
+    return 0
+
+
+def _predict_mask(args: argparse.Namespace, method, task, cfg: Config, image) -> int:  # noqa: ANN001
+    """Segmentation: stream the predicted mask block by block into ``--mask`` (a tiled TIFF
+    is never held whole), count the classes and keep a thumbnail for ``--overlay``."""
+    if args.explain:
+        raise GigapatchError("--explain is for image-level tasks; for segmentation use --mask "
+                             "and --overlay.")
+    h, w = image.shape[-2:]
+    step = max(1, math.ceil(max(h, w) / OVERLAY_SIDE))  # thumbnail: every step-th pixel
+    thumb = torch.zeros(math.ceil(h / step), math.ceil(w / step), dtype=torch.uint8)
+    counts = torch.zeros(cfg.data.num_classes, dtype=torch.int64)
+
+    def watched(blocks):  # noqa: ANN001, ANN202
+        for y, x, ids in blocks:
+            counts.add_(torch.bincount(ids.flatten().long(), minlength=len(counts)))
+            oy, ox = -y % step, -x % step
+            part = ids[oy::step, ox::step]
+            ty, tx = (y + oy) // step, (x + ox) // step
+            thumb[ty : ty + part.shape[0], tx : tx + part.shape[1]] = part
+            yield y, x, ids.numpy()
+
+    with torch.inference_mode():
+        block, blocks = method.mask_blocks(image)
         if args.mask:
-            result["mask"] = str(write_mask(args.mask, ids.numpy()))
-        if args.overlay:
-            first = image.readers[0] if isinstance(image, LazyBatch) else image[0]
-            result["overlay"] = str(draw_mask_overlay(
-                first, ids, args.overlay, f"predicted mask ({cfg.method.name})",
-                cfg.data.num_classes))
+            path = write_mask_blocks(args.mask, (h, w), block, watched(blocks))
+        else:
+            for _ in watched(blocks):
+                pass
+    result: dict = {"image": str(args.image), **task.fractions(counts, (h, w))}
+    if args.mask:
+        result["mask"] = str(path)
+    if args.overlay:
+        first = image.readers[0] if isinstance(image, LazyBatch) else image[0]
+        result["overlay"] = str(draw_mask_overlay(first, thumb, args.overlay,
+                                                  f"predicted mask ({cfg.method.name})",
+                                                  cfg.data.num_classes))
     print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 

@@ -118,6 +118,7 @@ class MethodConfig:
     hard_fraction: float = 0.25
     pool: str = "mean"
     z_stride: int = 4
+    z_on_disk: bool = False
 
 
 @dataclass

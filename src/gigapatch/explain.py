@@ -188,10 +188,11 @@ def draw_mask_overlay(
     title: str = "",
     num_classes: int | None = None,
 ) -> Path:
-    """Draw class ids ``mask`` ``(H, W)`` over ``(C, H, W)`` ``image`` (a thumbnail of at most
-    :data:`MAX_SIDE` px): background (0) transparent, classes 1.. in distinct colours."""
+    """Draw class ids ``mask`` over ``(C, H, W)`` ``image`` (a thumbnail of at most
+    :data:`MAX_SIDE` px): background (0) transparent, classes 1.. in distinct colours. The
+    mask may be at any resolution covering the image (e.g. already a thumbnail)."""
     fig, ax, scale = _figure(image, title)
-    h, w = mask.shape[-2:]
+    h, w = _size(image)
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     small = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
     k = int(num_classes or int(small.max()) + 1)

@@ -3,12 +3,14 @@
 import copy
 
 import pytest
+import tifffile
 import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.sampling import sample_cells
+from gigapatch.io.image import write_mask_blocks
 from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.methods.base import create_method
 from gigapatch.step import StepContext
@@ -104,7 +106,6 @@ def test_loss_windows_are_the_re_encoded_patches_and_their_halo():
     method.encode_map = lambda x: encoded.append(x.shape[0]) or real_encode(x)
     torch.manual_seed(9)
     _grads(method, images, masks)
-    from gigapatch.core.sampling import sample_cells
     torch.manual_seed(9)
     order = sample_cells(1, 16, 8)
     grid = method.geometry(images).grid
@@ -132,3 +133,28 @@ def test_bad_dense_settings_are_refused():
         create_method(_cfg(z_stride=3))
     with pytest.raises(ConfigError, match="leave method.stride unset"):
         create_method(_cfg(stride=8))
+
+
+def test_streamed_mask_blocks_equal_the_prediction(tmp_path):
+    torch.manual_seed(4)
+    method = create_method(_cfg(global_context="add")).double().eval()
+    images = torch.randint(0, 256, (1, 1, 40, 52), dtype=torch.uint8)
+    with torch.no_grad():
+        block, blocks = method.mask_blocks(images)
+        path = write_mask_blocks(tmp_path / "m.tiff", (40, 52), block,
+                                 ((y, x, ids.numpy()) for y, x, ids in blocks))
+        want = method.predict(images)[0].argmax(dim=0)
+    got = torch.from_numpy(tifffile.imread(path)).long()
+    assert block == 16 and torch.equal(got, want)
+
+
+def test_z_on_disk_gives_the_same_map():
+    torch.manual_seed(5)
+    method = create_method(_cfg()).eval()
+    images = torch.randint(0, 256, (1, 1, 48, 48), dtype=torch.uint8)
+    on_disk = copy.deepcopy(method)
+    on_disk.cfg.method.z_on_disk = True
+    with torch.no_grad():
+        geo = method.geometry(images)
+        torch.testing.assert_close(on_disk.fill_map(images, geo), method.fill_map(images, geo))
+        torch.testing.assert_close(on_disk.predict(images), method.predict(images))

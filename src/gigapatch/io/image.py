@@ -9,6 +9,7 @@ is refused with a :class:`~gigapatch.core.errors.DataError` that says how to pro
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 from gigapatch.core.errors import DataError
 from gigapatch.core.files import atomic_path, atomic_write
 
-__all__ = ["read_image", "write_mask", "write_png"]
+__all__ = ["read_image", "write_mask", "write_mask_blocks", "write_png"]
 
 # Modes that become a single grayscale channel; everything else becomes RGB.
 _GRAY_MODES = {"1", "L", "LA", "La"}
@@ -137,3 +138,33 @@ def write_mask(path: str | os.PathLike[str], ids: np.ndarray, tile: int = 512) -
                              photometric="minisblack")
         return path
     return write_png(path, ids)
+
+
+def write_mask_blocks(path: str | os.PathLike[str], shape: tuple[int, int], block: int,
+                      blocks: Iterable[tuple[int, int, np.ndarray]]) -> Path:
+    """Write class ids given block by block in raster order (``(y, x, ids (h, w))``, blocks
+    of side ``block``, edge blocks cropped) to ``path``: a ``.tif``/``.tiff`` path is written
+    tile by tile (``block`` must be a multiple of 16), never holding the whole mask; other
+    paths are assembled and written as PNG (small masks)."""
+    path = Path(path)
+    h, w = shape
+    if path.suffix.lower() in (".tif", ".tiff"):
+        if block % 16:
+            raise ValueError(f"TIFF tiles must be multiples of 16 px; the block is {block}")
+
+        def tiles() -> Iterator[np.ndarray]:
+            for _, _, ids in blocks:
+                tile = np.zeros((block, block), dtype=np.uint8)
+                ids = np.asarray(ids, dtype=np.uint8)
+                tile[: ids.shape[0], : ids.shape[1]] = ids
+                yield tile
+
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(block, block),
+                             compression="zlib", photometric="minisblack", bigtiff=h * w > 2**31)
+        return path
+    out = np.zeros((h, w), dtype=np.uint8)
+    for y, x, ids in blocks:
+        ids = np.asarray(ids, dtype=np.uint8)
+        out[y : y + ids.shape[0], x : x + ids.shape[1]] = ids
+    return write_png(path, out)

@@ -173,6 +173,22 @@ class Method(nn.Module):
         (call in eval mode)."""
         raise NotImplementedError
 
+    def mask_blocks(self, images: Any) -> tuple[int, Iterator[tuple[int, int, torch.Tensor]]]:
+        """Dense tasks: the first image's predicted class ids block by block, in raster order:
+        ``(block side, iterator of (y, x, ids uint8 (h, w)))`` covering the image (edge blocks
+        cropped). Default: from :meth:`predict` (the whole logits in memory); methods that
+        can stream override it. Call in eval mode under ``no_grad``."""
+        ids = self.predict(images)[0].argmax(dim=0).to(torch.uint8).cpu()
+        h, w = ids.shape
+        block = 512
+
+        def blocks() -> Iterator[tuple[int, int, torch.Tensor]]:
+            for y in range(0, h, block):
+                for x in range(0, w, block):
+                    yield y, x, ids[y : y + block, x : x + block]
+
+        return block, blocks()
+
 
 def create_method(cfg: Config, task: Task | None = None) -> Method:
     """Build the method named by ``cfg.method.name`` for ``task`` (default: the task

@@ -33,6 +33,7 @@ the host image; the image itself never moves to the device.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -59,6 +60,16 @@ from gigapatch.models.dense import create_dense_net
 from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import DenseHead, create_head
 from gigapatch.tasks import Task
+
+
+def _map_storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> torch.Tensor:
+    """An uninitialised host tensor for Z; ``on_disk``: backed by a memory-mapped temporary
+    file (deleted at once: the mapping keeps it until Z is freed), so the OS pages it."""
+    if not on_disk:
+        return torch.empty(shape, dtype=dtype)
+    with tempfile.NamedTemporaryFile(prefix="gigapatch-z-", suffix=".bin") as f:
+        return torch.from_file(f.name, shared=True, size=math.prod(shape),
+                               dtype=dtype).view(shape)
 
 
 @METHODS.register("patchgd")
@@ -188,12 +199,14 @@ class PatchGD(Method):
 
     def fill_map(self, images: Images, geo: MapGeometry, take: Take | None = None
                  ) -> torch.Tensor:
-        """Z ``(B, C, Hz, Wz)`` on the host, in the compute dtype: every patch encoded,
+        """Z ``(B, C, Hz, Wz)`` on the host, in the compute dtype (with
+        ``method.z_on_disk``, in a memory-mapped temporary file): every patch encoded,
         ``fill_chunk`` at a time (call under ``no_grad``)."""
         b, grid, q = images.shape[0], geo.grid, geo.q
         take = take or grid.taker(images)
         n, chunk = grid.num_patches, self.cfg.method.fill_chunk
-        z = torch.empty(b, self.latent_dim, *geo.size, dtype=self.compute_dtype())
+        z = _map_storage((b, self.latent_dim, *geo.size), self.compute_dtype(),
+                         self.cfg.method.z_on_disk)
         for start in repeated(range(0, b * n, chunk)):
             stop = min(start + chunk, b * n)
             flat = torch.arange(start, stop)
@@ -295,6 +308,33 @@ class PatchGD(Method):
                 y, x, _, _ = grid.box(cell)
                 out[bi, :, y : y + p, x : x + p] = lg
         return out[..., : images.shape[-2], : images.shape[-1]]
+
+    def mask_blocks(self, images: Images) -> tuple[int, Iterator[tuple[int, int, torch.Tensor]]]:
+        """Dense: the first image's class ids patch by patch (block = the patch size), θ2
+        applied window by window over Z: the logits never exist for the whole image."""
+        if not self.task.dense:
+            return super().mask_blocks(images)
+        first = images if images.shape[0] == 1 else images[:1]
+        geo = self.geometry(first)
+        grid, p = geo.grid, self.cfg.method.patch_size
+        h, w = first.shape[-2:]
+        z = self.fill_map(first, geo)
+        pool = z.float().mean(dim=(2, 3)).to(self.device)
+        g = self.encode_map(self.global_patch(first)) \
+            if self.cfg.method.global_context != "none" else None
+
+        def blocks() -> Iterator[tuple[int, int, torch.Tensor]]:
+            chunk = self.cfg.method.fill_chunk
+            for start in range(0, grid.num_patches, chunk):
+                cells = list(range(start, min(start + chunk, grid.num_patches)))
+                image = [0] * len(cells)
+                zwin = windows_of(z, image, cells, geo, self.device, self.dtype)
+                ids = self.window_logits(zwin, g, pool, image, cells, geo).argmax(dim=1)
+                for cell, block in zip(cells, ids.to(torch.uint8).cpu()):
+                    y, x, _, _ = grid.box(cell)
+                    yield y, x, block[: min(p, h - y), : min(p, w - x)]
+
+        return p, blocks()
 
     # ------------------------------------------------------------------ interface
     def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:

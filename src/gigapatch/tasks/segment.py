@@ -179,10 +179,15 @@ class Segment(Task):
     def prediction(self, output: torch.Tensor, index: int = 0) -> dict[str, Any]:
         """The share of the image's pixels predicted as each class."""
         ids = output[index].argmax(dim=0)
-        counts = torch.bincount(ids.flatten(), minlength=self.num_classes).double()
-        shares = (counts / counts.sum()).tolist()
+        counts = torch.bincount(ids.flatten().cpu(), minlength=self.num_classes)
+        return self.fractions(counts, tuple(ids.shape))
+
+    def fractions(self, counts: torch.Tensor, size: tuple[int, int]) -> dict[str, Any]:
+        """JSON of per-class pixel counts ``(K,)`` of an image of ``size`` (H, W)."""
+        counts = counts.double()
+        shares = (counts / counts.sum().clamp(min=1)).tolist()
         return {"class_fractions": {str(c): round(v, 6) for c, v in enumerate(shares)},
-                "size": list(ids.shape)}
+                "size": list(size)}
 
     def batch_size(self, targets: Masks) -> int:
         return len(targets)

@@ -1,0 +1,170 @@
+"""Segmentation of large canvases: PatchGD-seg vs downsampled full-image training vs patchwise.
+
+1. **Memory.** Peak memory of one PatchGD-seg training step at 1,024² and 8,192² with the same
+   patch size and k: on the device (CUDA estimate without a GPU: fake tensors, device tensors
+   only; Z lives on the host) and on this CPU machine (measured at 1,024²; host and device are
+   one memory here, so it includes Z), plus what Z costs on the host at 65,536².
+2. **Accuracy.** Generates ``gigapatch data segmentation`` canvases (unless present) and trains
+   ``full`` (downsampled to the memory budget by ``train.memory_budget``), ``patchwise`` and
+   ``patchgd`` (global context ``concat``) with one dense network family (``tiny_unet``), the
+   same budget, epochs and optimizer, on the ``majority`` labeling (needs context) and the
+   ``digits`` labeling; reports held-out Dice (foreground mean, over all pixels), the input
+   each method saw, peak step memory and time, with training curves and an overlay per method.
+
+Writes ``benchmarks/results/segmentation/{results.json,results.md}`` (+ overlays).
+
+    python benchmarks/segmentation.py --memory-only     # ~1 min
+    python benchmarks/segmentation.py                   # ~1 h on this 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gigapatch.config import Config
+from gigapatch.core.units import format_bytes
+from gigapatch.engine.loop import train
+from gigapatch.memory.budget import measure_method_peak
+from gigapatch.memory.estimates import estimate_step_peak
+from gigapatch.synth.segmentation import generate_segmentation
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "segmentation"
+DATA = {"side": 512, "n_train": 600, "n_test": 100, "scale_range": (28, 48), "seed": 0}
+BUDGET = "160MiB"
+
+
+def base_config(data_dir: Path, labeling: str, runs: Path) -> Config:
+    """What every method shares: data, network family, optimizer, epochs, budget."""
+    cfg = Config(seed=0)
+    cfg.task.kind = "segment"
+    cfg.task.metrics, cfg.task.monitor = ["dice", "iou", "pixel_accuracy"], "dice"
+    cfg.data.train_csv = str(data_dir / f"train_{labeling}.csv")
+    cfg.data.val_csv = str(data_dir / f"test_{labeling}.csv")
+    cfg.data.num_classes, cfg.data.in_chans = (2 if labeling == "majority" else 11), 1
+    cfg.model.encoder, cfg.model.latent_dim = "tiny_unet", 16
+    cfg.model.head_width, cfg.model.head_layers = 32, 2
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 12, 8, 3e-3
+    cfg.train.warmup_epochs, cfg.train.progress = 0.5, False
+    cfg.train.memory_budget = BUDGET
+    cfg.train.out_dir = str(runs)
+    return cfg
+
+
+def method_configs(base: Config, labeling: str) -> list[Config]:
+    full = copy.deepcopy(base)
+    full.name, full.method.name = f"seg_{labeling}_full", "full"
+    pw = copy.deepcopy(base)
+    pw.name, pw.method.name = f"seg_{labeling}_patchwise", "patchwise"
+    pw.method.patch_size, pw.method.sample_fraction, pw.method.fill_chunk = 128, 0.25, 8
+    pgd = copy.deepcopy(base)
+    pgd.name, pgd.method.name = f"seg_{labeling}_patchgd", "patchgd"
+    pgd.method.patch_size, pgd.method.sample_fraction, pgd.method.inner_steps = 128, 0.25, 4
+    pgd.method.z_stride, pgd.method.global_context, pgd.method.fill_chunk = 4, "concat", 8
+    return [full.validate(), pw.validate(), pgd.validate()]
+
+
+def memory_rows() -> dict[str, Any]:
+    """PatchGD-seg step peaks at 1,024² and 8,192² (same p = 128, k = 4) and Z at 65,536²."""
+    cfg = base_config(ROOT / "data", "majority", ROOT / "runs")
+    pgd = method_configs(cfg, "majority")[2]
+    pgd.train.batch_size, pgd.train.memory_budget = 1, None
+    rows: dict[str, Any] = {"patch": 128, "k": 4, "z_stride": 4, "latent_dim": 16}
+    for side in (1024, 8192):
+        trial = copy.deepcopy(pgd)
+        trial.method.sample_fraction = 4 / (side // 128) ** 2
+        rows[f"device_{side}"] = estimate_step_peak(trial, (1, side, side), device="cuda")
+        rows[f"cpu_estimate_{side}"] = estimate_step_peak(trial, (1, side, side))
+        if side == 1024:
+            rows["cpu_measured_1024"] = measure_method_peak(trial, (1, side, side))
+    rows["device_ratio"] = rows["device_8192"] / rows["device_1024"]
+    z_bytes = {dtype: 16 * (65536 // 4) ** 2 * size for dtype, size in (("fp32", 4), ("bf16", 2))}
+    rows["z_host_65536"] = z_bytes
+    return rows
+
+
+def accuracy_runs(data_dir: Path, runs: Path, labelings: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for labeling in labelings:
+        for cfg in method_configs(base_config(data_dir, labeling, runs), labeling):
+            start = time.perf_counter()
+            summary = train(cfg, overwrite=True)  # the benchmark owns its run directories
+            summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+            summary["labeling"] = labeling
+            overlay = OUT / f"overlay_{labeling}_{cfg.method.name}.png"
+            image = data_dir / "test/images/000000.png"
+            subprocess.run([sys.executable, "-m", "gigapatch", "predict", str(image),
+                            "--checkpoint", str(Path(summary["run_dir"]) / "best.pt"),
+                            "--overlay", str(overlay)], check=True, stdout=subprocess.DEVNULL)
+            summary["overlay"] = str(overlay.relative_to(ROOT))
+            out.append(summary)
+            print(f"{labeling:9s} {cfg.method.name:10s} dice {summary['final_val_dice']:.3f} "
+                  f"(best {summary['val_dice']:.3f}) peak {summary['peak_memory']} "
+                  f"{summary['train_seconds']:.0f} s", flush=True)
+    return out
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    m = results["memory"]
+    lines = [
+        f"PatchGD-seg, tiny_unet, patch {m['patch']}, k = {m['k']}, z_stride {m['z_stride']}, "
+        f"C = {m['latent_dim']}, batch 1:", "",
+        "| image | device peak (CUDA estimate, Z on the host) | CPU estimate (incl. Z) |",
+        "|---|---|---|",
+    ]
+    for side in (1024, 8192):
+        lines.append(f"| {side:,}² | {format_bytes(m[f'device_{side}'])} | "
+                     f"{format_bytes(m[f'cpu_estimate_{side}'])} |")
+    lines += ["", f"device ratio 8,192² / 1,024²: **{m['device_ratio']:.3f}**; CPU measured at "
+              f"1,024²: {format_bytes(m['cpu_measured_1024'])}; Z on the host at 65,536²: "
+              f"{format_bytes(m['z_host_65536']['fp32'])} (fp32), "
+              f"{format_bytes(m['z_host_65536']['bf16'])} (bf16)."]
+    if results.get("runs"):
+        lines += ["", "| labeling | method | input seen | held-out Dice (last / best epoch) | "
+                  "IoU | peak step memory | train time |", "|---|---|---|---|---|---|---|"]
+        for r in results["runs"]:
+            seen = r["input_size"]
+            seen = f"{seen}² px" if isinstance(seen, int) else f"{seen[0]}×{seen[1]} px"
+            lines.append(f"| {r['labeling']} | {r['method']} | {seen} | "
+                         f"{r['final_val_dice']:.3f} / {r['val_dice']:.3f} | "
+                         f"{r['final_val_iou']:.3f} | {r['peak_memory']} | "
+                         f"{r['train_seconds']:.0f} s |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "segmentation-bench")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--labelings", nargs="+", default=["majority", "digits"])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"memory": memory_rows(), "data": DATA, "budget": BUDGET}
+    if not args.memory_only:
+        meta = args.data_dir / "meta.json"
+        same = meta.is_file() and all(json.loads(meta.read_text()).get(k) == (list(v) if
+                                      isinstance(v, tuple) else v) for k, v in DATA.items())
+        if not same:
+            generate_segmentation(args.data_dir, **DATA)
+        results["runs"] = accuracy_runs(args.data_dir, args.runs, args.labelings)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    lines = table(results)
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
