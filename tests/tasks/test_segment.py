@@ -41,17 +41,19 @@ def test_window_loss_is_the_loss_on_the_cropped_masks():
     torch.testing.assert_close(got, want)
 
 
-def test_low_resolution_output_is_upsampled_to_the_mask():
+def test_low_resolution_output_trains_on_the_resized_mask_and_scores_at_full_size():
     task = _task(2)
-    masks = Masks([torch.zeros(16, 16, dtype=torch.long)])
-    low = torch.zeros(1, 2, 4, 4)
-    low[:, 0] = 10.0  # background everywhere
-    up = F.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(task.loss(low, masks), task.loss(up, masks))
-    assert task.loss(low, masks) < 0.02
+    mask = torch.zeros(16, 16, dtype=torch.long)
+    mask[::4, ::4] = 1  # exactly the pixels a nearest 4× reduction keeps
+    masks = Masks([mask])
+    low = torch.randn(1, 2, 4, 4)
+    small = Masks([torch.ones(4, 4, dtype=torch.long)])
+    torch.testing.assert_close(task.loss(low, masks), task.loss(low, small))
     m = task.metrics()
-    m.update(low, masks)
-    assert float(m.compute()["pixel_accuracy"]) == 1.0
+    m.update(low, masks)  # metrics: logits upsampled to the 16×16 mask
+    up = F.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False).argmax(1)
+    want = float((up[0] == mask).double().mean())
+    assert abs(float(m.compute()["pixel_accuracy"]) - want) < 1e-6
 
 
 def test_metrics_count_all_pixels_of_the_set_not_per_image_means():

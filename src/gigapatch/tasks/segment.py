@@ -5,8 +5,10 @@ by window when the images are). ``data.num_classes`` counts the background (clas
 
 **Output.** A method gives class logits ``(P, K, h, w)`` for ``P`` windows of the image
 (``window = (image (P,), boxes (P, 4))``, boxes ``(y, x, h, w)`` in image pixels, all one
-size) or ``(B, K, H', W')`` for whole images (``window=None``). Logits at a lower resolution
-than the window (a downsampled input, an output stride) are upsampled bilinearly to it.
+size) or ``(B, K, H', W')`` for whole images (``window=None``). Whole-image logits at a lower
+resolution (a downsampled input) are trained against the mask resized to them (nearest), the
+usual practice, so training memory follows the downsampled size; the metrics always compare
+at full resolution (logits upsampled bilinearly to the mask).
 
 **Loss.** Cross-entropy plus soft Dice (``1 −`` the mean over the foreground classes
 ``1..K−1`` of ``2Σpt / (Σp + Σt)`` over the batch's valid pixels, p the softmax, t the one-hot
@@ -154,6 +156,9 @@ class Segment(Task):
              ) -> torch.Tensor:
         target = targets.full() if window is None else targets.crop(*window)
         target = target.to(output.device)
+        if window is None and output.shape[-2:] != target.shape[-2:]:  # a downsampled input
+            target = F.interpolate(target[:, None].float(), size=tuple(output.shape[-2:]),
+                                   mode="nearest")[:, 0].long()
         logits = fit_to(output, target.shape[-2:])
         ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
         return ce + dice_loss(logits, target)
