@@ -45,6 +45,7 @@ from gigapatch.memory.report import (
     write_memory_csv,
 )
 from gigapatch.methods import method_names
+from gigapatch.models.dense import dense_net_names
 from gigapatch.models.encoders import encoder_names
 from gigapatch.models.heads import HEADS
 from gigapatch.synth.gigapixel import generate_gigapixel
@@ -300,6 +301,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_encoders(args: argparse.Namespace) -> int:
     print("encoders:", ", ".join(encoder_names()), "+ timm:<model> (with timm installed)")
+    print("segmentation networks:", ", ".join(dense_net_names()))
     print("heads:   ", ", ".join(HEADS.names()))
     print("methods: ", ", ".join(method_names()))
     print("tasks:   ", ", ".join(task_names()))

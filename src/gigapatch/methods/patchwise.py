@@ -182,6 +182,9 @@ class Patchwise(Method):
     # ------------------------------------------------------------------ interface
     def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
         m = self.cfg.method
+        if self.task.dense:
+            return {"patch_size": m.patch_size,
+                    "predict_stride": m.stride or max(1, m.patch_size // 2)}
         return {"patch_size": m.patch_size, "pool": m.pool, "patch_weighting": m.patch_weighting}
 
     def train_step(self, images: Images, targets: Targets, ctx: Context) -> float:
