@@ -154,13 +154,15 @@ class Masks:
         _, h, w = self.shape
         return torch.stack([self._window(b, 0, 0, h, w) for b in range(len(self))])
 
-    def crop(self, image: torch.Tensor | list[int], boxes: torch.Tensor) -> torch.Tensor:
+    def crop(self, image: torch.Tensor | list[int], boxes: torch.Tensor,
+             size: tuple[int, int] | None = None) -> torch.Tensor:
         """Windows of the masks: ``image`` ``(P,)`` (which mask; a tensor or a list),
-        ``boxes`` ``(P, 4)`` as ``(y, x, h, w)`` in pixels, all the same ``h, w`` →
+        ``boxes`` ``(P, 4)`` as ``(y, x, h, w)`` in pixels, all the same ``h, w`` (or
+        ``size``, which then wins: known shapes keep memory estimates exact) →
         ``(P, h, w)`` int64; pixels past the border are :data:`IGNORE`. Only the windows are
         read."""
         _, H, W = self.shape
-        h, w = int(boxes[0, 2]), int(boxes[0, 3])
+        h, w = size if size is not None else (int(boxes[0, 2]), int(boxes[0, 3]))
         out = torch.full((len(image), h, w), IGNORE, dtype=torch.int64)
         images = image if isinstance(image, list) else image.tolist()
         for i, (b, box) in enumerate(zip(images, boxes.tolist())):

@@ -79,9 +79,16 @@ def paste(windows: torch.Tensor, image: list[int], cells: list[int], new: torch.
           new_image: list[int], new_cells: list[int], geo: MapGeometry) -> torch.Tensor:
     """``windows`` (from :func:`windows_of`) with the blocks ``new`` ``(P', C, q, q)`` (cells
     ``new_cells`` of images ``new_image``; with gradients) written wherever they fall inside a
-    window, also in its margin. Differentiable in ``new``."""
-    out = windows.clone()
-    q, m, side = geo.q, geo.margin, geo.side
+    window, also in its margin. Differentiable in ``new``.
+
+    One gather from ``[windows, new]`` with an index built from the cell positions: its
+    memory does not depend on which cells were sampled (adjacent or not), so a fake-tensor
+    estimate, which cannot see the positions, prices it exactly."""
+    p, c, side, _ = windows.shape
+    q, m = geo.q, geo.margin
+    base = p * side * side
+    index = torch.arange(base, device=windows.device).view(p, side, side)
+    block = torch.arange(q * q, device=windows.device).view(q, q)
     for w, (b, cell) in enumerate(zip(image, cells)):
         wy, wx = geo.origin(cell)
         wy, wx = wy - m, wx - m
@@ -92,9 +99,11 @@ def paste(windows: torch.Tensor, image: list[int], cells: list[int], new: torch.
             ya, yb = max(ny, wy), min(ny + q, wy + side)
             xa, xb = max(nx, wx), min(nx + q, wx + side)
             if ya < yb and xa < xb:
-                out[w, :, ya - wy : yb - wy, xa - wx : xb - wx] = \
-                    new[n, :, ya - ny : yb - ny, xa - nx : xb - nx]
-    return out
+                index[w, ya - wy : yb - wy, xa - wx : xb - wx] = \
+                    base + n * q * q + block[ya - ny : yb - ny, xa - nx : xb - nx]
+    src = torch.cat([windows.transpose(0, 1).reshape(c, -1),
+                     new.to(windows.dtype).transpose(0, 1).reshape(c, -1)], dim=1)
+    return src[:, index.flatten()].view(c, p, side, side).transpose(0, 1)
 
 
 def valid(image: list[int], cells: list[int], geo: MapGeometry, device: torch.device,

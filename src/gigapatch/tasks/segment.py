@@ -154,7 +154,8 @@ class Segment(Task):
 
     def loss(self, output: torch.Tensor, targets: Masks, window: Window | None = None
              ) -> torch.Tensor:
-        target = targets.full() if window is None else targets.crop(*window)
+        target = (targets.full() if window is None
+                  else targets.crop(*window, size=tuple(output.shape[-2:])))
         target = target.to(output.device)
         if window is None and output.shape[-2:] != target.shape[-2:]:  # a downsampled input
             target = F.interpolate(target[:, None].float(), size=tuple(output.shape[-2:]),
