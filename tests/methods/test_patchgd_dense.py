@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import tifffile
 import torch
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.sampling import sample_cells
+from gigapatch.data.batch import LazyBatch
+from gigapatch.io.readers import open_image
 from gigapatch.io.image import write_mask_blocks
 from gigapatch.memory.budget import measure_method_peak
 from gigapatch.memory.estimates import estimate_step_peak
@@ -169,3 +172,21 @@ def test_the_cpu_estimate_prices_the_step_within_a_fraction_of_a_percent():
     measured = measure_method_peak(cfg, (1, 64, 64))
     estimated = estimate_step_peak(cfg, (1, 64, 64))
     assert measured <= estimated <= 1.005 * measured, (measured, estimated)
+
+
+def test_skip_background_samples_only_cells_with_content(tmp_path):
+    array = np.zeros((64, 64), np.uint8)
+    array[4:28, 36:60] = 255  # content in cell 1 only (patch 32: a 2×2 grid)
+    tifffile.imwrite(tmp_path / "a.tif", array, tile=(16, 16))
+    cfg = _cfg(sample_fraction=1 / 4, inner_steps=1)
+    cfg.method.patch_size = 32
+    cfg.data.skip_background = True
+    method = create_method(cfg)
+    seen = []
+    real_loss = method.task.loss
+    method.task.loss = lambda out, t, window=None: seen.append(window) or real_loss(out, t, window)
+    masks = method.task.random_targets(1, (64, 64))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        _grads(method, LazyBatch([open_image(tmp_path / "a.tif")]), masks)
+    assert {tuple(w[1][0].tolist()) for w in seen} == {(0, 32, 32, 32)}

@@ -247,7 +247,8 @@ class PatchGD(Method):
             z = self.fill_map(images, geo, take)  # (B, C, Hz, Wz) on the host
         area = geo.size[0] * geo.size[1]
         z_sum = z.sum(dim=(2, 3), dtype=torch.float64)  # (B, C), for the pooled map
-        order = sample_cells(b, grid.num_patches, k * steps)  # (B, k·J), host
+        mask = self.foreground(images, grid)  # data.skip_background: content cells first
+        order = sample_cells(b, grid.num_patches, k * steps, mask=mask)  # (B, k·J), host
         image = [i for i in range(b) for _ in range(k)]  # the image of each window
 
         def inner(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
