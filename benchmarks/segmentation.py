@@ -95,20 +95,28 @@ def memory_rows() -> dict[str, Any]:
     return rows
 
 
-def accuracy_runs(data_dir: Path, runs: Path, labelings: list[str]) -> list[dict[str, Any]]:
+def _overlay(summary: dict[str, Any], data_dir: Path) -> str:
+    """Draw the best checkpoint's mask on the first held-out image; the picture's path."""
+    overlay = OUT / f"overlay_{summary['labeling']}_{summary['method']}.png"
+    image = data_dir / "test/images/000000.png"
+    subprocess.run([sys.executable, "-m", "gigapatch", "predict", str(image),
+                    "--checkpoint", str(Path(summary["run_dir"]) / "best.pt"),
+                    "--overlay", str(overlay)], check=True, stdout=subprocess.DEVNULL)
+    return str(overlay.relative_to(ROOT))
+
+
+def accuracy_runs(data_dir: Path, runs: Path, labelings: list[str], methods: list[str]
+                  ) -> list[dict[str, Any]]:
     out = []
     for labeling in labelings:
         for cfg in method_configs(base_config(data_dir, labeling, runs), labeling):
+            if cfg.method.name not in methods:
+                continue
             start = time.perf_counter()
             summary = train(cfg, overwrite=True)  # the benchmark owns its run directories
             summary["wall_seconds"] = round(time.perf_counter() - start, 1)
             summary["labeling"] = labeling
-            overlay = OUT / f"overlay_{labeling}_{cfg.method.name}.png"
-            image = data_dir / "test/images/000000.png"
-            subprocess.run([sys.executable, "-m", "gigapatch", "predict", str(image),
-                            "--checkpoint", str(Path(summary["run_dir"]) / "best.pt"),
-                            "--overlay", str(overlay)], check=True, stdout=subprocess.DEVNULL)
-            summary["overlay"] = str(overlay.relative_to(ROOT))
+            summary["overlay"] = _overlay(summary, data_dir)
             out.append(summary)
             print(f"{labeling:9s} {cfg.method.name:10s} dice {summary['final_val_dice']:.3f} "
                   f"(best {summary['val_dice']:.3f}) peak {summary['peak_memory']} "
@@ -152,17 +160,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labelings", nargs="+", default=["majority"],
                    help="majority (needs context) and/or digits")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=["full", "patchwise", "patchgd"],
+                   help="train only these (run the others in another process, then --collect)")
+    p.add_argument("--collect", nargs="+", type=Path, metavar="RUNS_DIR",
+                   help="train nothing: tabulate the finished runs found in these folders")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"memory": memory_rows(), "data": DATA, "budget": BUDGET}
-    if not args.memory_only:
+    if args.collect:
+        found = []
+        for labeling in args.labelings:
+            for method in ("full", "patchwise", "patchgd"):
+                for folder in args.collect:
+                    path = folder / f"seg_{labeling}_{method}" / "summary.json"
+                    if path.is_file():
+                        summary = json.loads(path.read_text())
+                        summary["labeling"] = labeling
+                        summary["overlay"] = _overlay(summary, args.data_dir)
+                        found.append(summary)
+                        break
+        results["runs"] = found
+    elif not args.memory_only:
         meta = args.data_dir / "meta.json"
         same = meta.is_file() and all(json.loads(meta.read_text()).get(k) == (list(v) if
                                       isinstance(v, tuple) else v) for k, v in DATA.items())
         if not same:
             generate_segmentation(args.data_dir, **DATA)
-        results["runs"] = accuracy_runs(args.data_dir, args.runs, args.labelings)
+        results["runs"] = accuracy_runs(args.data_dir, args.runs, args.labelings, args.methods)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
     lines = table(results)
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
