@@ -139,6 +139,17 @@ class Method(nn.Module):
             return None
         return images.foreground(grid, d.background, d.mask_threshold)
 
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode inside the block (for passes without gradients that must not use
+        batch statistics or dropout), the previous mode restored after it."""
+        was = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was)
+
     def host_transform(self, images: torch.Tensor) -> torch.Tensor:
         """Host-side preprocessing applied by the data pipeline before :meth:`train_step`."""
         return images

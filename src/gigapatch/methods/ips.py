@@ -30,8 +30,6 @@ gigapixel images, never scores background).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -92,15 +90,6 @@ class IPS(Method):
         pos = sinusoidal_2d(cells // grid.cols, cells % grid.cols, self.dim)
         return x + pos.to(x.dtype)
 
-    @contextmanager
-    def _eval(self) -> Iterator[None]:
-        was = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was)
-
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
         """Selection scores ``(B, n)`` of embeddings ``(B, n, D)``: attention weights of the
         task queries, averaged over heads and tasks."""
@@ -124,7 +113,7 @@ class IPS(Method):
             n = max(1, int(mask.sum(dim=1).max()))
         m = min(self.cfg.method.memory_size, n)
         step = self.cfg.method.iter_size
-        with torch.no_grad(), self._eval():
+        with torch.no_grad(), self.evaluating():
             cells = order[:, :m]
             memory = self.embed(take, grid, cells)  # (B, M, D), in the compute dtype
             for start in repeated(range(m, n, step)):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -239,7 +239,6 @@ class PatchGD(Method):
         grid, q = geo.grid, geo.q
         b = images.shape[0]
         k, steps = self.plan(grid)
-        accumulate = self.cfg.method.accumulate
         use_global = self.cfg.method.global_context != "none"
         gpatch = self.global_patch(images) if use_global else None
         take = grid.taker(images)
@@ -265,15 +264,7 @@ class PatchGD(Method):
             window = (image, grid.boxes()[idx.flatten()])
             return self.task.loss(logits, targets, window), new
 
-        ctx.zero_grad()
-        total = 0.0
-        loop = repeated(range(steps))
-        for n_done, j in enumerate(loop):
-            idx = order[:, j * k : (j + 1) * k]
-            local = accumulate and n_done < len(loop) - 1
-            with ctx.no_sync() if local else nullcontext():
-                loss, new = ctx.run(inner, idx)
-                ctx.backward(loss / steps if accumulate else loss)
+        def keep(idx: torch.Tensor, new: torch.Tensor) -> None:
             with torch.no_grad():  # the re-encoded blocks stay in Z for the later steps
                 blocks = new.detach().to("cpu", z.dtype)
                 for bi, cell, block in zip(image, idx.flatten().tolist(), blocks):
@@ -281,12 +272,8 @@ class PatchGD(Method):
                     z_sum[bi] += (block.double().sum(dim=(1, 2))
                                   - z[bi, :, y : y + q, x : x + q].double().sum(dim=(1, 2)))
                     z[bi, :, y : y + q, x : x + q] = block
-            total += float(loss.detach())
-            if not accumulate:
-                ctx.step()
-        if accumulate:
-            ctx.step()
-        return total / steps
+
+        return self._inner_steps(ctx, order, k, steps, inner, keep)
 
     def _dense_predict(self, images: Images) -> torch.Tensor:
         geo = self.geometry(images)
@@ -351,7 +338,6 @@ class PatchGD(Method):
         grid = self.grid(images)
         b = images.shape[0]
         k, steps = self.plan(grid)
-        accumulate = self.cfg.method.accumulate
         use_global = self.cfg.method.global_context != "none"
         gpatch = self.global_patch(images) if use_global else None
 
@@ -369,18 +355,27 @@ class PatchGD(Method):
             g = self.encode(gpatch) if use_global else None
             return self.task.loss(self.logits(z_j, grid, g), targets), emb, where
 
+        return self._inner_steps(ctx, order, k, steps, inner,
+                                 lambda idx, emb, where: z.scatter_(1, where, emb.detach()))
+
+    def _inner_steps(self, ctx: Context, order: torch.Tensor, k: int, steps: int,
+                     inner: Callable[[torch.Tensor], tuple[Any, ...]],
+                     keep: Callable[..., Any]) -> float:
+        """The J inner steps: ``inner(idx)`` on cells ``idx`` ``(B, k)`` returns ``(loss,
+        *new)``; ``keep(idx, *new)`` writes the re-encoded cells into Z for the later steps.
+        With accumulation one optimizer step follows the J backward passes (all but the last
+        without gradient synchronisation), else one per inner step. Returns the mean loss."""
+        accumulate = self.cfg.method.accumulate
         ctx.zero_grad()
         total = 0.0
         loop = repeated(range(steps))
         for n_done, j in enumerate(loop):
             idx = order[:, j * k : (j + 1) * k]  # (B, k)
-            # One gradient synchronisation per update: all but the last backward of an
-            # accumulated update stay local.
             local = accumulate and n_done < len(loop) - 1
             with ctx.no_sync() if local else nullcontext():
-                loss, emb, where = ctx.run(inner, idx)
+                loss, *new = ctx.run(inner, idx)
                 ctx.backward(loss / steps if accumulate else loss)
-            z.scatter_(1, where, emb.detach())
+            keep(idx, *new)
             total += float(loss.detach())
             if not accumulate:
                 ctx.step()

@@ -35,8 +35,6 @@ shows where patches meet; no patch sees beyond itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -170,15 +168,6 @@ class Patchwise(Method):
             losses[start : start + len(flat)] = self.task.sample_losses(out, part).float()
         return losses.view(b, k)
 
-    @contextmanager
-    def _eval(self) -> Iterator[None]:
-        was = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was)
-
     # ------------------------------------------------------------------ interface
     def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
         m = self.cfg.method
@@ -195,7 +184,7 @@ class Patchwise(Method):
         k, kept = self.plan(grid, mask)
         cells = sample_cells(b, grid.num_patches, k, mask=mask)  # (B, k), host
         if kept < k:  # hard-patch mining: the highest losses of each image
-            with torch.no_grad(), ctx.autocast(), self._eval():
+            with torch.no_grad(), ctx.autocast(), self.evaluating():
                 losses = self._scores(take, grid, cells, targets)
             cells = cells.gather(1, losses.topk(kept, dim=1).indices.cpu())
         ctx.zero_grad()

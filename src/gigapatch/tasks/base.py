@@ -21,17 +21,38 @@ from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import default_collate
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.wrappers.abstract import WrapperMetric
 
 from gigapatch.config import Config
 from gigapatch.core.registry import Registry
 
-__all__ = ["TASKS", "Logits", "Targets", "Task", "create_task", "task_names"]
+__all__ = ["TASKS", "DelegatingMetric", "Logits", "Targets", "Task", "create_task", "task_names"]
 
 Logits = torch.Tensor | dict[str, torch.Tensor]
 Targets = Any  # a tensor, a dict of tensors per head, or a list per image (ragged targets)
 
 TASKS: Registry[type["Task"]] = Registry("task")
+
+
+class DelegatingMetric(WrapperMetric):
+    """A metric around ``metric`` (a metric or a collection): subclasses say how
+    ``update(output, targets)`` feeds it; ``compute`` and ``reset`` are the wrapped one's."""
+
+    def __init__(self, metric: Metric | MetricCollection) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def compute(self) -> Any:
+        return self.metric.compute()
+
+    def reset(self) -> None:
+        self.metric.reset()
+        super().reset()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.update(*args, **kwargs)
+        return None
 
 
 class Task(ABC):

@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa, MultilabelAccuracy
-from torchmetrics.wrappers.abstract import WrapperMetric
 
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
-from gigapatch.tasks.base import TASKS, Logits, Targets, Task
+from gigapatch.tasks.base import TASKS, DelegatingMetric, Logits, Targets, Task
 
 __all__ = [
     "Classify",
@@ -122,30 +121,19 @@ def random_targets(
     }
 
 
-class HeadMetric(WrapperMetric):
+class HeadMetric(DelegatingMetric):
     """A metric of one label head: ``update(output, targets)`` picks ``output[head]`` and
     ``targets[head]`` (tensors pass through), casting float multi-hot targets to ``long``."""
 
     def __init__(self, metric: Metric, head: str | None) -> None:
-        super().__init__()
-        self.metric, self.head = metric, head
+        super().__init__(metric)
+        self.head = head
 
     def update(self, output: Logits, targets: Targets) -> None:
         out = output[self.head] if isinstance(output, dict) else output
         target = targets[self.head] if isinstance(targets, dict) else targets
         target = target.to(out.device)
         self.metric.update(out, target.long() if target.is_floating_point() else target)
-
-    def compute(self) -> Any:
-        return self.metric.compute()
-
-    def reset(self) -> None:
-        self.metric.reset()
-        super().reset()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.update(*args, **kwargs)
-        return None
 
 
 @TASKS.register("classify")

@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
-from torchmetrics.wrappers.abstract import WrapperMetric
 
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.data.masks import IGNORE, Masks
-from gigapatch.tasks.base import TASKS, Task
+from gigapatch.tasks.base import TASKS, DelegatingMetric, Task
 
 __all__ = ["Segment", "dice_loss", "fit_to"]
 
@@ -64,12 +63,12 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - ((2 * inter + 1.0) / (total + 1.0)).mean()
 
 
-class _PerClass(WrapperMetric):
+class _PerClass(DelegatingMetric):
     """A per-class metric ``(K,)`` as ``{name: mean over classes 1..K−1, name_c: value}``."""
 
     def __init__(self, metric: Metric, name: str) -> None:
-        super().__init__()
-        self.metric, self.name = metric, name
+        super().__init__(metric)
+        self.name = name
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         self.metric.update(preds, target)
@@ -80,38 +79,15 @@ class _PerClass(WrapperMetric):
         out.update({f"{self.name}_{c}": v for c, v in enumerate(values)})
         return out
 
-    def reset(self) -> None:
-        self.metric.reset()
-        super().reset()
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.update(*args, **kwargs)
-        return None
-
-
-class _Dense(WrapperMetric):
+class _Dense(DelegatingMetric):
     """``update(logits (B, K, h, w), masks)``: argmax at the masks' size against the masks."""
-
-    def __init__(self, metrics: MetricCollection) -> None:
-        super().__init__()
-        self.metrics = metrics
 
     def update(self, output: torch.Tensor, targets: Masks | torch.Tensor) -> None:
         target = targets.full() if isinstance(targets, Masks) else targets
         target = target.to(output.device)
         preds = fit_to(output, target.shape[-2:]).argmax(dim=1)
-        self.metrics.update(preds, target)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return self.metrics.compute()
-
-    def reset(self) -> None:
-        self.metrics.reset()
-        super().reset()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.update(*args, **kwargs)
-        return None
+        self.metric.update(preds, target)
 
 
 @TASKS.register("segment")
