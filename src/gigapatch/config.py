@@ -83,7 +83,15 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    """θ1 (encoder) and θ2 (head) by name; ``latent_dim`` is the channel count C of Z."""
+    """θ1 (encoder) and θ2 (head) by name; ``latent_dim`` is the channel count C of Z.
+
+    Starting weights of θ1: ``pretrained: true`` fetches ImageNet weights through the
+    torchvision/timm/segmentation-models-pytorch hubs (a download on first use, then their
+    caches); ``weights: PATH`` loads a local file instead, no network needed: a torchvision or
+    timm state dict, or a gigapatch ``best.pt`` (its encoder; see
+    :mod:`gigapatch.models.weights`). ``freeze_encoder: true`` keeps θ1 fixed (no gradients,
+    eval mode): only θ2 and the heads learn.
+    """
 
     encoder: str = "tiny_cnn"
     pretrained: bool = False
@@ -95,6 +103,8 @@ class ModelConfig:
     attn_dropout: float = 0.0
     checkpoint_activations: bool = False
     head_layers: int = 2
+    weights: str | None = None
+    freeze_encoder: bool = False
 
 
 @dataclass
@@ -123,12 +133,17 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, schedule, logging and memory settings."""
+    """Optimisation, schedule, logging and memory settings.
+
+    ``encoder_lr``: learning rate of θ1 (the encoder) when it should differ from ``lr``
+    (θ2 and the heads); ``null``: one rate for all.
+    """
 
     epochs: int = 10
     batch_size: int = 8
     optimizer: str = "adamw"
     lr: float = 1e-3
+    encoder_lr: float | None = None
     weight_decay: float = 1e-4
     momentum: float = 0.9
     warmup_epochs: float = 1.0
@@ -211,6 +226,8 @@ class Config:
         _check(t.epochs >= 1, "train.epochs", t.epochs, "≥ 1")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "≥ 1")
         _check(t.lr > 0, "train.lr", t.lr, "> 0")
+        _check(t.encoder_lr is None or t.encoder_lr > 0, "train.encoder_lr", t.encoder_lr,
+               "> 0 or null")
         _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "≥ 0")
         _choice("train.optimizer", t.optimizer, ("adamw", "adam", "sgd"))
         _choice("train.schedule", t.schedule, ("cosine", "linear", "constant"))

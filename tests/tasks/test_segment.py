@@ -29,6 +29,20 @@ def test_dice_loss_against_its_definition():
     torch.testing.assert_close(dice_loss(logits, target), 1 - torch.stack(want).mean())
 
 
+def test_dice_loss_leaves_out_classes_absent_from_the_batch():
+    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    target = torch.zeros(2, 4, 5, dtype=torch.long)
+    loss = dice_loss(logits, target)  # no foreground at all: only the cross-entropy counts
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None and not logits.grad.any()
+    target[1, 2, 3] = 2  # class 2 present, class 1 absent: the mean is over class 2 only
+    p = logits.detach().softmax(1)[:, 2]
+    t = (target == 2).float()
+    want = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    torch.testing.assert_close(dice_loss(logits.detach(), target), want)
+
+
 def test_window_loss_is_the_loss_on_the_cropped_masks():
     task = _task()
     masks = task.random_targets(2, (20, 20))

@@ -39,6 +39,7 @@ def load_method(path: str | Path, device: str | torch.device = "cpu"
     ``device``."""
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"], source=f"{path} (config)")
+    cfg.model.weights = None  # the checkpoint's own weights replace the starting ones
     task = create_task(cfg)
     method = create_method(cfg, task)
     _check_weights(method, state["model"], path, cfg)

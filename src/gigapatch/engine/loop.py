@@ -240,7 +240,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
 
     method = create_method(cfg, task).to(device)
     ddp = distributed.wrap(method, place, device, cfg.train.sync_batchnorm)
-    optimizer = make_optimizer(method, cfg)
+    optimizer = make_optimizer(method, cfg, method.encoder_parameters())
     ctx = StepContext(method, optimizer, precision=cfg.train.precision,
                       grad_clip=cfg.train.grad_clip, ddp=ddp, device=device)
     per_process = math.ceil(len(train_ds) / place.world)
@@ -326,6 +326,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             "train_loss": loss_sum / max(1.0, n_batches),
             "val_loss": val["loss"],
             "lr": optimizer.param_groups[0]["lr"],
+            **({"encoder_lr": optimizer.param_groups[1]["lr"]}
+               if len(optimizer.param_groups) > 1 else {}),
             "epoch_seconds": time.perf_counter() - t0,
             **{f"val_{k}": v for k, v in val.items() if k != "loss"},
         }

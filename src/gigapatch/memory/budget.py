@@ -64,7 +64,7 @@ def measure_method_peak(
         cfg = copy.deepcopy(cfg)
         task = create_task(cfg)
         method = create_method(cfg, task).to(device).train()
-        optimizer = make_optimizer(method, cfg)
+        optimizer = make_optimizer(method, cfg, method.encoder_parameters())
         ctx = StepContext(method, optimizer, precision=cfg.train.precision,
                           grad_clip=cfg.train.grad_clip, device=device)
         b = cfg.train.batch_size

@@ -270,6 +270,7 @@ class _FakeTrainer:
             build_device = device
         self.cfg = copy.deepcopy(cfg)
         self.cfg.model.pretrained = False  # weights do not change memory; never download
+        self.cfg.model.weights = None
         self.task = create_task(self.cfg)
         self.device, self.exact = device, exact
         self.count_key = None if device.type == "cpu" else _device_key(build_device)
@@ -285,7 +286,7 @@ class _FakeTrainer:
                 with build_device:
                     self.method = create_method(self.cfg, self.task)
             self.method.train()
-            self.optimizer = make_optimizer(self.method, self.cfg)
+            self.optimizer = make_optimizer(self.method, self.cfg, self.method.encoder_parameters())
             self.ctx = StepContext(self.method, self.optimizer, precision=self.cfg.train.precision,
                                    grad_clip=self.cfg.train.grad_clip, device=build_device)
             if device.type == "cuda":

@@ -25,6 +25,7 @@ import torch.nn as nn
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.registry import Registry
+from gigapatch.models.weights import output_layer_prefix
 from gigapatch.tasks import Logits, Targets, Task, create_task
 
 
@@ -78,6 +79,10 @@ class Method(nn.Module):
     k_means: ClassVar[str] = "patches per step"
     #: Whether ``method.inner_steps`` (J) applies (PatchGD).
     has_inner_steps: ClassVar[bool] = False
+    #: The attribute holding θ1: ``encoder`` (PatchGD, IPS), or ``net`` for the methods that
+    #: train one network (``full``, ``patchwise``), whose θ1 is that network without its
+    #: output layer (the layer gigapatch sizes to the classes).
+    encoder_attr: ClassVar[str] = "encoder"
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__()
@@ -93,6 +98,40 @@ class Method(nn.Module):
         DistributedDataParallel wrapper) this way, so every forward pass of a training step,
         whatever its shape, is a forward of the trained module."""
         return fn(*args, **kwargs)
+
+    # ------------------------------------------------------------------ θ1
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """θ1's parameters (``train.encoder_lr``, ``model.freeze_encoder`` act on these)."""
+        net = getattr(self, self.encoder_attr, None)
+        if not isinstance(net, nn.Module):
+            return []
+        skip = output_layer_prefix(net) if self.encoder_attr == "net" else None
+        return [p for name, p in net.named_parameters()
+                if not (skip and name.startswith(skip))]
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """Whether θ1 is frozen (``model.freeze_encoder``): fixed, always in eval mode."""
+        return self.cfg.model.freeze_encoder
+
+    def freeze_encoder(self) -> None:
+        """Fix θ1: no gradients, eval mode from now on (see :meth:`train`)."""
+        for p in self.encoder_parameters():
+            p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Method:
+        """``nn.Module.train``, except that a frozen θ1 stays in eval mode (its batch-norm
+        statistics fixed, no dropout), so its output is a fixed function of the patch."""
+        super().train(mode)
+        if self.encoder_frozen:
+            net = getattr(self, self.encoder_attr, None)
+            if isinstance(net, nn.Module):
+                net.eval()
+                skip = output_layer_prefix(net) if self.encoder_attr == "net" else ""
+                if skip:
+                    net.get_submodule(skip.rstrip(".")).train(mode)
+        return self
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -204,7 +243,13 @@ class Method(nn.Module):
 def create_method(cfg: Config, task: Task | None = None) -> Method:
     """Build the method named by ``cfg.method.name`` for ``task`` (default: the task
     ``cfg.task`` describes), with its networks."""
-    return METHODS.get(cfg.method.name)(cfg, task if task is not None else create_task(cfg))
+    method = METHODS.get(cfg.method.name)(cfg, task if task is not None else create_task(cfg))
+    if cfg.model.freeze_encoder:
+        if not method.encoder_parameters():
+            raise ConfigError(f"model.freeze_encoder: method {cfg.method.name} has no encoder "
+                              "to freeze.")
+        method.freeze_encoder()
+    return method
 
 
 def method_names() -> list[str]:

@@ -52,6 +52,7 @@ class FullImage(Method):
     """``(B, C, H, W)`` → encoder → ``(B, K)`` logits, one optimizer step per batch."""
 
     budget_knobs = ("input_side",)
+    encoder_attr = "net"
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)
@@ -60,11 +61,11 @@ class FullImage(Method):
             raise ConfigError(f"method.downsample_to = {d} is too small; use ≥ 8 pixels or null.")
         if task.dense:
             self.net = create_dense_net(cfg.model.encoder, self.num_classes, self.in_chans,
-                                        cfg.model.pretrained)
+                                        cfg.model.pretrained, cfg.model.weights)
         else:
             self.net = create_encoder(
                 cfg.model.encoder, self.num_classes, self.in_chans, cfg.model.pretrained,
-                checkpoint_activations=cfg.model.checkpoint_activations,
+                weights=cfg.model.weights, checkpoint_activations=cfg.model.checkpoint_activations,
             )
 
     def host_transform(self, images: torch.Tensor | LazyBatch) -> torch.Tensor:

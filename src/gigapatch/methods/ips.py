@@ -67,7 +67,7 @@ class IPS(Method):
                 + "; e.g. 64 or 128."
             )
         self.encoder = create_encoder(mc.encoder, self.dim, self.in_chans, mc.pretrained,
-                                      checkpoint_activations=mc.checkpoint_activations)
+                                      weights=mc.weights, checkpoint_activations=mc.checkpoint_activations)
         names = self.tasks or ["label"]
         self.pool = CrossAttentionPool(self.dim, mc.attn_heads, len(names), dropout=mc.attn_dropout)
         self.classifiers = nn.ModuleDict({t: nn.Linear(self.dim, self.num_classes) for t in names})

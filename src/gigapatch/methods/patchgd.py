@@ -88,7 +88,7 @@ class PatchGD(Method):
             self._init_dense(cfg)
             return
         self.encoder = create_encoder(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained,
-                                      checkpoint_activations=mc.checkpoint_activations)
+                                      weights=mc.weights, checkpoint_activations=mc.checkpoint_activations)
         head_in = 2 * mc.latent_dim if m.global_context == "concat" else mc.latent_dim
         self.head = create_head(mc.head, head_in, self.num_classes, mc.head_width, mc.head_pool)
 
@@ -100,7 +100,8 @@ class PatchGD(Method):
         if m.stride not in (None, m.patch_size):
             raise ConfigError("dense PatchGD lays patches side by side in Z: leave "
                               f"method.stride unset (it is {m.stride}).")
-        self.encoder = create_dense_net(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained)
+        self.encoder = create_dense_net(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained,
+                                        mc.weights)
         c = mc.latent_dim
         width = (2 * c if m.global_context == "concat" else c) + c  # [Z, (G,) pooled Z]
         self.head = DenseHead(width, self.num_classes, mc.head_width, mc.head_layers)
@@ -177,7 +178,7 @@ class PatchGD(Method):
     @contextmanager
     def _fill_mode(self, mode: str) -> Iterator[None]:
         was_training = self.encoder.training
-        self.encoder.train(mode == "train")
+        self.encoder.train(mode == "train" and not self.encoder_frozen)
         try:
             yield
         finally:

@@ -93,6 +93,7 @@ class Patchwise(Method):
     """θ = encoder with ``num_classes`` outputs per label head, applied patch by patch."""
 
     budget_knobs = ("k", "fill_chunk")
+    encoder_attr = "net"
     k_means = "patches per image per step"
 
     def __init__(self, cfg: Config, task: Task) -> None:
@@ -104,7 +105,7 @@ class Patchwise(Method):
                 raise ConfigError("method.patch_weighting = top_k_loss is for image labels; "
                                   "segmentation patches use mean.")
             self.net = create_dense_net(mc.encoder, self.num_classes, self.in_chans,
-                                        mc.pretrained)
+                                        mc.pretrained, mc.weights)
             return
         if not hasattr(task, "sample_losses"):
             raise ConfigError(
@@ -112,7 +113,8 @@ class Patchwise(Method):
                 "classify, multilabel or segment."
             )
         self.net = create_encoder(mc.encoder, self.num_classes * self.heads, self.in_chans,
-                                  mc.pretrained, checkpoint_activations=mc.checkpoint_activations)
+                                  mc.pretrained, weights=mc.weights,
+                                  checkpoint_activations=mc.checkpoint_activations)
 
     # ------------------------------------------------------------------ pieces
     def grid(self, images: Images) -> PatchGrid:

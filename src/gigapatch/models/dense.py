@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.registry import Registry
+from gigapatch.models.weights import load_weights
 
 __all__ = ["DENSE_NETS", "DenseNet", "create_dense_net", "dense_net_names"]
 
@@ -55,7 +56,7 @@ class DenseNet(nn.Module):
 
 
 def create_dense_net(name: str, out_channels: int, in_chans: int = 3,
-                     pretrained: bool = False) -> DenseNet:
+                     pretrained: bool = False, weights: str | None = None) -> DenseNet:
     """Build the dense network ``name``: ``(B, in_chans, h, w)`` → ``(B, out_channels, h, w)``.
 
     Args:
@@ -63,12 +64,23 @@ def create_dense_net(name: str, out_channels: int, in_chans: int = 3,
         out_channels: values per pixel (class logits, or PatchGD's latent channels C).
         in_chans: input channels (1 grayscale, 3 RGB).
         pretrained: ImageNet weights for an smp encoder (through segmentation-models-pytorch).
+        weights: a local weight file instead (``model.weights``,
+            :func:`~gigapatch.models.weights.load_weights`): a whole network's state dict, a
+            gigapatch checkpoint's network, or an encoder's ImageNet checkpoint (e.g.
+            torchvision's ResNet-18 into ``smp:unet:resnet18``: the key prefix is found).
     """
     if not (isinstance(out_channels, int) and out_channels > 0):
         raise ConfigError(f"out_channels must be a positive integer, got {out_channels!r}.")
+    if pretrained and weights:
+        raise ConfigError("model.pretrained and model.weights both set: choose the hub "
+                          "weights (pretrained: true) or the local file (weights: PATH).")
     if isinstance(name, str) and name.startswith("smp:"):
-        return _smp(name, out_channels, in_chans, pretrained)
-    return DENSE_NETS.get(name)(out_channels, in_chans, pretrained)
+        net = _smp(name, out_channels, in_chans, pretrained)
+    else:
+        net = DENSE_NETS.get(name)(out_channels, in_chans, pretrained)
+    if weights:
+        load_weights(net, weights, f"network {name}")
+    return net
 
 
 def dense_net_names() -> list[str]:

@@ -16,7 +16,9 @@ libraries (or read from their cache). Nothing in gigapatch downloads on its own.
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -25,6 +27,9 @@ from torch.utils.checkpoint import checkpoint
 
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.registry import Registry
+from gigapatch.models.weights import is_gigapatch_checkpoint, load_weights
+
+log = logging.getLogger("gigapatch")
 
 EncoderBuilder = Callable[[int, int, bool], nn.Module]
 ENCODERS: Registry[EncoderBuilder] = Registry("encoder")
@@ -32,7 +37,7 @@ ENCODERS: Registry[EncoderBuilder] = Registry("encoder")
 
 def create_encoder(
     name: str, out_dim: int, in_chans: int = 3, pretrained: bool = False, *,
-    checkpoint_activations: bool = False,
+    weights: str | None = None, checkpoint_activations: bool = False,
 ) -> nn.Module:
     """Build the encoder ``name``: ``(B, in_chans, h, w)`` → ``(B, out_dim)``.
 
@@ -40,7 +45,13 @@ def create_encoder(
         name: a registered name (see :func:`encoder_names`) or ``timm:<model>``.
         out_dim: size of the output vector (the latent channels ``C`` of PatchGD's Z).
         in_chans: input channels (1 for grayscale, 3 for RGB).
-        pretrained: load ImageNet weights through torchvision/timm.
+        pretrained: load ImageNet weights through torchvision/timm (their hubs: downloaded
+            on first use, then read from their caches).
+        weights: a local weight file instead (``model.weights``; see
+            :mod:`gigapatch.models.weights`): a torchvision/timm state dict or a gigapatch
+            checkpoint's encoder. timm models read a plain file through timm itself
+            (``pretrained_cfg_overlay=dict(file=...)``), which adapts the classifier and the
+            input channels its own way.
         checkpoint_activations: keep only the inputs of the encoder's stages during a forward
             pass with gradients and recompute the rest in backward
             (:func:`checkpoint_stages`): less memory for large patches, ~30 % more compute.
@@ -49,10 +60,18 @@ def create_encoder(
         raise ConfigError(f"encoder out_dim must be a positive integer, got {out_dim!r}.")
     if not (isinstance(in_chans, int) and in_chans > 0):
         raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}.")
+    if pretrained and weights:
+        raise ConfigError("model.pretrained and model.weights both set: choose the hub "
+                          "weights (pretrained: true) or the local file (weights: PATH).")
     if isinstance(name, str) and name.startswith("timm:"):
-        net = _timm_encoder(name[len("timm:") :], out_dim, in_chans, pretrained)
+        timm_file = weights if weights and not is_gigapatch_checkpoint(weights) else None
+        net = _timm_encoder(name[len("timm:") :], out_dim, in_chans, pretrained, timm_file)
+        if weights and timm_file is None:
+            load_weights(net, weights, f"encoder {name}")
     else:
         net = ENCODERS.get(name)(out_dim, in_chans, pretrained)
+        if weights:
+            load_weights(net, weights, f"encoder {name}")
     if checkpoint_activations:
         checkpoint_stages(net)
     return net
@@ -275,7 +294,8 @@ for _arch in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
 # --------------------------------------------------------------------------- timm
 
 
-def _timm_encoder(model: str, out_dim: int, in_chans: int, pretrained: bool) -> nn.Module:
+def _timm_encoder(model: str, out_dim: int, in_chans: int, pretrained: bool,
+                  file: str | None = None) -> nn.Module:
     try:
         import timm
     except ImportError:  # pragma: no cover - depends on the environment
@@ -286,4 +306,16 @@ def _timm_encoder(model: str, out_dim: int, in_chans: int, pretrained: bool) -> 
         close = difflib.get_close_matches(model, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise ConfigError(f"unknown timm model {model!r}.{hint}")
-    return timm.create_model(model, pretrained=pretrained, num_classes=out_dim, in_chans=in_chans)
+    if file is None:
+        return timm.create_model(model, pretrained=pretrained, num_classes=out_dim,
+                                 in_chans=in_chans)
+    if not Path(file).is_file():
+        raise ConfigError(f"model.weights: no file {file}.")
+    try:  # timm's own way to read a local file: no hub access
+        net = timm.create_model(model, pretrained=True, num_classes=out_dim, in_chans=in_chans,
+                                pretrained_cfg_overlay={"file": str(file)})
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"model.weights {file}: timm could not load it into "
+                          f"timm:{model}: {str(e).splitlines()[0]}") from None
+    log.info("model.weights: %s loaded into encoder timm:%s by timm", file, model)
+    return net

@@ -12,15 +12,27 @@ from gigapatch.config import Config
 __all__ = ["lr_factor", "make_optimizer", "make_scheduler"]
 
 
-def make_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW / Adam / SGD (``train.optimizer``) over the trainable parameters of ``module``."""
+def make_optimizer(module: nn.Module, cfg: Config,
+                   encoder: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD (``train.optimizer``) over the trainable parameters of ``module``.
+
+    With ``train.encoder_lr`` set, the ``encoder`` parameters (θ1) form a second group at
+    that rate (the PatchGD reference code's separate rates); the first group, at
+    ``train.lr``, holds the rest (θ2, heads). The schedule scales both alike.
+    """
     t = cfg.train
-    params = [p for p in module.parameters() if p.requires_grad]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups: list[dict[str, object]] = [{"params": trainable}]
+    if t.encoder_lr is not None and encoder:
+        mine = {id(p) for p in encoder}
+        groups = [{"params": [p for p in trainable if id(p) not in mine]},
+                  {"params": [p for p in trainable if id(p) in mine], "lr": t.encoder_lr}]
+        groups = [g for g in groups if g["params"]]
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -11,8 +11,8 @@ usual practice, so training memory follows the downsampled size; the metrics alw
 at full resolution (logits upsampled bilinearly to the mask).
 
 **Loss.** Cross-entropy plus soft Dice (``1 −`` the mean over the foreground classes
-``1..K−1`` of ``2Σpt / (Σp + Σt)`` over the batch's valid pixels, p the softmax, t the one-hot
-target). With ``K = 2`` softmax cross-entropy equals binary cross-entropy on the logit
+``1..K−1`` present in the batch's targets of ``2Σpt / (Σp + Σt)`` over the batch's valid
+pixels, p the softmax, t the one-hot target; see :func:`dice_loss`). With ``K = 2`` softmax cross-entropy equals binary cross-entropy on the logit
 difference, so this is the usual Dice + BCE. Pixels past the image border are ignored.
 
 **Metrics** (torchmetrics, accumulated over *all* held-out pixels, not averaged per image):
@@ -51,16 +51,27 @@ def fit_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``1 −`` mean foreground soft Dice of logits ``(P, K, h, w)`` against class ids
-    ``(P, h, w)`` (:data:`~gigapatch.data.masks.IGNORE` pixels left out), over the batch."""
+    """``1 −`` soft Dice of logits ``(P, K, h, w)`` against class ids ``(P, h, w)``
+    (:data:`~gigapatch.data.masks.IGNORE` pixels left out), over the whole batch, averaged
+    over the foreground classes ``1..K−1`` *present in the batch's targets*; ``0`` when none
+    is (the cross-entropy alone then penalises false positives).
+
+    Leaving absent classes out is what segmentation-models-pytorch's ``DiceLoss`` does: with
+    smoothing, an absent class's Dice is ``1 / (Σp + 1)``, which punishes a single false
+    positive pixel as hard as missing a whole object. Patch and window methods see many
+    batches without foreground, and that term drove PatchGD-seg to predict background
+    everywhere (benchmark, session 5)."""
     k = logits.shape[1]
     valid = (target != IGNORE).unsqueeze(1).to(logits.dtype)  # (P, 1, h, w)
     probs = logits.float().softmax(dim=1) * valid
     onehot = F.one_hot(target.clamp(min=0), k).permute(0, 3, 1, 2).to(probs.dtype) * valid
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)[1:]
-    total = (probs.sum(dims) + onehot.sum(dims))[1:]
-    return 1 - ((2 * inter + 1.0) / (total + 1.0)).mean()
+    truth = onehot.sum(dims)[1:]
+    total = probs.sum(dims)[1:] + truth
+    present = (truth > 0).to(probs.dtype)  # (K − 1,); no data-dependent branch or indexing,
+    per_class = 1 - (2 * inter + 1.0) / (total + 1.0)  # so fake-tensor estimates still run
+    return (per_class * present).sum() / present.sum().clamp(min=1)
 
 
 class _PerClass(DelegatingMetric):
