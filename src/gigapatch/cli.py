@@ -6,6 +6,7 @@
     gigapatch train --config FILE [--set key=value …] [--resume]
     gigapatch eval --checkpoint RUN/best.pt [--data TEST.csv]
     gigapatch predict IMAGE --checkpoint RUN/best.pt [--explain OUT.png]
+    gigapatch predict --csv slides.csv --checkpoint RUN/best.pt --out preds.csv [--heatmaps DIR]
     gigapatch memory [--encoder E --budget 8GiB --sides … --config FILE]
     gigapatch demo
     gigapatch encoders
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,10 +33,9 @@ from gigapatch.data.batch import LazyBatch
 from gigapatch.data.datasets import check_images, describe_data, open_dataset
 from gigapatch.demo import run_demo
 from gigapatch.engine.checkpoint import load_method
+from gigapatch.engine.inference import list_images, load_for_predict, predict_many, stream_mask
 from gigapatch.engine.loop import evaluate, loader_for, resolve_device, train
 from gigapatch.explain import draw_mask_overlay
-from gigapatch.io.image import read_image, write_mask_blocks
-from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
 from gigapatch.memory.report import (
     DEFAULT_SIDES,
     format_memory_table,
@@ -163,19 +162,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    many = args.csv or args.folder
+    if bool(args.image) == bool(many) or (args.csv and args.folder):
+        raise GigapatchError("predict takes one IMAGE, or --csv FILE, or --folder DIR.")
+    if many and not args.out:
+        raise GigapatchError("predict --csv/--folder needs --out preds.csv (rows are appended "
+                             "as slides finish; a rerun skips the slides already there).")
     device = resolve_device(args.device)
     method, task, cfg = load_method(args.checkpoint, device)
-    if SUPPORTED_EXTENSIONS.get(Path(args.image).suffix.lower()) in ("tiff", "openslide", "numpy"):
-        image = LazyBatch([open_image(args.image)])  # streamed: read patch by patch
-    else:
-        image = torch.from_numpy(read_image(args.image)).permute(2, 0, 1)[None]  # (1, C, H, W)
-    if image.shape[1] != cfg.data.in_chans:
-        raise DataError(
-            f"{args.image} has {image.shape[1]} channel(s), but the checkpoint "
-            f"{args.checkpoint} was trained on {cfg.data.in_chans}-channel images. Convert the "
-            "image, or use a checkpoint trained on images like it."
-        )
     method.eval()
+    if many:
+        return _predict_many(args, method, task, cfg)
+    image = load_for_predict(args.image, cfg.data.in_chans)
     if task.dense:
         return _predict_mask(args, method, task, cfg, image)
     if args.mask or args.overlay:
@@ -195,39 +193,33 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_many(args: argparse.Namespace, method, task, cfg: Config) -> int:  # noqa: ANN001
+    if args.explain or args.mask or args.overlay:
+        raise GigapatchError("with --csv/--folder use --heatmaps DIR (image-level tasks) or "
+                             "--masks DIR (segmentation) instead of --explain/--mask/--overlay.")
+    paths = list_images(args.csv, args.folder, path_column=args.path_column,
+                        suffix=args.suffix, root=args.root)
+    counts = predict_many(method, task, cfg, paths, args.out, heatmaps_dir=args.heatmaps,
+                          masks_dir=args.masks, workers=args.workers,
+                          retry_errors=args.retry_errors, progress=not args.quiet)
+    print(json.dumps({"predictions": str(args.out), "images": len(paths), **counts}, indent=2))
+    return 0
+
+
 def _predict_mask(args: argparse.Namespace, method, task, cfg: Config, image) -> int:  # noqa: ANN001
     """Segmentation: stream the predicted mask block by block into ``--mask`` (a tiled TIFF
     is never held whole), count the classes and keep a thumbnail for ``--overlay``."""
     if args.explain:
         raise GigapatchError("--explain is for image-level tasks; for segmentation use --mask "
                              "and --overlay.")
-    h, w = image.shape[-2:]
-    step = max(1, math.ceil(max(h, w) / OVERLAY_SIDE))  # thumbnail: every step-th pixel
-    thumb = torch.zeros(math.ceil(h / step), math.ceil(w / step), dtype=torch.uint8)
-    counts = torch.zeros(cfg.data.num_classes, dtype=torch.int64)
-
-    def watched(blocks):  # noqa: ANN001, ANN202
-        for y, x, ids in blocks:
-            counts.add_(torch.bincount(ids.flatten().long(), minlength=len(counts)))
-            oy, ox = -y % step, -x % step
-            part = ids[oy::step, ox::step]
-            ty, tx = (y + oy) // step, (x + ox) // step
-            thumb[ty : ty + part.shape[0], tx : tx + part.shape[1]] = part
-            yield y, x, ids.numpy()
-
     with torch.inference_mode():
-        block, blocks = method.mask_blocks(image)
-        if args.mask:
-            path = write_mask_blocks(args.mask, (h, w), block, watched(blocks))
-        else:
-            for _ in watched(blocks):
-                pass
-    result: dict = {"image": str(args.image), **task.fractions(counts, (h, w))}
+        found = stream_mask(method, task, image, args.mask, OVERLAY_SIDE)
+    result: dict = {"image": str(args.image), **found}
     if args.mask:
-        result["mask"] = str(path)
+        result["mask"] = str(found.mask)
     if args.overlay:
         first = image.readers[0] if isinstance(image, LazyBatch) else image[0]
-        result["overlay"] = str(draw_mask_overlay(first, thumb, args.overlay,
+        result["overlay"] = str(draw_mask_overlay(first, found.thumb, args.overlay,
                                                   f"predicted mask ({cfg.method.name})",
                                                   cfg.data.num_classes))
     print(json.dumps(result, indent=2, allow_nan=False))
@@ -423,8 +415,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval)
 
-    r = sub.add_parser("predict", help="classify (or segment) one image")
-    r.add_argument("image", help="image file (PNG/JPEG/TIFF)")
+    r = sub.add_parser(
+        "predict", help="classify (or segment) one image, or many into a CSV",
+        description="One IMAGE (JSON to stdout), or every image of --csv/--folder into --out "
+        "preds.csv: one row per image with the prediction and the class probabilities, "
+        "appended as images finish; a rerun skips the images already in preds.csv, and an "
+        "image that cannot be read gets a row with its error.")
+    r.add_argument("image", nargs="?", help="image file (PNG/JPEG/TIFF/slide)")
+    r.add_argument("--csv", help="predict every image listed in this CSV (see --path-column)")
+    r.add_argument("--folder", help="predict every image file in this folder (recursively)")
+    r.add_argument("--out", metavar="PREDS.csv", help="with --csv/--folder: the predictions")
+    r.add_argument("--path-column", default="path",
+                   help="--csv column naming the images (default path; PANDA: image_id)")
+    r.add_argument("--suffix", default="", help="appended to --csv paths (PANDA: .tiff)")
+    r.add_argument("--root", help="folder the --csv paths are relative to (default: the CSV's)")
+    r.add_argument("--heatmaps", metavar="DIR", help="with --csv/--folder: a heat map per image")
+    r.add_argument("--masks", metavar="DIR", help="with --csv/--folder, segmentation: a mask "
+                   "per image (PNG; tiled TIFF above 8,192 px)")
+    r.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers decoding PNG/JPEG images (default 0)")
+    r.add_argument("--retry-errors", action="store_true",
+                   help="retry the images whose rows in --out hold an error")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--explain", metavar="OUT.png",
