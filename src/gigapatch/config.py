@@ -135,7 +135,9 @@ class MethodConfig:
 class TrainConfig:
     """Optimisation, schedule, logging and memory settings.
 
-    ``encoder_lr``: learning rate of θ1 (the encoder) when it should differ from ``lr``
+    ``logger``: ``csv`` (``metrics.csv`` and the PNG curves, always written) or
+    ``tensorboard`` (also TensorBoard event files in ``<run>/tensorboard``; the
+    ``tensorboard`` extra). ``encoder_lr``: learning rate of θ1 (the encoder) when it should differ from ``lr``
     (θ2 and the heads); ``null``: one rate for all.
     """
 
@@ -156,6 +158,7 @@ class TrainConfig:
     memory_budget: str | None = None
     measure_memory: bool = True
     progress: bool = True
+    logger: str = "csv"
     max_train_batches: int | None = None
 
 
@@ -226,6 +229,7 @@ class Config:
         _check(t.epochs >= 1, "train.epochs", t.epochs, "≥ 1")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "≥ 1")
         _check(t.lr > 0, "train.lr", t.lr, "> 0")
+        _choice("train.logger", t.logger, ("csv", "tensorboard"))
         _check(t.encoder_lr is None or t.encoder_lr > 0, "train.encoder_lr", t.encoder_lr,
                "> 0 or null")
         _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "≥ 0")

@@ -49,7 +49,7 @@ from gigapatch.data.batch import batches, make_loader
 from gigapatch.data.datasets import check_images, describe_data, open_dataset
 from gigapatch.engine import distributed
 from gigapatch.engine.checkpoint import load_checkpoint, save_checkpoint
-from gigapatch.engine.reporting import plot_curves, write_metrics
+from gigapatch.engine.reporting import TensorBoardLog, plot_curves, write_metrics
 from gigapatch.io.readers import ImageReader
 from gigapatch.memory.budget import fit_to_budget
 from gigapatch.memory.tracker import measure_step_peak
@@ -275,6 +275,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
 
     val_loader = loader_for(val_ds, cfg, task, shuffle=False, place=place)
     progress = cfg.train.progress and place.main
+    board = (TensorBoardLog(run_dir, start_epoch * steps_per_epoch + 1 if resume else None)
+             if cfg.train.logger == "tensorboard" and place.main else None)
     for epoch in range(start_epoch, cfg.train.epochs):
         seed_everything(cfg.seed * 1_000_003 + epoch + 7_919 * place.rank)
         method.train()
@@ -307,6 +309,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             except TrainingDiverged as err:
                 raise _diverged(cfg, run_dir, epoch, i, str(err)) from None
             scheduler.step()
+            if board is not None:
+                board.step(epoch * steps_per_epoch + i + 1, loss)
             loss_sum += loss
             n_batches += 1
             n_images += images.shape[0]
@@ -329,6 +333,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             **({"encoder_lr": optimizer.param_groups[1]["lr"]}
                if len(optimizer.param_groups) > 1 else {}),
             "epoch_seconds": time.perf_counter() - t0,
+            "images_per_second": n_images / epoch_train_seconds if epoch_train_seconds else 0.0,
             **{f"val_{k}": v for k, v in val.items() if k != "loss"},
         }
         history.append(row)
@@ -361,9 +366,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
                 save_checkpoint(ckpt, run_dir / "best.pt")
             save_checkpoint(ckpt, run_dir / "last.pt")
             write_metrics(history, run_dir / "metrics.csv")
+            if board is not None:
+                board.epoch(row, peak_memory, (epoch + 1) * steps_per_epoch)
             plot_curves(history, run_dir / "training_curve.png", cfg.name, task.monitor)
         distributed.barrier()
 
+    if board is not None:
+        board.close()
     summary = _summary(cfg, task, method, history, best_value, best_epoch, (h, w))
     summary.update({
         "peak_memory_bytes": peak_memory,

@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: ``metrics.csv`` and ``training_curve.png``."""
+"""What a run writes besides checkpoints: ``metrics.csv`` and ``training_curve.png``, and
+with ``train.logger: tensorboard`` TensorBoard event files (:class:`TensorBoardLog`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import io
 from pathlib import Path
 from typing import Any
 
+from gigapatch.core.errors import ConfigError
 from gigapatch.core.files import write_text
 from gigapatch.plots import plt, save_figure
 
-__all__ = ["METRIC_FIELDS", "plot_curves", "write_metrics"]
+__all__ = ["METRIC_FIELDS", "TensorBoardLog", "plot_curves", "write_metrics"]
 
 #: The first columns of ``metrics.csv``; the task's metrics (``val_<name>``) follow.
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "lr", "epoch_seconds"]
@@ -45,3 +47,44 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str, monitor: 
         a2.set_ylim(0, 100)
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+class TensorBoardLog:
+    """``train.logger: tensorboard``: the epoch rows (and the loss of every step) as
+    TensorBoard scalars in ``<run>/tensorboard`` (``torch.utils.tensorboard``; the
+    ``tensorboard`` extra). ``metrics.csv`` and the PNG curves are written as always.
+
+    Tags: ``loss/train``, ``loss/val``, ``loss/train_step`` (per optimizer step), ``val/<metric>``,
+    ``lr/lr`` (and ``lr/encoder_lr``), ``memory/peak_step_MiB``, ``speed/images_per_second``,
+    ``time/epoch_seconds``, all against the optimizer step (an epoch's values at its last
+    step), as TensorBoard users read them. A resumed run drops what the crashed run logged
+    after its last checkpoint (``purge_step``: the first step it will redo)."""
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional extra
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise ConfigError("train.logger: tensorboard needs the tensorboard package: pip "
+                              "install 'gigapatch[tensorboard]' (or use train.logger: csv).") from None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                    purge_step=purge_step)
+
+    def step(self, step: int, loss: float) -> None:
+        self.writer.add_scalar("loss/train_step", loss, step)
+
+    def epoch(self, row: dict[str, Any], peak_memory: int | None, step: int) -> None:
+        for key, value in row.items():
+            if key == "epoch" or not isinstance(value, (int, float)):
+                continue
+            tag = {"train_loss": "loss/train", "val_loss": "loss/val", "lr": "lr/lr",
+                   "encoder_lr": "lr/encoder_lr", "epoch_seconds": "time/epoch_seconds",
+                   "images_per_second": "speed/images_per_second"}.get(key)
+            if tag is None:
+                tag = "val/" + key.removeprefix("val_")
+            self.writer.add_scalar(tag, value, step)
+        if peak_memory is not None:
+            self.writer.add_scalar("memory/peak_step_MiB", peak_memory / 2**20, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
