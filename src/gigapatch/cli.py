@@ -173,7 +173,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     method.eval()
     if many:
         return _predict_many(args, method, task, cfg)
-    image = load_for_predict(args.image, cfg.data.in_chans)
+    image = load_for_predict(args.image, cfg.data.in_chans, cfg.data.level, cfg.data.mpp)
     if task.dense:
         return _predict_mask(args, method, task, cfg, image)
     if args.mask or args.overlay:

@@ -43,6 +43,12 @@ class DataConfig:
     classes present, e.g. ``"2 5 7"``).
     Tasks in ``multilabel`` are multi-hot (sigmoid/BCE), the others single-label (softmax/CE);
     every task has ``num_classes`` outputs.
+    CSV columns: ``path_column`` (default ``path``; e.g. PANDA's ``image_id`` with
+    ``path_suffix: .tiff``) and ``label_column`` (default ``label``; PANDA ``isup_grade``);
+    paths are relative to ``image_root`` (default: the CSV's folder).
+    Resolution (``lazy_csv``, ``folder``): ``level: L`` reads pyramid level L, ``mpp: 0.5``
+    the coarsest level with at most that many microns per pixel, from the slide's metadata
+    (:mod:`gigapatch.io.resolution`); training and ``predict`` both use it.
     ``skip_background`` (images read from disk): an Otsu foreground mask on a low-resolution
     level (``background`` auto/bright/dark, optional fixed ``mask_threshold``) marks empty
     patches, which PatchGD gives a fixed (zero) embedding and IPS never scores.
@@ -64,6 +70,12 @@ class DataConfig:
     std: float = 1.0
     mask_column: str = "mask"
     mask_dir: str = "masks"
+    path_column: str = "path"
+    label_column: str = "label"
+    path_suffix: str = ""
+    image_root: str | None = None
+    level: int | None = None
+    mpp: float | None = None
 
 
 @dataclass
@@ -187,6 +199,18 @@ class Config:
                "≥ 0 (0 = load in the main process)")
         d = self.data
         _choice("data.kind", d.kind, ("csv", "lazy_csv", "folder", "megapixel_mnist"))
+        if d.level is not None or d.mpp is not None:
+            if d.level is not None and d.mpp is not None:
+                raise ConfigError("data.level and data.mpp are both set: choose one.")
+            _check(d.level is None or d.level >= 0, "data.level", d.level, "≥ 0")
+            _check(d.mpp is None or d.mpp > 0, "data.mpp", d.mpp, "> 0 (microns per pixel)")
+            if d.kind not in ("lazy_csv", "folder"):
+                raise ConfigError(f"data.level / data.mpp choose a pyramid level of images read "
+                                  f"from disk: use data.kind lazy_csv or folder (not {d.kind}).")
+            if self.task.kind == "segment":
+                raise ConfigError("data.level / data.mpp are not supported for segmentation yet "
+                                  "(the masks would need the same level); write the images and "
+                                  "masks at the resolution to train at.")
         _choice("data.background", d.background, ("auto", "bright", "dark"))
         if d.kind in ("megapixel_mnist", "folder"):
             _check(bool(d.root), "data.root", d.root, f"the {d.kind} data folder")

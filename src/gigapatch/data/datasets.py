@@ -78,13 +78,19 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
                 f"data.tasks = {d.tasks}: a folder data set has one label (its sub-folder); "
                 "leave data.tasks empty, or list the images in a CSV with one column per task."
             )
-        return LargeImageFolderDataset(Path(d.root) / ("train" if split == "train" else "val"))
+        folder = LargeImageFolderDataset(Path(d.root) / ("train" if split == "train" else "val"))
+        folder.level, folder.mpp = d.level, d.mpp
+        return folder
     path = d.train_csv if split == "train" else d.val_csv
     extra = [t for t in d.tasks if t != LABEL_TASK]  # task columns besides `label`
+    columns = {"root": d.image_root, "path_column": d.path_column,
+               "label_column": d.label_column, "suffix": d.path_suffix}
     if d.kind == "lazy_csv":
-        ds: Any = LargeImageCSVDataset(path, num_classes=d.num_classes, extra_columns=extra)
+        ds: Any = LargeImageCSVDataset(path, num_classes=d.num_classes, extra_columns=extra,
+                                       **columns)
+        ds.level, ds.mpp = d.level, d.mpp
     else:
-        ds = CSVImageDataset(path, num_classes=d.num_classes, extra_columns=extra)
+        ds = CSVImageDataset(path, num_classes=d.num_classes, extra_columns=extra, **columns)
     return TaskColumns(ds, d.tasks, d.multilabel, d.num_classes) if d.tasks else ds
 
 

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from gigapatch.data.csv_table import check_num_classes, read_labelled_csv
 from gigapatch.core.errors import ConfigError, DataError
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, ImageReader, open_image
+from gigapatch.io.resolution import at_resolution
 
 __all__ = ["LargeImageCSVDataset", "LargeImageFolderDataset", "collate_readers"]
 
@@ -66,6 +67,10 @@ class _LargeImageDataset(Dataset):
     _num_classes: int
     backend: str | None
     max_pixels: int | None
+    #: Pyramid level, or microns per pixel, to read at (``data.level`` / ``data.mpp``; see
+    #: :func:`~gigapatch.io.resolution.at_resolution`): the readers' level 0 is that level.
+    level: int | None = None
+    mpp: float | None = None
 
     def _check_types(self, where: str) -> None:
         """DataError naming the files whose extension no reader backend handles."""
@@ -100,7 +105,8 @@ class _LargeImageDataset(Dataset):
         Raises:
             DataError: the file vanished or its header is corrupt (the message names it).
         """
-        return open_image(self._paths[index], backend=self.backend, max_pixels=self.max_pixels)
+        reader = open_image(self._paths[index], backend=self.backend, max_pixels=self.max_pixels)
+        return at_resolution(reader, self.level, self.mpp)
 
     def __len__(self) -> int:
         return len(self._paths)

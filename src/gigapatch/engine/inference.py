@@ -33,6 +33,7 @@ from gigapatch.core.errors import DataError, GigapatchError
 from gigapatch.data.batch import LazyBatch
 from gigapatch.io.image import read_image, write_mask_blocks
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
+from gigapatch.io.resolution import at_resolution
 from gigapatch.methods import Method
 from gigapatch.tasks import Task
 
@@ -84,17 +85,20 @@ def list_images(csv_path: str | Path | None = None, folder: str | Path | None = 
     return paths
 
 
-def load_for_predict(path: str | Path, in_chans: int) -> torch.Tensor | LazyBatch:
+def load_for_predict(path: str | Path, in_chans: int, level: int | None = None,
+                     mpp: float | None = None) -> torch.Tensor | LazyBatch:
     """One image as a method takes it: a :class:`LazyBatch` of one lazy reader (tiled TIFF,
-    slides, ``.npy``), else the decoded ``(1, C, H, W)`` uint8 tensor. Raises
-    :class:`DataError` naming the file when it cannot be read or has the wrong channels."""
+    slides, ``.npy``; any image when a ``level`` or ``mpp`` is asked, at that resolution as
+    in training, :func:`~gigapatch.io.resolution.at_resolution`), else the decoded
+    ``(1, C, H, W)`` uint8 tensor. Raises :class:`DataError` naming the file when it cannot
+    be read or has the wrong channels."""
     path = Path(path)
     kind = SUPPORTED_EXTENSIONS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of "
                         f"{', '.join(sorted(SUPPORTED_EXTENSIONS))}.")
-    if kind in LAZY_KINDS:
-        image: torch.Tensor | LazyBatch = LazyBatch([open_image(path)])
+    if kind in LAZY_KINDS or level is not None or mpp is not None:
+        image: torch.Tensor | LazyBatch = LazyBatch([at_resolution(open_image(path), level, mpp)])
     else:
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None]
     if image.shape[1] != in_chans:
@@ -143,15 +147,15 @@ class _Images(Dataset):
     """``(path, image or None, error or "")`` per path; whole-image formats decoded here (in
     the workers), lazy ones opened in the main process (their readers hold file handles)."""
 
-    def __init__(self, paths: list[Path], in_chans: int) -> None:
-        self.paths, self.in_chans = paths, in_chans
+    def __init__(self, paths: list[Path], in_chans: int, lazy: bool = False) -> None:
+        self.paths, self.in_chans, self.lazy = paths, in_chans, lazy
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor | None, str]:
         path = self.paths[i]
-        if SUPPORTED_EXTENSIONS.get(path.suffix.lower()) in LAZY_KINDS:
+        if self.lazy or SUPPORTED_EXTENSIONS.get(path.suffix.lower()) in LAZY_KINDS:
             return str(path), None, ""
         try:
             return str(path), load_for_predict(path, self.in_chans), ""  # type: ignore[return-value]
@@ -225,7 +229,9 @@ def predict_many(method: Method, task: Task, cfg: Config, paths: list[Path], out
     for folder in (heatmaps_dir, masks_dir):
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(_Images(todo, cfg.data.in_chans), batch_size=None, shuffle=False,
+    d = cfg.data
+    at_level = d.level is not None or d.mpp is not None
+    loader = DataLoader(_Images(todo, d.in_chans, lazy=at_level), batch_size=None, shuffle=False,
                         num_workers=workers, collate_fn=lambda item: item)
     handle = open(out_csv, "a", newline="", encoding="utf-8")  # noqa: SIM115 - kept open
     writer: csv.DictWriter | None = None
@@ -238,7 +244,7 @@ def predict_many(method: Method, task: Task, cfg: Config, paths: list[Path], out
                 if error:
                     raise DataError(error)
                 if image is None:
-                    image = load_for_predict(path, cfg.data.in_chans)
+                    image = load_for_predict(path, d.in_chans, d.level, d.mpp)
                 row.update(_predict_one(method, task, image, Path(path), heatmaps_dir,
                                         masks_dir))
                 counts["done"] += 1
