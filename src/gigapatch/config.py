@@ -26,6 +26,10 @@ from gigapatch.core.units import parse_bytes
 PRECISIONS = ("32", "bf16", "16-mixed")
 
 
+#: The augmentations ``data.augment`` accepts (:mod:`gigapatch.data.augment`).
+AUGMENTATIONS = ("hflip", "vflip", "rot90", "color_jitter")
+
+
 @dataclass
 class DataConfig:
     """Where the images are and what to predict.
@@ -46,6 +50,9 @@ class DataConfig:
     CSV columns: ``path_column`` (default ``path``; e.g. PANDA's ``image_id`` with
     ``path_suffix: .tiff``) and ``label_column`` (default ``label``; PANDA ``isup_grade``);
     paths are relative to ``image_root`` (default: the CSV's folder).
+    ``augment``: training-image augmentations drawn per image and epoch, applied to lazy
+    images region by region without decoding them whole: ``hflip``, ``vflip``, ``rot90``,
+    ``color_jitter`` (:mod:`gigapatch.data.augment`).
     Resolution (``lazy_csv``, ``folder``): ``level: L`` reads pyramid level L, ``mpp: 0.5``
     the coarsest level with at most that many microns per pixel, from the slide's metadata
     (:mod:`gigapatch.io.resolution`); training and ``predict`` both use it.
@@ -76,6 +83,7 @@ class DataConfig:
     image_root: str | None = None
     level: int | None = None
     mpp: float | None = None
+    augment: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -199,6 +207,13 @@ class Config:
                "≥ 0 (0 = load in the main process)")
         d = self.data
         _choice("data.kind", d.kind, ("csv", "lazy_csv", "folder", "megapixel_mnist"))
+        unknown = [n for n in d.augment if n not in AUGMENTATIONS]
+        if unknown:
+            raise ConfigError(f"data.augment: unknown {unknown}; choose from "
+                              f"{list(AUGMENTATIONS)}.")
+        if d.augment and self.task.kind == "segment":
+            raise ConfigError("data.augment is not supported for segmentation yet (the masks "
+                              "would need the same transform); leave it empty.")
         if d.level is not None or d.mpp is not None:
             if d.level is not None and d.mpp is not None:
                 raise ConfigError("data.level and data.mpp are both set: choose one.")

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from gigapatch.config import Config
+from gigapatch.data.augment import AugmentedDataset
 from gigapatch.data.large import LargeImageCSVDataset, LargeImageFolderDataset
 from gigapatch.data.segmentation import SegmentationDataset, segmentation_csv, segmentation_folder
 from gigapatch.data.task_columns import LABEL_TASK, TaskColumns
@@ -63,6 +64,12 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
     d = cfg.data
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    ds = _open(cfg, split)
+    return AugmentedDataset(ds, d.augment) if split == "train" and d.augment else ds
+
+
+def _open(cfg: Config, split: str) -> Dataset:
+    d = cfg.data
     if cfg.task.kind == "segment":
         return _segmentation(cfg, split)
     if d.kind == "megapixel_mnist":

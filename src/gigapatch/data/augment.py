@@ -1,0 +1,212 @@
+"""Augmentation of huge images without decoding them whole (``data.augment``).
+
+``data.augment: [hflip, vflip, rot90, color_jitter]`` draws one set of parameters per image
+and per epoch (torch's RNG, so seeded runs repeat) and applies it to the whole image:
+
+- **geometric** (``hflip``, ``vflip``: each with probability ½; ``rot90``: 0–3 quarter turns
+  counter-clockwise, as ``np.rot90``): a lazy image becomes an :class:`AugmentedView`, a
+  reader whose every region is the region of the *transformed* image: the view maps it back
+  to the source region, reads only that, and transforms the pixels. So the patch grid, every
+  patch, the tissue mask and the thumbnails agree with each other exactly as if the image had
+  been transformed in memory (the tests compare the two);
+- **colour** (``color_jitter``: brightness, contrast and saturation factors in [0.8, 1.2] and a
+  hue shift in [−0.05, 0.05], drawn by ``torchvision.transforms.ColorJitter.get_params``, in
+  its random order): applied with ``torchvision.transforms.v2.functional`` to every region
+  with the *same* factors. Contrast blends with the image's mean grey level, which for a lazy
+  image is taken from its smallest pyramid level (all of it for a one-level image), so
+  patches of one image share it.
+
+Images decoded whole (``data.kind: csv``) get the same transforms as tensors
+(:func:`augment_tensor`). Segmentation masks are not transformed yet, so ``task.kind:
+segment`` refuses ``data.augment``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import Dataset
+
+from gigapatch.config import AUGMENTATIONS
+from gigapatch.core.errors import ConfigError
+from gigapatch.io.readers import ImageReader
+
+__all__ = ["AUGMENTATIONS", "AugmentedDataset", "AugmentedView", "Params", "augment_tensor",
+           "draw_params"]
+
+_JITTER = ([0.8, 1.2], [0.8, 1.2], [0.8, 1.2], [-0.05, 0.05])
+
+
+@dataclass(frozen=True)
+class Params:
+    """One image's draw: ``rot`` quarter turns, then the flips, then the colour ops."""
+
+    rot: int = 0
+    hflip: bool = False
+    vflip: bool = False
+    order: tuple[int, ...] = ()
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+
+    @property
+    def geometric(self) -> bool:
+        return bool(self.rot or self.hflip or self.vflip)
+
+    @property
+    def colour(self) -> bool:
+        return bool(self.order)
+
+
+def check_augment(names: list[str]) -> list[str]:
+    """``names`` if all are known, else ConfigError listing the choices."""
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise ConfigError(f"data.augment: unknown {unknown}; choose from {list(AUGMENTATIONS)}.")
+    return names
+
+
+def draw_params(names: list[str]) -> Params:
+    """Random parameters for the augmentations ``names`` (torch's global RNG)."""
+    coin = lambda: bool(torch.rand(()) < 0.5)  # noqa: E731
+    rot = int(torch.randint(0, 4, ())) if "rot90" in names else 0
+    h = coin() if "hflip" in names else False
+    v = coin() if "vflip" in names else False
+    if "color_jitter" not in names:
+        return Params(rot, h, v)
+    order, b, c, s, hue = T.ColorJitter.get_params(*_JITTER)
+    return Params(rot, h, v, tuple(int(i) for i in order), b, c, s, hue)
+
+
+def _colour(x: torch.Tensor, p: Params, mean: float) -> torch.Tensor:
+    """The colour ops of ``p`` on ``(C, h, w)`` uint8 pixels; contrast about ``mean`` (the
+    image's mean grey level in [0, 255])."""
+    for i in p.order:
+        if i == 0 and p.brightness is not None:
+            x = TF.adjust_brightness(x, p.brightness)
+        elif i == 1 and p.contrast is not None:  # adjust_contrast's blend, the image's mean
+            y = p.contrast * x.float() + (1 - p.contrast) * mean
+            x = y.clamp(0, 255).to(torch.uint8)
+        elif i == 2 and p.saturation is not None and x.shape[0] == 3:
+            x = TF.adjust_saturation(x, p.saturation)
+        elif i == 3 and p.hue is not None and x.shape[0] == 3:
+            x = TF.adjust_hue(x, p.hue)
+    return x
+
+
+def _grey_mean(x: torch.Tensor) -> float:
+    """Mean grey level of ``(C, h, w)`` uint8 pixels, as ``adjust_contrast`` computes it."""
+    grey = TF.rgb_to_grayscale(x) if x.shape[0] == 3 else x
+    return float(grey.float().mean())
+
+
+def augment_tensor(image: torch.Tensor, p: Params) -> torch.Tensor:
+    """An in-memory image ``(C, H, W)`` uint8 transformed by ``p`` (the reference that
+    :class:`AugmentedView` matches region by region)."""
+    x = image
+    if p.rot:
+        x = torch.rot90(x, p.rot, dims=(1, 2))
+    if p.hflip:
+        x = x.flip(2)
+    if p.vflip:
+        x = x.flip(1)
+    if p.colour:
+        x = _colour(x, p, _grey_mean(image))
+    return x.contiguous()
+
+
+class AugmentedView(ImageReader):
+    """``base`` transformed by ``p``: regions of the transformed image, read lazily."""
+
+    backend = "augmented"
+
+    def __init__(self, base: ImageReader, p: Params) -> None:  # noqa: D107 - no probe
+        self.base, self.p = base, p
+        self.path = base.path
+        self._handle: Any = None
+        self._pid: int | None = None
+        swap = p.rot % 2 == 1
+        self.levels = [(w, h) if swap else (h, w) for h, w in base.levels]
+        h, w = self.levels[0]
+        self.shape = (h, w, base.shape[2])
+        self.dtype = base.dtype
+        self.downsamples = list(base.downsamples)
+        self._mean: float | None = None
+
+    def _probe(self) -> None:  # pragma: no cover - the base reader has probed
+        pass
+
+    def _open(self) -> Any:
+        return self.base
+
+    def _close_handle(self, handle: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.base.close()
+
+    def _source(self, y: int, x: int, h: int, w: int, level: int) -> tuple[int, int, int, int]:
+        """The base region under region ``(y, x, h, w)`` of the transformed ``level``."""
+        bh, bw = self.base.levels[level]
+        shapes = [(bh, bw)]  # shape after each quarter turn
+        for _ in range(self.p.rot):
+            shapes.append((shapes[-1][1], shapes[-1][0]))
+        H, W = shapes[-1]
+        if self.p.vflip:
+            y = H - y - h
+        if self.p.hflip:
+            x = W - x - w
+        for H, W in reversed(shapes[:-1]):  # undo each turn: out[i, j] = in[j, W - 1 - i]
+            y, x, h, w = x, W - y - h, w, h
+        return y, x, h, w
+
+    def _read(self, handle: Any, y: int, x: int, h: int, w: int, level: int) -> np.ndarray:
+        sy, sx, sh, sw = self._source(y, x, h, w, level)
+        region = self.base.read_region(sy, sx, sh, sw, level)  # (h, w, C)
+        if self.p.rot:
+            region = np.rot90(region, self.p.rot, axes=(0, 1))
+        if self.p.hflip:
+            region = region[:, ::-1]
+        if self.p.vflip:
+            region = region[::-1]
+        if self.p.colour:
+            pixels = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)
+            region = _colour(pixels, self.p, self.grey_mean()).permute(1, 2, 0).numpy()
+        return np.ascontiguousarray(region)
+
+    def grey_mean(self) -> float:
+        """The image's mean grey level, from its smallest pyramid level (cached)."""
+        if self._mean is None:
+            lv = len(self.base.levels) - 1
+            small = self.base.read_region(0, 0, *self.base.levels[lv], level=lv)
+            self._mean = _grey_mean(torch.from_numpy(np.ascontiguousarray(small)).permute(2, 0, 1))
+        return self._mean
+
+
+class AugmentedDataset(Dataset):
+    """A training data set whose images are augmented (``names``) with fresh parameters at
+    every fetch: lazy readers wrapped in :class:`AugmentedView`, tensors transformed."""
+
+    def __init__(self, base: Dataset, names: list[str]) -> None:
+        self.base, self.names = base, check_augment(list(names))
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, target = self.base[index]
+        p = draw_params(self.names)
+        if isinstance(image, ImageReader):
+            return (AugmentedView(image, p) if p.geometric or p.colour else image), target
+        return augment_tensor(image, p), target
