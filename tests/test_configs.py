@@ -14,5 +14,6 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_config_loads_and_builds(path):
     cfg = load_config(path)
     assert cfg.name == path.stem
+    cfg.model.pretrained, cfg.model.weights = False, None  # tests never download weights
     method = create_method(cfg)
     assert sum(p.numel() for p in method.parameters()) > 0

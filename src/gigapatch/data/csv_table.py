@@ -16,7 +16,7 @@ import numpy as np
 
 from gigapatch.core.errors import ConfigError, DataError
 
-__all__ = ["LabelledRows", "check_num_classes", "read_labelled_csv"]
+__all__ = ["LabelledRows", "check_num_classes", "read_labelled_csv", "split_table"]
 
 
 @dataclass
@@ -123,3 +123,47 @@ def _parse_label(
                else ".")
         )
     return label
+
+
+def split_table(csv_path: str | Path, val_fraction: float = 0.2, *, stratify: str | None = None,
+                seed: int = 0, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Split a CSV's rows into ``<stem>_train.csv`` and ``<stem>_val.csv`` (same columns),
+    next to it unless ``out_dir`` (relative image paths then need ``data.image_root``).
+
+    ``stratify``: a column whose every value is split in the same proportion (e.g. PANDA's
+    ``isup_grade``), each value's rows shuffled with ``seed``; a value with one row goes to
+    training. Returns the two paths. DataError on a missing file, column, or an empty split.
+    """
+    csv_path = Path(csv_path)
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction = {val_fraction} must be between 0 and 1.")
+    if not csv_path.is_file():
+        raise DataError(f"no CSV {csv_path}.")
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle, skipinitialspace=True)
+        fields = [f.strip() for f in reader.fieldnames or []]
+        reader.fieldnames = fields
+        rows = list(reader)
+    if stratify is not None and stratify not in fields:
+        raise DataError(f"{csv_path} has no column {stratify!r} to stratify by (columns "
+                        f"{fields}).")
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row[stratify] if stratify else "", []).append(i)
+    rng = np.random.default_rng(seed)
+    val: set[int] = set()
+    for members in groups.values():
+        order = rng.permutation(members).tolist()
+        val.update(order[: int(round(val_fraction * len(order))) if len(order) > 1 else 0])
+    if not val or len(val) == len(rows):
+        raise DataError(f"{csv_path}: {len(rows)} rows cannot be split {1 - val_fraction:.0%} / "
+                        f"{val_fraction:.0%} with both parts non-empty.")
+    out = Path(out_dir) if out_dir is not None else csv_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / f"{csv_path.stem}_train.csv", out / f"{csv_path.stem}_val.csv"
+    for path, keep in zip(paths, (False, True)):
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(r for i, r in enumerate(rows) if (i in val) == keep)
+    return paths
