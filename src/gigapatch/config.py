@@ -149,6 +149,7 @@ class MethodConfig:
     pool: str = "mean"
     z_stride: int = 4
     z_on_disk: bool = False
+    z_cache_budget: str = "4GiB"
 
 
 @dataclass

@@ -44,10 +44,12 @@ import torch.nn.functional as F
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid, Take
+from gigapatch.core.units import parse_bytes
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, LazyBatch, first_image
 from gigapatch.explain import draw_saliency, occlusion_explain
 from gigapatch.methods.base import METHODS, Context, Method, repeated
+from gigapatch.methods.frozen_cache import ZCache, image_keys
 from gigapatch.methods.latent_map import (
     MapGeometry,
     global_windows,
@@ -84,6 +86,8 @@ class PatchGD(Method):
         super().__init__(cfg, task)
         m, mc = cfg.method, cfg.model
         self.latent_dim = mc.latent_dim
+        #: Z per image when θ1 is frozen (classification; :mod:`.frozen_cache`).
+        self.z_cache = ZCache(parse_bytes(m.z_cache_budget))
         if task.dense:
             self._init_dense(cfg)
             return
@@ -344,6 +348,8 @@ class PatchGD(Method):
 
         take = grid.taker(images)
         mask = self.foreground(images, grid)  # (B, N) or None
+        if self.encoder_frozen:
+            return self._frozen_step(images, targets, ctx, grid, mask, k, steps)
         with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
             z = self.fill(images, grid, take, mask)  # (B, N, C) in the compute dtype
         order = sample_cells(b, grid.num_patches, k * steps, mask=mask)  # (B, k·J), host
@@ -358,6 +364,47 @@ class PatchGD(Method):
 
         return self._inner_steps(ctx, order, k, steps, inner,
                                  lambda idx, emb, where: z.scatter_(1, where, emb.detach()))
+
+    def _frozen_z(self, images: Images, grid: PatchGrid, mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frozen θ1: Z ``(B, N, C)`` and g ``(B, C)`` (or ``None``) on the device, from the
+        cache where an image was seen before, else filled (eval mode) and cached."""
+        use_global = self.cfg.method.global_context != "none"
+        keys = image_keys(images)
+        found = [self.z_cache.get(key) for key in keys]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            sub = LazyBatch([images.readers[i] for i in todo]) if isinstance(images, LazyBatch) \
+                else images[todo]
+            with torch.no_grad():
+                z = self.fill(sub, grid, mask=None if mask is None else mask[todo])
+                g = self.encode(self.global_patch(sub)).to(z.dtype) if use_global else None
+            for n, i in enumerate(todo):
+                found[i] = (z[n].cpu(), None if g is None else g[n].cpu())
+                self.z_cache.put(keys[i], *found[i])
+        z = torch.stack([f[0] for f in found]).to(self.device)  # type: ignore[index]
+        g = torch.stack([f[1] for f in found]).to(self.device) if use_global else None  # type: ignore[index,misc]
+        return z, g
+
+    def _frozen_step(self, images: Images, targets: Any, ctx: Context, grid: PatchGrid,
+                     mask: torch.Tensor | None, k: int, steps: int) -> float:
+        """A step with θ1 frozen: re-encoding a cell gives the cell Z already holds, so every
+        inner step sees the same Z; with accumulation the J steps' mean gradient is the
+        gradient of one step, which is what runs (without it, J optimizer steps)."""
+        z, g = self._frozen_z(images, grid, mask)
+        b = images.shape[0]
+        order = sample_cells(b, grid.num_patches, k * steps, mask=mask)
+        steps = 1 if self.cfg.method.accumulate else steps
+
+        def inner(idx: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.task.loss(self.logits(z, grid, g), targets),)
+
+        return self._inner_steps(ctx, order, k, steps, inner, lambda idx: None)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; empties the frozen-encoder Z cache (new weights)."""
+        self.z_cache.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _inner_steps(self, ctx: Context, order: torch.Tensor, k: int, steps: int,
                      inner: Callable[[torch.Tensor], tuple[Any, ...]],
@@ -388,6 +435,9 @@ class PatchGD(Method):
         if self.task.dense:
             return self._dense_predict(images)
         grid = self.grid(images)
+        if self.encoder_frozen:
+            z, g = self._frozen_z(images, grid, self.foreground(images, grid))
+            return self.logits(z, grid, g)
         z = self.fill(images, grid, mask=self.foreground(images, grid))
         g = None
         if self.cfg.method.global_context != "none":
