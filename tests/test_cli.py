@@ -203,6 +203,7 @@ def test_segmentation_train_eval_predict_mask_and_overlay(method, tmp_path, caps
     cfg.data.train_csv = str(tmp_path / "seg/train_majority.csv")
     cfg.data.val_csv = str(tmp_path / "seg/test_majority.csv")
     cfg.data.num_classes, cfg.data.in_chans = 2, 1
+    cfg.data.augment = ["hflip", "vflip", "rot90"]  # masks turn with their images
     cfg.model.encoder = "tiny_unet"
     cfg.method.name, cfg.method.patch_size = method, 32
     cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 1, 2, False

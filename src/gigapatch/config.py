@@ -212,9 +212,6 @@ class Config:
         if unknown:
             raise ConfigError(f"data.augment: unknown {unknown}; choose from "
                               f"{list(AUGMENTATIONS)}.")
-        if d.augment and self.task.kind == "segment":
-            raise ConfigError("data.augment is not supported for segmentation yet (the masks "
-                              "would need the same transform); leave it empty.")
         if d.level is not None or d.mpp is not None:
             if d.level is not None and d.mpp is not None:
                 raise ConfigError("data.level and data.mpp are both set: choose one.")

@@ -69,13 +69,11 @@ def test_the_training_split_is_augmented_afresh_and_the_held_out_split_not(image
     assert isinstance(train, AugmentedDataset)
     assert not isinstance(open_dataset(cfg, "val"), AugmentedDataset)
     torch.manual_seed(0)
-    shapes = {train[0][0].shape[:2] for _ in range(12)}
-    assert shapes == {(96, 160), (160, 96)}  # quarter turns drawn
+    views = [train[0][0] for _ in range(16)]
+    assert {v.shape[:2] for v in views} == {(96, 160)}  # not square: half turns only
+    assert {getattr(v, "p", Params()).rot for v in views} == {0, 2}
     cfg.data.augment = ["mixup"]
     with pytest.raises(ConfigError, match="unknown \\['mixup'\\]"):
-        cfg.validate()
-    cfg.data.augment, cfg.task.kind = ["hflip"], "segment"
-    with pytest.raises(ConfigError, match="segmentation"):
         cfg.validate()
 
 
@@ -85,3 +83,29 @@ def test_in_memory_images_are_transformed_as_tensors(image, tmp_path):
     torch.manual_seed(1)
     seen = {bool(torch.equal(ds[0][0], pixels.flip(1))) for _ in range(10)}
     assert seen == {True, False}
+
+
+@pytest.mark.parametrize("p", GEOMETRIC[1::3], ids=lambda p: f"rot{p.rot}h{int(p.hflip)}v{int(p.vflip)}")
+def test_masks_follow_their_image(tmp_path, p):
+    """A segmentation pair: the lazy mask's windows equal the in-memory transformed mask,
+    and stay aligned with the transformed image."""
+    from PIL import Image
+
+    from gigapatch.data.masks import Masks, MaskReader
+    from gigapatch.data.augment import AugmentedMask, augment_mask
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 3, (96, 160), dtype=np.uint8)
+    Image.fromarray(ids).save(tmp_path / "m.png")
+    tifffile.imwrite(tmp_path / "m.tiff", ids, tile=(32, 32))
+    want = augment_mask(torch.from_numpy(ids.astype(np.int64)), p)
+    for path in ("m.png", "m.tiff"):
+        lazy = AugmentedMask(MaskReader(tmp_path / path, 3), p)
+        assert lazy.shape == tuple(want.shape)
+        np.testing.assert_array_equal(lazy.read(), want.numpy())
+        boxes = torch.tensor([[0, 0, 32, 32], [want.shape[0] - 32, want.shape[1] - 32, 32, 32]])
+        got = Masks([lazy]).crop([0, 0], boxes)
+        torch.testing.assert_close(got, Masks([want]).crop([0, 0], boxes))
+    # aligned with the image: a pixel and its class move together
+    image = torch.from_numpy(ids)[None]  # the ids as a one-channel image
+    torch.testing.assert_close(augment_tensor(image, p)[0].long(), want)

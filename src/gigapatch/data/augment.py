@@ -4,7 +4,7 @@
 and per epoch (torch's RNG, so seeded runs repeat) and applies it to the whole image:
 
 - **geometric** (``hflip``, ``vflip``: each with probability ½; ``rot90``: 0–3 quarter turns
-  counter-clockwise, as ``np.rot90``): a lazy image becomes an :class:`AugmentedView`, a
+  counter-clockwise, as ``np.rot90``; 0 or 2 for non-square images, which keep their shape): a lazy image becomes an :class:`AugmentedView`, a
   reader whose every region is the region of the *transformed* image: the view maps it back
   to the source region, reads only that, and transforms the pixels. So the patch grid, every
   patch, the tissue mask and the thumbnails agree with each other exactly as if the image had
@@ -17,8 +17,8 @@ and per epoch (torch's RNG, so seeded runs repeat) and applies it to the whole i
   patches of one image share it.
 
 Images decoded whole (``data.kind: csv``) get the same transforms as tensors
-(:func:`augment_tensor`). Segmentation masks are not transformed yet, so ``task.kind:
-segment`` refuses ``data.augment``.
+(:func:`augment_tensor`). Segmentation masks get the geometric part, lazily
+(:class:`AugmentedMask`) or in memory (:func:`augment_mask`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from torch.utils.data import Dataset
 
 from gigapatch.config import AUGMENTATIONS
 from gigapatch.core.errors import ConfigError
+from gigapatch.data.masks import MaskReader
 from gigapatch.io.readers import ImageReader
 
-__all__ = ["AUGMENTATIONS", "AugmentedDataset", "AugmentedView", "Params", "augment_tensor",
-           "draw_params"]
+__all__ = ["AugmentedDataset", "AugmentedMask", "AugmentedView", "Params", "augment_mask",
+           "augment_tensor", "draw_params", "source_region", "turn_and_flip"]
 
 _JITTER = ([0.8, 1.2], [0.8, 1.2], [0.8, 1.2], [-0.05, 0.05])
 
@@ -72,10 +73,14 @@ def check_augment(names: list[str]) -> list[str]:
     return names
 
 
-def draw_params(names: list[str]) -> Params:
-    """Random parameters for the augmentations ``names`` (torch's global RNG)."""
+def draw_params(names: list[str], square: bool = True) -> Params:
+    """Random parameters for the augmentations ``names`` (torch's global RNG). A non-square
+    image turns by 0 or 2 quarters only, so that it keeps its shape (images of one batch
+    must share it)."""
     coin = lambda: bool(torch.rand(()) < 0.5)  # noqa: E731
-    rot = int(torch.randint(0, 4, ())) if "rot90" in names else 0
+    rot = 0
+    if "rot90" in names:
+        rot = int(torch.randint(0, 4, ())) if square else 2 * int(torch.randint(0, 2, ()))
     h = coin() if "hflip" in names else False
     v = coin() if "vflip" in names else False
     if "color_jitter" not in names:
@@ -121,6 +126,65 @@ def augment_tensor(image: torch.Tensor, p: Params) -> torch.Tensor:
     return x.contiguous()
 
 
+def source_region(p: Params, base_hw: tuple[int, int], y: int, x: int, h: int, w: int
+                  ) -> tuple[int, int, int, int]:
+    """The region ``(y, x, h, w)`` of an image of size ``base_hw`` under region ``(y, x, h,
+    w)`` of that image transformed by ``p`` (quarter turns, then flips)."""
+    shapes = [tuple(base_hw)]  # the shape after each quarter turn
+    for _ in range(p.rot):
+        shapes.append((shapes[-1][1], shapes[-1][0]))
+    H, W = shapes[-1]
+    if p.vflip:
+        y = H - y - h
+    if p.hflip:
+        x = W - x - w
+    for H, W in reversed(shapes[:-1]):  # undo each turn: out[i, j] = in[j, W - 1 - i]
+        y, x, h, w = x, W - y - h, w, h
+    return y, x, h, w
+
+
+def turn_and_flip(p: Params, region: np.ndarray) -> np.ndarray:
+    """``p``'s geometric transforms on pixels ``(h, w, …)`` (axes 0 and 1)."""
+    if p.rot:
+        region = np.rot90(region, p.rot, axes=(0, 1))
+    if p.hflip:
+        region = region[:, ::-1]
+    if p.vflip:
+        region = region[::-1]
+    return region
+
+
+class AugmentedMask:
+    """A lazy mask (:class:`~gigapatch.data.masks.MaskReader`) transformed by ``p``'s
+    geometric part, window by window, as its image's :class:`AugmentedView`."""
+
+    def __init__(self, base: MaskReader, p: Params) -> None:
+        self.base, self.p = base, p
+        self.path, self.num_classes = base.path, base.num_classes
+        h, w = base.shape
+        self.shape = (w, h) if p.rot % 2 else (h, w)
+
+    def read(self, y: int = 0, x: int = 0, h: int | None = None, w: int | None = None
+             ) -> np.ndarray:
+        """Class ids ``int64 (h, w)`` of the window of the transformed mask."""
+        H, W = self.shape
+        h = H - y if h is None else h
+        w = W - x if w is None else w
+        sy, sx, sh, sw = source_region(self.p, self.base.shape, y, x, h, w)
+        return np.ascontiguousarray(turn_and_flip(self.p, self.base.read(sy, sx, sh, sw)))
+
+
+def augment_mask(mask: torch.Tensor, p: Params) -> torch.Tensor:
+    """An in-memory mask ``(H, W)`` transformed by ``p``'s geometric part."""
+    if p.rot:
+        mask = torch.rot90(mask, p.rot, dims=(0, 1))
+    if p.hflip:
+        mask = mask.flip(1)
+    if p.vflip:
+        mask = mask.flip(0)
+    return mask.contiguous()
+
+
 class AugmentedView(ImageReader):
     """``base`` transformed by ``p``: regions of the transformed image, read lazily."""
 
@@ -151,30 +215,9 @@ class AugmentedView(ImageReader):
     def close(self) -> None:
         self.base.close()
 
-    def _source(self, y: int, x: int, h: int, w: int, level: int) -> tuple[int, int, int, int]:
-        """The base region under region ``(y, x, h, w)`` of the transformed ``level``."""
-        bh, bw = self.base.levels[level]
-        shapes = [(bh, bw)]  # shape after each quarter turn
-        for _ in range(self.p.rot):
-            shapes.append((shapes[-1][1], shapes[-1][0]))
-        H, W = shapes[-1]
-        if self.p.vflip:
-            y = H - y - h
-        if self.p.hflip:
-            x = W - x - w
-        for H, W in reversed(shapes[:-1]):  # undo each turn: out[i, j] = in[j, W - 1 - i]
-            y, x, h, w = x, W - y - h, w, h
-        return y, x, h, w
-
     def _read(self, handle: Any, y: int, x: int, h: int, w: int, level: int) -> np.ndarray:
-        sy, sx, sh, sw = self._source(y, x, h, w, level)
-        region = self.base.read_region(sy, sx, sh, sw, level)  # (h, w, C)
-        if self.p.rot:
-            region = np.rot90(region, self.p.rot, axes=(0, 1))
-        if self.p.hflip:
-            region = region[:, ::-1]
-        if self.p.vflip:
-            region = region[::-1]
+        sy, sx, sh, sw = source_region(self.p, self.base.levels[level], y, x, h, w)
+        region = turn_and_flip(self.p, self.base.read_region(sy, sx, sh, sw, level))
         if self.p.colour:
             pixels = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)
             region = _colour(pixels, self.p, self.grey_mean()).permute(1, 2, 0).numpy()
@@ -191,10 +234,11 @@ class AugmentedView(ImageReader):
 
 class AugmentedDataset(Dataset):
     """A training data set whose images are augmented (``names``) with fresh parameters at
-    every fetch: lazy readers wrapped in :class:`AugmentedView`, tensors transformed."""
+    every fetch: lazy readers wrapped in :class:`AugmentedView`, tensors transformed. With
+    ``dense`` the targets are masks and get the same geometric transform (no colour)."""
 
-    def __init__(self, base: Dataset, names: list[str]) -> None:
-        self.base, self.names = base, check_augment(list(names))
+    def __init__(self, base: Dataset, names: list[str], dense: bool = False) -> None:
+        self.base, self.names, self.dense = base, check_augment(list(names)), dense
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -206,7 +250,11 @@ class AugmentedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         image, target = self.base[index]
-        p = draw_params(self.names)
+        h, w = image.shape[:2] if isinstance(image, ImageReader) else image.shape[-2:]
+        p = draw_params(self.names, square=h == w)
+        if self.dense and p.geometric:
+            target = (AugmentedMask(target, p) if isinstance(target, MaskReader)
+                      else augment_mask(target, p))
         if isinstance(image, ImageReader):
             return (AugmentedView(image, p) if p.geometric or p.colour else image), target
         return augment_tensor(image, p), target

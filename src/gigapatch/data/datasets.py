@@ -65,7 +65,9 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     ds = _open(cfg, split)
-    return AugmentedDataset(ds, d.augment) if split == "train" and d.augment else ds
+    if split == "train" and d.augment:
+        return AugmentedDataset(ds, d.augment, dense=cfg.task.kind == "segment")
+    return ds
 
 
 def _open(cfg: Config, split: str) -> Dataset:
