@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from gigapatch.config import Config
 from gigapatch.data.augment import AugmentedDataset
+from gigapatch.data.detection import DetectionDataset, read_box_csv, read_coco
 from gigapatch.data.large import LargeImageCSVDataset, LargeImageFolderDataset
 from gigapatch.data.segmentation import SegmentationDataset, segmentation_csv, segmentation_folder
 from gigapatch.data.task_columns import LABEL_TASK, TaskColumns
@@ -74,6 +75,8 @@ def _open(cfg: Config, split: str) -> Dataset:
     d = cfg.data
     if cfg.task.kind == "segment":
         return _segmentation(cfg, split)
+    if cfg.task.kind == "detect":
+        return _detection(cfg, split)
     if d.kind == "megapixel_mnist":
         unknown = [t for t in d.tasks if t not in TASKS]
         if unknown:
@@ -114,6 +117,25 @@ def _segmentation(cfg: Config, split: str) -> Dataset:
                       "lazy_csv (path,mask CSVs) or folder (images/ + masks/).")
 
 
+def _detection(cfg: Config, split: str) -> Dataset:
+    d = cfg.data
+    if d.kind not in ("csv", "lazy_csv"):
+        raise ConfigError(f"data.kind = {d.kind!r} has no boxes; for task.kind = detect use csv "
+                          "or lazy_csv with a COCO JSON (or a path,x0,y0,x1,y1,label CSV) as "
+                          "data.train_csv / data.val_csv.")
+    path = Path(d.train_csv if split == "train" else d.val_csv)
+    read = read_coco if path.suffix.lower() == ".json" else read_box_csv
+    records = read(path, d.image_root)
+    top = max(records.category_ids)
+    if path.suffix.lower() != ".json" and top > d.num_classes:
+        raise DataError(f"{path} has category id {top}, above data.num_classes = "
+                        f"{d.num_classes}; set data.num_classes to the number of categories.")
+    if path.suffix.lower() == ".json" and records.num_classes != d.num_classes:
+        raise DataError(f"{path} has {records.num_classes} categories but data.num_classes = "
+                        f"{d.num_classes}; set data.num_classes: {records.num_classes}.")
+    return DetectionDataset(records, lazy=d.kind == "lazy_csv")
+
+
 def describe_data(cfg: Config, split: str = "train") -> str:
     """Where ``cfg``'s ``train`` or ``val`` images come from, for messages."""
     d = cfg.data
@@ -146,7 +168,7 @@ def check_images(ds: Dataset, in_chans: int, where: str, *, progress: bool = Tru
                             f"{in_chans}; set data.in_chans={c} (or use a matching checkpoint).")
         return 1
     decoded = isinstance(base, CSVImageDataset) or (
-        isinstance(base, SegmentationDataset) and not base.lazy)
+        isinstance(base, (SegmentationDataset, DetectionDataset)) and not base.lazy)
     wrong: list[str] = []
     not_8bit: list[str] = []
     n = len(base)

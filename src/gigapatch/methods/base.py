@@ -83,6 +83,8 @@ class Method(nn.Module):
     #: train one network (``full``, ``patchwise``), whose θ1 is that network without its
     #: output layer (the layer gigapatch sizes to the classes).
     encoder_attr: ClassVar[str] = "encoder"
+    #: Whether the method trains detectors (``task.kind: detect``).
+    detects: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__()
@@ -243,7 +245,12 @@ class Method(nn.Module):
 def create_method(cfg: Config, task: Task | None = None) -> Method:
     """Build the method named by ``cfg.method.name`` for ``task`` (default: the task
     ``cfg.task`` describes), with its networks."""
-    method = METHODS.get(cfg.method.name)(cfg, task if task is not None else create_task(cfg))
+    task = task if task is not None else create_task(cfg)
+    cls = METHODS.get(cfg.method.name)
+    if task.detects and not cls.detects:
+        raise ConfigError(f"method {cfg.method.name} does not support task.kind = detect yet; "
+                          "use method full.")
+    method = cls(cfg, task)
     if cfg.model.freeze_encoder:
         if not method.encoder_parameters():
             raise ConfigError(f"model.freeze_encoder: method {cfg.method.name} has no encoder "

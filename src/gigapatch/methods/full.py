@@ -6,8 +6,11 @@ The whole image goes through one network: for image-level tasks the encoder name
 ``smp:<arch>[:<encoder>]``) with one logit per class and pixel. With
 ``method.downsample_to = S`` the image is first resized on the host (antialiased) so that its
 longer side is ``S`` pixels: the usual workaround under a memory limit, which loses small
-details; a dense prediction is then upsampled back to the full mask (bilinear logits). Memory
-grows with the (downsampled) H·W.
+details; a dense prediction is then upsampled back to the full mask (bilinear logits). For
+detection (``task.kind: detect``) the network is the FCOS detector of that name
+(:mod:`gigapatch.models.detection`); a downsampled input trains on boxes scaled by the same
+factor and its detections are scaled back to image pixels. Memory grows with the
+(downsampled) H·W.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from gigapatch.data.batch import Images, LazyBatch
 from gigapatch.core.errors import ConfigError
 from gigapatch.methods.base import METHODS, Context, Method
 from gigapatch.models.dense import create_dense_net
+from gigapatch.models.detection import create_detector
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Task
 from gigapatch.tasks.segment import fit_to
@@ -53,13 +57,18 @@ class FullImage(Method):
 
     budget_knobs = ("input_side",)
     encoder_attr = "net"
+    detects = True
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)
+        self._full_hw: tuple[int, ...] | None = None  # the last batch's size before host_transform
         d = cfg.method.downsample_to
         if d is not None and d < 8:
             raise ConfigError(f"method.downsample_to = {d} is too small; use ≥ 8 pixels or null.")
-        if task.dense:
+        if task.detects:
+            self.net = create_detector(cfg.model.encoder, self.num_classes, self.in_chans,
+                                       cfg.model.pretrained, cfg.model.weights)
+        elif task.dense:
             self.net = create_dense_net(cfg.model.encoder, self.num_classes, self.in_chans,
                                         cfg.model.pretrained, cfg.model.weights)
         else:
@@ -69,6 +78,7 @@ class FullImage(Method):
             )
 
     def host_transform(self, images: torch.Tensor | LazyBatch) -> torch.Tensor:
+        self._full_hw = tuple(images.shape[-2:])  # boxes are scaled from this size
         d = self.cfg.method.downsample_to
         if isinstance(images, LazyBatch):  # from disk: read a downsampled pyramid level
             h, w = images.shape[-2:]
@@ -89,13 +99,38 @@ class FullImage(Method):
             h, w = downsampled_size(h, w, d)
         return {"input_size": h if h == w else [h, w]}
 
+    def _scale(self, images: torch.Tensor, full_hw: tuple[int, int]) -> float:
+        """Input pixels per image pixel (``≤ 1`` when downsampled)."""
+        return images.shape[-1] / full_hw[1]
+
+    def _detect_losses(self, images: torch.Tensor, targets: Any, full_hw: tuple[int, int]
+                       ) -> dict[str, torch.Tensor]:
+        f = self._scale(images, full_hw)
+        scaled = [{"boxes": t["boxes"].to(self.device) * f, "labels": t["labels"].to(self.device)}
+                  for t in targets]
+        size = [tuple(images.shape[-2:])] * images.shape[0]
+        return self.net.losses(self.net.features(self.prepare(images)), scaled, size)
+
     def train_step(self, images: torch.Tensor, targets: Any, ctx: Context) -> float:
         ctx.zero_grad()
+        if self.task.detects:  # boxes in the (downsampled) input's pixels
+            loss = ctx.run(lambda: self.task.loss(
+                self._detect_losses(images, targets, self._full_hw or tuple(images.shape[-2:])),
+                targets))
+            ctx.backward(loss)
+            ctx.step()
+            return float(loss.detach())
         loss = ctx.run(lambda: self.task.loss(self.logits(images), targets))
         ctx.backward(loss)
         ctx.step()
         return float(loss.detach())
 
-    def predict(self, images: Images) -> torch.Tensor:
+    def predict(self, images: Images) -> Any:
+        if self.task.detects:
+            x = self.host_transform(images)
+            f = self._scale(x, tuple(images.shape[-2:]))
+            found = self.net.detect(self.net.features(self.prepare(x)),
+                                    [tuple(x.shape[-2:])] * x.shape[0])
+            return [{**d, "boxes": d["boxes"] / f} for d in found]  # back to image pixels
         out = self.logits(self.host_transform(images))
         return fit_to(out, images.shape[-2:]) if self.task.dense else out

@@ -84,6 +84,8 @@ class Task(ABC):
 
     #: Whether the targets are per pixel (segmentation): methods then build dense networks.
     dense: ClassVar[bool] = False
+    #: Whether the targets are boxes (detection): methods then build detectors.
+    detects: ClassVar[bool] = False
 
     @abstractmethod
     def random_targets(self, batch: int, image_hw: tuple[int, int] | None = None) -> Targets:

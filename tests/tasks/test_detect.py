@@ -1,0 +1,111 @@
+"""Detection task: COCO mAP through torchmetrics, FCOS losses, full-image (downsampled) FCOS."""
+
+import pytest
+import torch
+
+from gigapatch.config import Config
+from gigapatch.core.errors import ConfigError
+from gigapatch.engine.loop import train
+from gigapatch.methods import create_method
+from gigapatch.synth.detection import generate_detection
+from gigapatch.tasks import create_task
+
+
+def _cfg(**task) -> Config:
+    cfg = Config()
+    cfg.task.kind, cfg.data.num_classes, cfg.data.in_chans = "detect", 3, 1
+    cfg.model.encoder = "fcos_tiny"
+    for k, v in task.items():
+        setattr(cfg.task, k, v)
+    return cfg
+
+
+def test_map_is_one_for_perfect_boxes_and_lower_for_shifted_ones():
+    task = create_task(_cfg())
+    assert task.monitor == "map" and task.wanted == ["map", "map_50", "map_75", "map_small"]
+    truth = [{"boxes": torch.tensor([[10.0, 10, 30, 30], [50, 50, 150, 150]]),
+              "labels": torch.tensor([1, 2])}]
+    perfect = [{"boxes": truth[0]["boxes"], "scores": torch.tensor([0.9, 0.8]),
+                "labels": truth[0]["labels"]}]
+    m = task.metrics()
+    m.update(perfect, truth)
+    got = m.compute()
+    assert got["map"] == pytest.approx(1.0) and got["map_small"] == pytest.approx(1.0)
+    shifted = [{**perfect[0], "boxes": perfect[0]["boxes"] + 6}]
+    m = task.metrics()
+    m.update(shifted, truth)
+    got = m.compute()
+    assert got["map"] < 0.6 and got["map_small"] < got["map_50"]  # 6 px hurt the small box most
+
+
+def test_losses_sum_and_bad_settings_are_refused():
+    task = create_task(_cfg())
+    parts = {"classification": torch.tensor(1.0), "bbox_regression": torch.tensor(0.5)}
+    assert float(task.loss(parts, [])) == 1.5
+    assert torch.isnan(task.loss([{"boxes": torch.zeros(0, 4)}], []))
+    with pytest.raises(ConfigError, match="no held-out loss"):
+        create_task(_cfg(metrics=["map"], monitor="loss"))
+    with pytest.raises(ConfigError, match="'dice' is not a metric of task detect"):
+        create_task(_cfg(metrics=["dice"], monitor="dice"))
+    cfg = _cfg()
+    with pytest.raises(ConfigError, match="method patchgd does not support task.kind = detect"):
+        create_method(cfg)
+    cfg.method.name, cfg.model.encoder = "full", "tiny_cnn"
+    with pytest.raises(ConfigError, match="needs an FCOS model.encoder"):
+        create_method(cfg)
+
+
+def test_downsampled_full_trains_on_scaled_boxes_and_predicts_in_image_pixels(monkeypatch):
+    torch.manual_seed(0)
+    cfg = _cfg()
+    cfg.method.name, cfg.method.downsample_to = "full", 64
+    method = create_method(cfg.validate())
+    images = torch.randint(0, 255, (2, 1, 128, 128), dtype=torch.uint8)
+    targets = [{"boxes": torch.tensor([[20.0, 40, 60, 100]]), "labels": torch.tensor([2])}] * 2
+    seen = {}
+    real = method.net.losses
+    monkeypatch.setattr(method.net, "losses",
+                        lambda maps, t, sizes: seen.update(t=t, sizes=sizes) or real(maps, t, sizes))
+    x = method.host_transform(images)
+    assert x.shape[-2:] == (64, 64)
+    method.train_step(x, targets, _Ctx())
+    torch.testing.assert_close(seen["t"][0]["boxes"], torch.tensor([[10.0, 20, 30, 50]]))
+    assert seen["sizes"] == [(64, 64), (64, 64)]
+    method.eval()
+    with torch.no_grad():
+        small = method.net.detect(method.net.features(method.prepare(x)), [(64, 64)] * 2)
+        full = method.predict(images)
+    torch.testing.assert_close(full[0]["boxes"], small[0]["boxes"] * 2)
+    torch.testing.assert_close(full[0]["scores"], small[0]["scores"])
+
+
+class _Ctx:
+    def run(self, fn, *a, **k):
+        return fn(*a, **k)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+    def zero_grad(self):
+        pass
+
+
+def test_a_detection_run_from_coco_json_reports_map(tmp_path):
+    generate_detection(tmp_path / "det", n_train=8, n_test=4, side=128, scale_range=(14, 48),
+                       digits_per_image=(2, 4), progress=False)
+    cfg = Config(name="det")
+    cfg.task.kind = "detect"
+    cfg.data.kind = "lazy_csv"
+    cfg.data.train_csv, cfg.data.val_csv = str(tmp_path / "det/train.json"), str(tmp_path / "det/test.json")
+    cfg.data.num_classes, cfg.data.in_chans = 10, 1
+    cfg.model.encoder, cfg.method.name = "fcos_tiny", "full"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 1, 4, False
+    cfg.train.out_dir = str(tmp_path / "runs")
+    summary = train(cfg.validate())
+    assert 0 <= summary["val_map"] <= 1 and "final_val_map_small" in summary
+    cfg.data.num_classes = 5
+    with pytest.raises(Exception, match="10 categories but data.num_classes = 5"):
+        train(cfg, overwrite=True)
