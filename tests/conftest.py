@@ -44,3 +44,31 @@ def tiny_config(tiny_ultramnist, tmp_path) -> Config:
     cfg.train.out_dir = str(tmp_path / "runs")
     cfg.train.progress = False
     return cfg
+
+
+class NoStepContext:
+    """A step context that runs backward but never steps: gradients stay for comparison."""
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+    def run(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def no_sync(self):
+        return __import__("contextlib").nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+    def zero_grad(self):
+        pass
+
+
+@pytest.fixture
+def no_step() -> NoStepContext:
+    """:class:`NoStepContext`: backward without optimizer steps."""
+    return NoStepContext()

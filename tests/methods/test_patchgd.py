@@ -125,7 +125,7 @@ def test_patchgd_memory_is_flat_in_image_size_while_full_grows():
     assert full_big >= 8 * full_small, (full_small, full_big)
 
 
-def test_frozen_encoder_step_equals_the_exact_step_and_caches_z(tiny_config):
+def test_frozen_encoder_step_equals_the_exact_step_and_caches_z(tiny_config, no_step):
     """θ1 frozen: one θ2 step on the cached Z gives exactly the gradients of PatchGD's J
     inner steps (re-encoding into Z), and a second step reads Z from the cache."""
     import copy
@@ -149,12 +149,12 @@ def test_frozen_encoder_step_equals_the_exact_step_and_caches_z(tiny_config):
         m.train()
         m.zero_grad()
         if frozen_path:
-            loss = m._frozen_step(images, targets, _NoStep(), m.grid(images), None,
+            loss = m._frozen_step(images, targets, no_step, m.grid(images), None,
                                   *m.plan(m.grid(images)))
         else:  # the general J-step algorithm, with the encoder's weights fixed
             type(m).encoder_frozen = property(lambda self: False)
             try:
-                loss = m.train_step(images, targets, _NoStep())
+                loss = m.train_step(images, targets, no_step)
             finally:
                 del type(m).encoder_frozen
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
@@ -171,24 +171,3 @@ def test_frozen_encoder_step_equals_the_exact_step_and_caches_z(tiny_config):
         want = fast.logits(fast.fill(images, grid), grid, fast.encode(fast.global_patch(images)))
         torch.testing.assert_close(fast.predict(images), want)
 
-
-class _NoStep:
-    """A step context that runs backward but never steps (gradients stay for comparison)."""
-
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)
-
-    def run(self, fn, *args, **kwargs):
-        return fn(*args, **kwargs)
-
-    def no_sync(self):
-        return __import__("contextlib").nullcontext()
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        pass
-
-    def zero_grad(self):
-        pass
