@@ -72,3 +72,22 @@ class NoStepContext:
 def no_step() -> NoStepContext:
     """:class:`NoStepContext`: backward without optimizer steps."""
     return NoStepContext()
+
+
+@pytest.fixture
+def detection_config():
+    """The builder :func:`_detection_config`."""
+    return _detection_config
+
+
+def _detection_config(data, runs, method: str, name: str = "det") -> Config:
+    """A CPU detection run over the COCO JSONs of ``gigapatch data detection`` in ``data``."""
+    cfg = Config(name=name)
+    cfg.task.kind = "detect"
+    cfg.data.kind = "lazy_csv"
+    cfg.data.train_csv, cfg.data.val_csv = str(data / "train.json"), str(data / "test.json")
+    cfg.data.num_classes, cfg.data.in_chans = 10, 1
+    cfg.model.encoder, cfg.method.name = "fcos_tiny", method
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 1, 2, False
+    cfg.train.out_dir = str(runs)
+    return cfg

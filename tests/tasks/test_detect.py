@@ -80,17 +80,10 @@ def test_downsampled_full_trains_on_scaled_boxes_and_predicts_in_image_pixels(mo
     torch.testing.assert_close(full[0]["scores"], small[0]["scores"])
 
 
-def test_a_detection_run_from_coco_json_reports_map(tmp_path):
+def test_a_detection_run_from_coco_json_reports_map(tmp_path, detection_config):
     generate_detection(tmp_path / "det", n_train=8, n_test=4, side=128, scale_range=(14, 48),
                        digits_per_image=(2, 4), progress=False)
-    cfg = Config(name="det")
-    cfg.task.kind = "detect"
-    cfg.data.kind = "lazy_csv"
-    cfg.data.train_csv, cfg.data.val_csv = str(tmp_path / "det/train.json"), str(tmp_path / "det/test.json")
-    cfg.data.num_classes, cfg.data.in_chans = 10, 1
-    cfg.model.encoder, cfg.method.name = "fcos_tiny", "full"
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 1, 4, False
-    cfg.train.out_dir = str(tmp_path / "runs")
+    cfg = detection_config(tmp_path / "det", tmp_path / "runs", "full")
     summary = train(cfg.validate())
     assert 0 <= summary["val_map"] <= 1 and "final_val_map_small" in summary
     cfg.data.num_classes = 5

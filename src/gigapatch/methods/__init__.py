@@ -1,7 +1,7 @@
 """gigapatch.methods: how memory is bounded. Importing this package registers the methods
-``full``, ``patchgd``, ``ips`` and ``patchwise``."""
+``full``, ``patchgd``, ``ips``, ``patchwise`` and ``tiled`` (detection)."""
 
-from gigapatch.methods import full, ips, patchgd, patchwise
+from gigapatch.methods import full, ips, patchgd, patchwise, tiled
 from gigapatch.methods.base import (
     METHODS,
     Method,
@@ -22,4 +22,5 @@ __all__ = [
     "patchgd",
     "patchwise",
     "repeated",
+    "tiled",
 ]
