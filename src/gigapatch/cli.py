@@ -38,7 +38,7 @@ from gigapatch.demo import run_demo
 from gigapatch.engine.checkpoint import load_method
 from gigapatch.engine.inference import list_images, load_for_predict, predict_many, stream_mask
 from gigapatch.engine.loop import evaluate, loader_for, resolve_device, train
-from gigapatch.explain import draw_mask_overlay
+from gigapatch.explain import draw_boxes, draw_mask_overlay
 from gigapatch.memory.report import (
     DEFAULT_SIDES,
     format_memory_table,
@@ -56,6 +56,7 @@ from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
 from gigapatch.synth.segmentation import generate_segmentation
 from gigapatch.synth.ultramnist import generate_ultramnist
 from gigapatch.tasks import task_names
+from gigapatch.tasks.detect import coco_results
 
 log = logging.getLogger("gigapatch")
 
@@ -199,6 +200,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     image = load_for_predict(args.image, cfg.data.in_chans, cfg.data.level, cfg.data.mpp)
     if task.dense:
         return _predict_mask(args, method, task, cfg, image)
+    if task.detects:
+        return _predict_boxes(args, method, task, cfg, image)
+    if args.boxes:
+        raise GigapatchError("--boxes is for detection checkpoints; this one was trained for "
+                             f"task {cfg.task.kind!r}.")
     if args.mask or args.overlay:
         raise GigapatchError("--mask and --overlay are for segmentation checkpoints; this "
                              f"one was trained for task {cfg.task.kind!r}.")
@@ -218,14 +224,37 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_many(args: argparse.Namespace, method, task, cfg: Config) -> int:  # noqa: ANN001
     if args.explain or args.mask or args.overlay:
-        raise GigapatchError("with --csv/--folder use --heatmaps DIR (image-level tasks) or "
-                             "--masks DIR (segmentation) instead of --explain/--mask/--overlay.")
+        raise GigapatchError("with --csv/--folder use --heatmaps DIR (image-level tasks), "
+                             "--masks DIR (segmentation) or --boxes DIR (detection) instead of "
+                             "--explain/--mask/--overlay.")
     paths = list_images(args.csv, args.folder, path_column=args.path_column,
                         suffix=args.suffix, root=args.root)
     counts = predict_many(method, task, cfg, paths, args.out, heatmaps_dir=args.heatmaps,
-                          masks_dir=args.masks, workers=args.workers,
+                          masks_dir=args.masks, boxes_dir=args.boxes, workers=args.workers,
                           retry_errors=args.retry_errors, progress=not args.quiet)
     print(json.dumps({"predictions": str(args.out), "images": len(paths), **counts}, indent=2))
+    return 0
+
+
+def _predict_boxes(args: argparse.Namespace, method, task, cfg: Config, image) -> int:  # noqa: ANN001
+    """Detection: the detections as JSON; ``--boxes`` writes COCO results, ``--overlay``
+    draws them on a thumbnail."""
+    if args.explain or args.mask:
+        raise GigapatchError("--explain and --mask are not for detection; use --boxes OUT.json "
+                             "and --overlay OUT.png.")
+    with torch.inference_mode():
+        found = method.predict(image)[0]
+    result: dict = {"image": str(args.image), **task.prediction([found], 0)}
+    if args.boxes:
+        path = Path(args.boxes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(coco_results(found)))
+        result["boxes"] = str(path)
+    if args.overlay:
+        first = image.readers[0] if isinstance(image, LazyBatch) else image[0]
+        result["overlay"] = str(draw_boxes(first, found, args.overlay,
+                                           f"detections ({cfg.method.name})"))
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 
@@ -498,7 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mask", metavar="OUT.png|OUT.tiff",
                    help="segmentation: write the predicted class ids (PNG, or tiled TIFF)")
     r.add_argument("--overlay", metavar="OUT.png",
-                   help="segmentation: draw the predicted mask over a thumbnail of the image")
+                   help="segmentation / detection: draw the predicted mask or boxes over a "
+                   "thumbnail of the image")
+    r.add_argument("--boxes", metavar="OUT.json|DIR",
+                   help="detection: the detections in COCO's result format (with --csv/--folder "
+                   "a folder: one JSON per image)")
     r.set_defaults(func=_cmd_predict)
 
     y = sub.add_parser(

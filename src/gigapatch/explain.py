@@ -205,3 +205,29 @@ def draw_mask_overlay(
             rgba[where] = (*cmap((c - 1) % cmap.N)[:3], 0.6)
     ax.imshow(rgba, interpolation="nearest")
     return save_figure(fig, path)
+
+
+def draw_boxes(
+    image: torch.Tensor | ImageReader,
+    detections: dict[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    title: str = "",
+    min_score: float = 0.3,
+    names: list[str] | None = None,
+) -> Path:
+    """Draw ``detections`` (``boxes`` xyxy in image pixels, ``scores``, ``labels``) with a
+    score ≥ ``min_score`` on a thumbnail of ``(C, H, W)`` ``image``: one colour per class,
+    label and score beside each box. ``names[label - 1]`` names a class (default the label)."""
+    fig, ax, scale = _figure(image, title)
+    cmap = plt.get_cmap("tab10")
+    keep = detections["scores"] >= min_score
+    for box, score, label in zip(detections["boxes"][keep].tolist(),
+                                 detections["scores"][keep].tolist(),
+                                 detections["labels"][keep].tolist()):
+        x0, y0, x1, y1 = (v * scale for v in box)
+        colour = cmap((int(label) - 1) % cmap.N)
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
+                               linewidth=1.2))
+        name = names[int(label) - 1] if names and 0 < int(label) <= len(names) else str(label)
+        ax.text(x0, y0 - 1, f"{name} {score:.2f}", color=colour, fontsize=6, va="bottom")
+    return save_figure(fig, path)

@@ -89,3 +89,33 @@ def test_a_detection_run_from_coco_json_reports_map(tmp_path, detection_config):
     cfg.data.num_classes = 5
     with pytest.raises(Exception, match="10 categories but data.num_classes = 5"):
         train(cfg, overwrite=True)
+
+
+def test_predict_writes_coco_results_and_an_overlay_one_image_or_many(tmp_path, capsys,
+                                                                       detection_config):
+    import json
+
+    from gigapatch.cli import main
+
+    generate_detection(tmp_path / "det", n_train=4, n_test=2, side=128, scale_range=(14, 48),
+                       digits_per_image=(2, 4), progress=False)
+    cfg = detection_config(tmp_path / "det", tmp_path / "runs", "full")
+    ckpt = train(cfg.validate())["run_dir"] + "/best.pt"
+    capsys.readouterr()
+    image = tmp_path / "det/test/images/000000.png"
+    assert main(["predict", str(image), "--checkpoint", ckpt, "--boxes", str(tmp_path / "b.json"),
+                 "--overlay", str(tmp_path / "o.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    coco = json.loads((tmp_path / "b.json").read_text())
+    assert len(coco) == len(result["detections"]) > 0
+    first, best = coco[0], result["detections"][0]
+    x, y, w, h = first["bbox"]
+    assert [x, y, x + w, y + h] == pytest.approx(best["box"], abs=0.1)
+    assert first["score"] == pytest.approx(best["score"], abs=1e-4)
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--folder", str(tmp_path / "det/test/images"), "--checkpoint", ckpt,
+                 "--out", str(out), "--boxes", str(tmp_path / "boxes"), "--quiet"]) == 0
+    rows = (out.read_text().splitlines())
+    assert rows[0] == "path,detections,boxes,error" and len(rows) == 3
+    assert (tmp_path / "boxes/000000.json").is_file()

@@ -9,7 +9,9 @@ rest go on; ``retry_errors=True`` drops those rows and tries them again.
 Columns: ``path``, then for image-level tasks ``prediction``, ``confidence`` and
 ``prob_<c>`` per class (multi-head tasks: ``<task>_prediction``, ``<task>_prob_<c>``, …;
 multi-label heads ``<task>_present``), for segmentation ``fraction_<c>`` (share of the pixels
-per class) and ``mask`` (with ``masks_dir``); ``heatmap`` (with ``heatmaps_dir``), ``error``.
+per class) and ``mask`` (with ``masks_dir``), for detection ``detections`` (their number) and
+``boxes`` (with ``boxes_dir``: a COCO results JSON per image); ``heatmap`` (with
+``heatmaps_dir``), ``error``.
 
 Decoding whole-image formats (PNG, JPEG) happens in DataLoader workers; tiled TIFFs, slides
 and ``.npy`` files are opened lazily and read patch by patch by the method.
@@ -18,6 +20,7 @@ and ``.npy`` files are opened lazily and read patch by patch by the method.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -36,6 +39,7 @@ from gigapatch.io.readers import SUPPORTED_EXTENSIONS, open_image
 from gigapatch.io.resolution import at_resolution
 from gigapatch.methods import Method
 from gigapatch.tasks import Task
+from gigapatch.tasks.detect import coco_results
 
 __all__ = ["MaskResult", "list_images", "load_for_predict", "predict_many", "stream_mask"]
 
@@ -210,6 +214,7 @@ def _done(out_csv: Path, retry_errors: bool) -> tuple[set[str], list[str] | None
 
 def predict_many(method: Method, task: Task, cfg: Config, paths: list[Path], out_csv: str | Path,
                  *, heatmaps_dir: str | Path | None = None, masks_dir: str | Path | None = None,
+                 boxes_dir: str | Path | None = None,
                  workers: int = 0, retry_errors: bool = False, progress: bool = True
                  ) -> dict[str, int]:
     """Predict every image of ``paths`` not yet in ``out_csv``; append a row per image.
@@ -226,7 +231,7 @@ def predict_many(method: Method, task: Task, cfg: Config, paths: list[Path], out
     if counts["skipped"]:
         log.info("%s: %d of %d images already predicted; skipping them", out_csv,
                  counts["skipped"], len(paths))
-    for folder in (heatmaps_dir, masks_dir):
+    for folder in (heatmaps_dir, masks_dir, boxes_dir):
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
     d = cfg.data
@@ -246,7 +251,7 @@ def predict_many(method: Method, task: Task, cfg: Config, paths: list[Path], out
                 if image is None:
                     image = load_for_predict(path, d.in_chans, d.level, d.mpp)
                 row.update(_predict_one(method, task, image, Path(path), heatmaps_dir,
-                                        masks_dir))
+                                        masks_dir, boxes_dir))
                 counts["done"] += 1
             except (GigapatchError, OSError, ValueError, RuntimeError) as e:
                 row["error"] = _one_line(e)
@@ -278,14 +283,25 @@ def _writer(handle: Any, header: list[str]) -> csv.DictWriter:
 
 def _fallback_header(task: Task, k: int) -> list[str]:
     """Columns of a new predictions file whose every image failed (``k`` classes)."""
+    if task.detects:
+        return ["path", "detections", "boxes", "error"]
     keys = ([f"fraction_{c}" for c in range(k)] if task.dense else
             ["prediction", "confidence", *[f"prob_{c}" for c in range(k)]])
     return ["path", *keys, "error"]
 
 
 def _predict_one(method: Method, task: Task, image: torch.Tensor | LazyBatch, path: Path,
-                 heatmaps_dir: str | Path | None, masks_dir: str | Path | None
-                 ) -> dict[str, Any]:
+                 heatmaps_dir: str | Path | None, masks_dir: str | Path | None,
+                 boxes_dir: str | Path | None = None) -> dict[str, Any]:
+    if task.detects:  # the number of detections here, the boxes in <boxes_dir>/<stem>.json
+        with torch.inference_mode():
+            found = method.predict(image)[0]
+        row: dict[str, Any] = {"detections": int(len(found["scores"]))}
+        if boxes_dir:
+            out = Path(boxes_dir) / f"{path.stem}.json"
+            out.write_text(json.dumps(coco_results(found)))
+            row["boxes"] = str(out)
+        return row
     if task.dense:
         mask = None
         if masks_dir:

@@ -27,7 +27,7 @@ from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.tasks.base import TASKS, DelegatingMetric, Task
 
-__all__ = ["Detect", "METRICS"]
+__all__ = ["Detect", "METRICS", "coco_results"]
 
 #: Metrics a detection task reports (``task.metrics`` chooses among them).
 METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
@@ -62,6 +62,20 @@ class _MAP(DelegatingMetric):
     def compute(self) -> dict[str, torch.Tensor]:
         values = self.metric.compute()
         return {k: values[k].float() for k in self.wanted}
+
+
+def coco_results(det: dict[str, torch.Tensor], image_id: int = 1) -> list[dict[str, Any]]:
+    """One image's detections in COCO's result format (what ``loadRes`` reads):
+    ``[{image_id, category_id, bbox: [x, y, w, h], score}]``, best first. ``category_id`` is
+    the label (the COCO category ids sorted: the same numbers when they are 1..K)."""
+    order = det["scores"].argsort(descending=True).tolist()
+    out = []
+    for i in order:
+        x0, y0, x1, y1 = (float(v) for v in det["boxes"][i])
+        out.append({"image_id": int(image_id), "category_id": int(det["labels"][i]),
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "score": round(float(det["scores"][i]), 5)})
+    return out
 
 
 @TASKS.register("detect")
