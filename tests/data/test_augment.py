@@ -109,3 +109,29 @@ def test_masks_follow_their_image(tmp_path, p):
     # aligned with the image: a pixel and its class move together
     image = torch.from_numpy(ids)[None]  # the ids as a one-channel image
     torch.testing.assert_close(augment_tensor(image, p)[0].long(), want)
+
+
+@pytest.mark.parametrize("p", GEOMETRIC, ids=lambda p: f"rot{p.rot}h{int(p.hflip)}v{int(p.vflip)}")
+def test_detection_boxes_move_with_their_pixels(p):
+    from gigapatch.data.augment import augment_boxes
+
+    image = torch.zeros(1, 96, 160, dtype=torch.uint8)
+    box = torch.tensor([[30.0, 10, 70, 25]])  # x0, y0, x1, y1
+    image[0, 10:25, 30:70] = 255
+    moved = augment_tensor(image, p)[0]
+    ys, xs = torch.nonzero(moved, as_tuple=True)
+    want = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]).float()
+    torch.testing.assert_close(augment_boxes(box, p, (96, 160)), want)
+
+
+def test_detection_targets_are_augmented_with_their_images():
+    image = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    image[0, 5:15, 40:60] = 255
+    target = {"boxes": torch.tensor([[40.0, 5, 60, 15]]), "labels": torch.tensor([1])}
+    ds = AugmentedDataset([(image, target)], ["hflip", "vflip", "rot90"], boxes=True)
+    torch.manual_seed(0)
+    for _ in range(8):
+        img, t = ds[0]
+        ys, xs = torch.nonzero(img[0], as_tuple=True)
+        got = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]).float()
+        torch.testing.assert_close(t["boxes"], got)

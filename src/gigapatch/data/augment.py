@@ -18,7 +18,8 @@ and per epoch (torch's RNG, so seeded runs repeat) and applies it to the whole i
 
 Images decoded whole (``data.kind: csv``) get the same transforms as tensors
 (:func:`augment_tensor`). Segmentation masks get the geometric part, lazily
-(:class:`AugmentedMask`) or in memory (:func:`augment_mask`).
+(:class:`AugmentedMask`) or in memory (:func:`augment_mask`); detection boxes move with
+their pixels (:func:`augment_boxes`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from gigapatch.core.errors import ConfigError
 from gigapatch.data.masks import MaskReader
 from gigapatch.io.readers import ImageReader
 
-__all__ = ["AugmentedDataset", "AugmentedMask", "AugmentedView", "Params", "augment_mask",
-           "augment_tensor", "draw_params", "source_region", "turn_and_flip"]
+__all__ = ["AugmentedDataset", "AugmentedMask", "AugmentedView", "Params", "augment_boxes",
+           "augment_mask", "augment_tensor", "draw_params", "source_region", "turn_and_flip"]
 
 _JITTER = ([0.8, 1.2], [0.8, 1.2], [0.8, 1.2], [-0.05, 0.05])
 
@@ -232,13 +233,32 @@ class AugmentedView(ImageReader):
         return self._mean
 
 
+def augment_boxes(boxes: torch.Tensor, p: Params, size: tuple[int, int]) -> torch.Tensor:
+    """Boxes ``(n, 4)`` xyxy of an image of ``size`` ``(H, W)`` moved with ``p``'s geometric
+    transforms (quarter turns counter-clockwise, then the flips), as the pixels move."""
+    b = boxes.clone().float()
+    h, w = size
+    for _ in range(p.rot):  # np.rot90: out[i, j] = in[j, W - 1 - i]: (x, y) → (y, W - x)
+        x0, y0, x1, y1 = b.unbind(1)
+        b = torch.stack([y0, w - x1, y1, w - x0], dim=1)
+        h, w = w, h
+    if p.hflip:
+        b = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+    if p.vflip:
+        b = torch.stack([b[:, 0], h - b[:, 3], b[:, 2], h - b[:, 1]], dim=1)
+    return b.to(boxes.dtype)
+
+
 class AugmentedDataset(Dataset):
     """A training data set whose images are augmented (``names``) with fresh parameters at
     every fetch: lazy readers wrapped in :class:`AugmentedView`, tensors transformed. With
-    ``dense`` the targets are masks and get the same geometric transform (no colour)."""
+    ``dense`` the targets are masks, with ``boxes`` detection targets: both get the same
+    geometric transform (no colour)."""
 
-    def __init__(self, base: Dataset, names: list[str], dense: bool = False) -> None:
+    def __init__(self, base: Dataset, names: list[str], dense: bool = False,
+                 boxes: bool = False) -> None:
         self.base, self.names, self.dense = base, check_augment(list(names)), dense
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -252,6 +272,8 @@ class AugmentedDataset(Dataset):
         image, target = self.base[index]
         h, w = image.shape[:2] if isinstance(image, ImageReader) else image.shape[-2:]
         p = draw_params(self.names, square=h == w)
+        if self.boxes and p.geometric:
+            target = {**target, "boxes": augment_boxes(target["boxes"], p, (h, w))}
         if self.dense and p.geometric:
             target = (AugmentedMask(target, p) if isinstance(target, MaskReader)
                       else augment_mask(target, p))

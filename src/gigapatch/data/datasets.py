@@ -67,7 +67,8 @@ def open_dataset(cfg: Config, split: str) -> Dataset:
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     ds = _open(cfg, split)
     if split == "train" and d.augment:
-        return AugmentedDataset(ds, d.augment, dense=cfg.task.kind == "segment")
+        return AugmentedDataset(ds, d.augment, dense=cfg.task.kind == "segment",
+                                boxes=cfg.task.kind == "detect")
     return ds
 
 
