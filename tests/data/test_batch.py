@@ -226,3 +226,86 @@ def test_sharded_sampler_length_matches_its_indices(size, world, pad):
             == len(share)
     if not pad:  # every index exactly once over the processes
         assert sorted(i for s in shares for i in s) == list(range(size))
+
+
+def _backend_files(tmp_path):
+    """The same 200×300 RGB image in every reader backend's format."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    files = {"tiff-tiles": tmp_path / "t.tiff", "tiff-strips": tmp_path / "s.tif",
+             "pillow": tmp_path / "p.png", "numpy": tmp_path / "n.npy"}
+    tifffile.imwrite(files["tiff-tiles"], pixels, tile=(64, 64), photometric="rgb")
+    tifffile.imwrite(files["tiff-strips"], pixels, photometric="rgb", rowsperstrip=16)
+    Image.fromarray(pixels).save(files["pillow"])
+    np.save(files["numpy"], pixels)
+    return pixels, files
+
+
+def test_thread_pool_reads_equal_serial_reads_for_every_backend(tmp_path, monkeypatch):
+    import gigapatch.data.batch as batch_module
+    from gigapatch.core.grid import PatchGrid
+    from gigapatch.data.batch import LazyBatch
+    from gigapatch.io.readers import open_image
+
+    pixels, files = _backend_files(tmp_path)
+    readers = {name: open_image(path) for name, path in files.items()}
+    try:
+        import openslide  # noqa: F401
+
+        readers["openslide"] = open_image(files["tiff-tiles"], backend="openslide")
+    except ImportError:
+        pass
+    grid = PatchGrid(200, 300, 48, 40)  # overlapping, past the edges: padded patches
+    cells = torch.randperm(grid.num_patches)
+    for name, reader in readers.items():
+        batch = LazyBatch([reader, reader])
+        images = torch.arange(len(cells)) % 2
+        monkeypatch.setattr(batch_module, "IO_THREADS", 1)
+        serial = grid.taker(batch)(images, cells)
+        monkeypatch.setattr(batch_module, "IO_THREADS", 8)
+        pooled = grid.taker(batch)(images, cells)
+        assert torch.equal(serial, pooled), name
+        want = grid.taker(torch.from_numpy(pixels).permute(2, 0, 1)[None].expand(2, -1, -1, -1))
+        assert torch.equal(pooled, want(images, cells)), name
+
+
+def test_read_ahead_yields_in_order_and_raises_where_the_error_is():
+    from gigapatch.data.batch import read_ahead
+
+    seen = [(i, int(t)) for i, t in read_ahead(lambda i: torch.tensor(i * i), [1, 2, 3])]
+    assert seen == [(1, 1), (2, 4), (3, 9)]
+
+    def read(i):
+        if i == 2:
+            raise ValueError("bad chunk 2")
+        return torch.tensor(i)
+
+    got = []
+    with pytest.raises(ValueError, match="bad chunk 2"):
+        for i, _ in read_ahead(read, [1, 2, 3]):
+            got.append(i)
+    assert got == [1]
+
+
+def test_pooled_reads_work_under_inference_mode(tmp_path):
+    """Grad and inference modes are per thread: patches read by the pool into a tensor made
+    under ``inference_mode`` (as predict does) must still arrive."""
+    from gigapatch.core.grid import PatchGrid
+    from gigapatch.data.batch import LazyBatch, read_ahead
+    from gigapatch.io.readers import open_image
+
+    pixels, files = _backend_files(tmp_path)
+    batch = LazyBatch([open_image(files["tiff-tiles"])])
+    grid = PatchGrid(200, 300, 64)
+    take = grid.taker(batch)
+    with torch.inference_mode():
+        got = take(torch.zeros(6, dtype=torch.long), torch.arange(6))
+        ahead = [t for _, t in read_ahead(lambda c: take(torch.zeros(2, dtype=torch.long), c),
+                                          [torch.arange(0, 2), torch.arange(2, 4)])]
+    ref = grid.taker(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    assert torch.equal(got, ref(torch.zeros(6, dtype=torch.long), torch.arange(6)))
+    assert torch.equal(torch.cat(ahead), got[:4])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,7 +28,9 @@ from gigapatch.data.tissue import foreground_mask
 from gigapatch.io.readers import ImageReader
 
 __all__ = [
+    "IO_THREADS",
     "batches",
+    "read_ahead",
     "unwrap_worker_error",
     "STRIP_PIXELS",
     "Images",
@@ -95,6 +99,35 @@ def _chw(pixels: np.ndarray, reader: ImageReader) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
+#: Threads reading patches in :meth:`LazyBatch.take` (1: serial).
+IO_THREADS = max(1, min(8, os.cpu_count() or 1))
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    """This process's reading pool (a pool inherited through ``fork`` has no threads)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(IO_THREADS, thread_name_prefix="gigapatch-io"))
+    return _POOL[1]
+
+
+def read_ahead(read: Callable[[Any], torch.Tensor], items: Sequence[Any]
+               ) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(item, read(item))`` for each of ``items``, reading the next item in a background
+    thread while the caller works on the current one (e.g. the encoder on a chunk while the
+    next chunk's patches are read): IO hides behind compute. Errors surface in order."""
+    if not items:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="gigapatch-read-ahead") as ahead:
+        pending = ahead.submit(read, items[0])
+        for n, item in enumerate(items):
+            patches = pending.result()
+            if n + 1 < len(items):
+                pending = ahead.submit(read, items[n + 1])
+            yield item, patches
+
+
 class LazyBatch:
     """``B`` same-sized images read on demand; behaves like a ``(B, C, H, W)`` ``uint8`` batch
     for the methods (``shape``, ``dtype``, patches through the grid, :meth:`resized`)."""
@@ -125,11 +158,24 @@ class LazyBatch:
 
     def take(self, boxes: torch.Tensor, images: torch.Tensor, patch: int) -> torch.Tensor:
         """Read ``P`` patches: ``boxes`` ``(P, 2)`` top-left ``(y, x)`` in level-0 pixels of
-        images ``images`` ``(P,)`` → ``(P, C, patch, patch)`` ``uint8`` (zeros past edges)."""
+        images ``images`` ``(P,)`` → ``(P, C, patch, patch)`` ``uint8`` (zeros past edges).
+
+        The patches are read by a pool of :data:`IO_THREADS` threads (decoders release the
+        GIL); every reader backend is safe for it (``tests/data/test_batch.py`` compares with
+        serial reads)."""
         out = torch.empty((len(images), self.shape[1], patch, patch), dtype=torch.uint8)
-        for i, (b, (y, x)) in enumerate(zip(images.tolist(), boxes.tolist())):
-            reader = self.readers[b]
-            out[i] = _chw(reader.read_region(y, x, patch, patch, pad=True), reader)
+        jobs = list(zip(images.tolist(), boxes.tolist()))
+
+        def read(job: tuple[int, list[int]]) -> np.ndarray:
+            b, (y, x) = job
+            return self.readers[b].read_region(y, x, patch, patch, pad=True)
+
+        # Threads only decode; the copies into ``out`` happen here, in the caller's thread
+        # (grad and inference modes are per thread: ``out`` may be an inference tensor).
+        regions = map(read, jobs) if len(jobs) < 2 or IO_THREADS < 2 else \
+            _io_pool().map(read, jobs)  # re-raises a reader's error
+        for i, ((b, _), region) in enumerate(zip(jobs, regions)):
+            out[i] = _chw(region, self.readers[b])
         return out
 
     def foreground(

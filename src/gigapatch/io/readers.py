@@ -457,13 +457,13 @@ class TiffReader(ImageReader):
         page = handle.tiled[level]
         if page is not None:
             return self._read_tiles(handle.tif.filehandle, handle.lock, page, y, x, h, w)
-        array = self._zarr_level(handle, level)
         axes = self._axes
         index = tuple(
             slice(y, y + h) if a == "Y" else slice(x, x + w) if a == "X" else slice(None)
             for a in axes
         )
-        region = np.asarray(array[index])
+        with handle.lock:  # the Zarr store shares the file handle: one read at a time
+            region = np.asarray(self._zarr_level(handle, level)[index])
         order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "SC"]
         region = region.transpose(order)
         return region if region.ndim == 3 else region[:, :, None]

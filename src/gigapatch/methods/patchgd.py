@@ -46,7 +46,7 @@ from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.units import parse_bytes
 from gigapatch.core.sampling import sample_cells
-from gigapatch.data.batch import Images, LazyBatch, first_image
+from gigapatch.data.batch import Images, LazyBatch, first_image, read_ahead
 from gigapatch.explain import draw_saliency, occlusion_explain
 from gigapatch.methods.base import METHODS, Context, Method, repeated
 from gigapatch.methods.frozen_cache import ZCache, image_keys
@@ -72,6 +72,17 @@ def _map_storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> t
     with tempfile.NamedTemporaryFile(prefix="gigapatch-z-", suffix=".bin") as f:
         return torch.from_file(f.name, shared=True, size=math.prod(shape),
                                dtype=dtype).view(shape)
+
+
+def _chunks(images: Images, take: Take, n: int, flats: list[torch.Tensor]
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(flat cell indices, their patches)`` per chunk. From disk (:class:`LazyBatch`) the
+    next chunk is read while the current one is encoded (:func:`read_ahead`); in-memory
+    patches are views, copied as they are needed."""
+    read = lambda flat: take(flat // n, flat % n)  # noqa: E731
+    if isinstance(images, LazyBatch):
+        return read_ahead(read, flats)
+    return ((flat, read(flat)) for flat in flats)
 
 
 @METHODS.register("patchgd")
@@ -147,12 +158,12 @@ class PatchGD(Method):
             z = torch.zeros(b, n, self.latent_dim, device=self.device, dtype=dtype)
             todo = mask.reshape(-1).nonzero().flatten()  # flat indices of foreground cells
         total = b * n if todo is None else len(todo)
-        for start in repeated(range(0, total, chunk)):
-            flat = torch.arange(start, min(start + chunk, total))
-            if todo is not None:
-                flat = todo[flat]
+        flats = [torch.arange(start, min(start + chunk, total))
+                 for start in repeated(range(0, total, chunk))]
+        if todo is not None:
+            flats = [todo[f] for f in flats]
+        for flat, patches in _chunks(images, take, n, flats):  # (P, C_in, p, p) copies
             bi, cell = flat // n, flat % n
-            patches = take(bi, cell)  # (P, C_in, p, p) copy
             z[bi.to(self.device), cell.to(self.device)] = self.encode(patches).to(dtype)
         return z
 
@@ -212,11 +223,12 @@ class PatchGD(Method):
         n, chunk = grid.num_patches, self.cfg.method.fill_chunk
         z = _map_storage((b, self.latent_dim, *geo.size), self.compute_dtype(),
                          self.cfg.method.z_on_disk)
-        for start in repeated(range(0, b * n, chunk)):
-            stop = min(start + chunk, b * n)
-            flat = torch.arange(start, stop)
-            blocks = self.encode_map(take(flat // n, flat % n)).to("cpu", z.dtype)
-            for f, block in zip(range(start, stop), blocks):  # Python ints: no data reads
+        flats = [torch.arange(start, min(start + chunk, b * n))
+                 for start in repeated(range(0, b * n, chunk))]
+        for flat, patches in _chunks(images, take, n, flats):
+            blocks = self.encode_map(patches).to("cpu", z.dtype)
+            start = int(flat[0])
+            for f, block in zip(range(start, start + len(flat)), blocks):  # Python ints
                 bi, cell = divmod(f, n)
                 y, x = geo.origin(cell)
                 z[bi, :, y : y + q, x : x + q] = block
