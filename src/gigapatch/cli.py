@@ -266,7 +266,7 @@ def _predict_mask(args: argparse.Namespace, method, task, cfg: Config, image) ->
                              "and --overlay.")
     with torch.inference_mode():
         found = stream_mask(method, task, image, args.mask, OVERLAY_SIDE)
-    result: dict = {"image": str(args.image), **found}
+    result: dict = {"image": str(args.image), **found.fractions}
     if args.mask:
         result["mask"] = str(found.mask)
     if args.overlay:

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from gigapatch.config import AUGMENTATIONS
 from gigapatch.core.errors import ConfigError
 from gigapatch.data.masks import MaskReader
-from gigapatch.io.readers import ImageReader
+from gigapatch.io.readers import ImageReader, ReaderView
 
 __all__ = ["AugmentedDataset", "AugmentedMask", "AugmentedView", "Params", "augment_boxes",
            "augment_mask", "augment_tensor", "draw_params", "source_region", "turn_and_flip"]
@@ -112,16 +112,21 @@ def _grey_mean(x: torch.Tensor) -> float:
     return float(grey.float().mean())
 
 
+def _turn_flip(x: torch.Tensor, p: Params, rows: int) -> torch.Tensor:
+    """``p``'s quarter turns, then flips, on the axes ``rows`` (y) and ``rows + 1`` (x)."""
+    if p.rot:
+        x = torch.rot90(x, p.rot, dims=(rows, rows + 1))
+    if p.hflip:
+        x = x.flip(rows + 1)
+    if p.vflip:
+        x = x.flip(rows)
+    return x
+
+
 def augment_tensor(image: torch.Tensor, p: Params) -> torch.Tensor:
     """An in-memory image ``(C, H, W)`` uint8 transformed by ``p`` (the reference that
     :class:`AugmentedView` matches region by region)."""
-    x = image
-    if p.rot:
-        x = torch.rot90(x, p.rot, dims=(1, 2))
-    if p.hflip:
-        x = x.flip(2)
-    if p.vflip:
-        x = x.flip(1)
+    x = _turn_flip(image, p, rows=1)
     if p.colour:
         x = _colour(x, p, _grey_mean(image))
     return x.contiguous()
@@ -146,13 +151,7 @@ def source_region(p: Params, base_hw: tuple[int, int], y: int, x: int, h: int, w
 
 def turn_and_flip(p: Params, region: np.ndarray) -> np.ndarray:
     """``p``'s geometric transforms on pixels ``(h, w, …)`` (axes 0 and 1)."""
-    if p.rot:
-        region = np.rot90(region, p.rot, axes=(0, 1))
-    if p.hflip:
-        region = region[:, ::-1]
-    if p.vflip:
-        region = region[::-1]
-    return region
+    return _turn_flip(torch.from_numpy(np.ascontiguousarray(region)), p, rows=0).numpy()
 
 
 class AugmentedMask:
@@ -177,44 +176,23 @@ class AugmentedMask:
 
 def augment_mask(mask: torch.Tensor, p: Params) -> torch.Tensor:
     """An in-memory mask ``(H, W)`` transformed by ``p``'s geometric part."""
-    if p.rot:
-        mask = torch.rot90(mask, p.rot, dims=(0, 1))
-    if p.hflip:
-        mask = mask.flip(1)
-    if p.vflip:
-        mask = mask.flip(0)
-    return mask.contiguous()
+    return _turn_flip(mask, p, rows=0).contiguous()
 
 
-class AugmentedView(ImageReader):
+class AugmentedView(ReaderView):
     """``base`` transformed by ``p``: regions of the transformed image, read lazily."""
 
     backend = "augmented"
 
-    def __init__(self, base: ImageReader, p: Params) -> None:  # noqa: D107 - no probe
-        self.base, self.p = base, p
-        self.path = base.path
-        self._handle: Any = None
-        self._pid: int | None = None
+    def __init__(self, base: ImageReader, p: Params) -> None:
+        super().__init__(base)
+        self.p = p
         swap = p.rot % 2 == 1
         self.levels = [(w, h) if swap else (h, w) for h, w in base.levels]
         h, w = self.levels[0]
         self.shape = (h, w, base.shape[2])
-        self.dtype = base.dtype
         self.downsamples = list(base.downsamples)
         self._mean: float | None = None
-
-    def _probe(self) -> None:  # pragma: no cover - the base reader has probed
-        pass
-
-    def _open(self) -> Any:
-        return self.base
-
-    def _close_handle(self, handle: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        self.base.close()
 
     def _read(self, handle: Any, y: int, x: int, h: int, w: int, level: int) -> np.ndarray:
         sy, sx, sh, sw = source_region(self.p, self.base.levels[level], y, x, h, w)

@@ -248,7 +248,8 @@ class DetectionDataset(Dataset):
     """Items ``(image, target)``: ``image`` a lazy reader (``lazy``) or the decoded ``uint8
     (C, H, W)`` tensor, ``target`` ``{"boxes": float32 (n, 4), "labels": int64 (n,),
     "image_id": int64 ()}``. The image sizes the records state are checked against the
-    files' headers when an item is read."""
+    files' headers by :meth:`reader` (lazy items, and ``check_images`` before training or
+    evaluation)."""
 
     def __init__(self, records: DetectionRecords, *, lazy: bool) -> None:
         self.records, self.lazy = records, lazy
@@ -273,8 +274,7 @@ class DetectionDataset(Dataset):
         r = self.records
         target = {"boxes": torch.from_numpy(r.boxes[index]), "labels": torch.from_numpy(r.labels[index]),
                   "image_id": torch.tensor(r.image_ids[index], dtype=torch.int64)}
-        reader = self.reader(index)
         if self.lazy:
-            return reader, target
-        array = read_image(r.paths[index])
+            return self.reader(index), target
+        array = read_image(r.paths[index])  # sizes: checked from the headers before training
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), target

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,14 @@ def load_for_predict(path: str | Path, in_chans: int, level: int | None = None,
     return image
 
 
-class MaskResult(dict):
-    """What :func:`stream_mask` gives: the class fractions (JSON), the thumbnail of the ids
-    ``thumb`` (uint8 ``(h', w')``) and the written ``mask`` path (or ``None``)."""
+@dataclass
+class MaskResult:
+    """What :func:`stream_mask` gives: the class ``fractions`` (JSON), the thumbnail of the
+    ids ``thumb`` (uint8 ``(h', w')``) and the written ``mask`` path (or ``None``)."""
+
+    fractions: dict[str, Any]
+    thumb: torch.Tensor
+    mask: Path | None
 
 
 def stream_mask(method: Method, task: Task, image: torch.Tensor | LazyBatch,
@@ -142,9 +148,7 @@ def stream_mask(method: Method, task: Task, image: torch.Tensor | LazyBatch,
     else:
         for _ in watched(blocks):
             pass
-    out = MaskResult(task.fractions(counts, (h, w)))
-    out.thumb, out.mask = thumb, written  # type: ignore[attr-defined]
-    return out
+    return MaskResult(task.fractions(counts, (h, w)), thumb, written)
 
 
 class _Images(Dataset):
@@ -309,9 +313,9 @@ def _predict_one(method: Method, task: Task, image: torch.Tensor | LazyBatch, pa
             mask = Path(masks_dir) / f"{path.stem}{'.tiff' if big else '.png'}"
         with torch.inference_mode():
             result = stream_mask(method, task, image, mask, thumb_side=1)
-        row = _flatten(dict(result))
+        row = _flatten(result.fractions)
         if mask:
-            row["mask"] = str(result.mask)  # type: ignore[attr-defined]
+            row["mask"] = str(result.mask)
         return row
     if heatmaps_dir:
         with torch.no_grad():

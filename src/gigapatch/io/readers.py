@@ -297,6 +297,32 @@ class ImageReader(ABC):
         ]
 
 
+class ReaderView(ImageReader):
+    """A reader that presents another reader differently (a pyramid level as level 0, a
+    transformed image): no file of its own; reads go through :attr:`base`, which keeps the
+    handle. Subclasses set ``levels``, ``shape`` and ``downsamples`` and implement ``_read``
+    in terms of ``self.base.read_region``."""
+
+    def __init__(self, base: ImageReader) -> None:  # noqa: D107 - no probe: base has probed
+        self.base = base
+        self.path = base.path
+        self._handle: Any = None
+        self._pid: int | None = None
+        self.dtype = base.dtype
+
+    def _probe(self) -> None:  # pragma: no cover - the base reader has probed
+        pass
+
+    def _open(self) -> Any:
+        return self.base
+
+    def _close_handle(self, handle: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.base.close()
+
+
 def open_image(
     path: str | os.PathLike[str],
     *,

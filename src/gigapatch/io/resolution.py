@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from gigapatch.core.errors import ConfigError, DataError
-from gigapatch.io.readers import ImageReader
+from gigapatch.io.readers import ImageReader, ReaderView
 
 __all__ = ["LevelView", "at_resolution", "base_mpp"]
 
@@ -79,38 +79,23 @@ def _tiff_mpp(reader: ImageReader) -> float | None:
     return float(np.mean([_UNIT_MICRONS[unit] / v for v in per_unit]))
 
 
-class LevelView(ImageReader):
+class LevelView(ReaderView):
     """Level ``offset`` of ``base`` presented as level 0: ``levels``/``downsamples`` are the
     base's from ``offset`` on (downsamples relative to it); reads go to the base reader."""
 
     backend = "level"
 
-    def __init__(self, base: ImageReader, offset: int) -> None:  # noqa: D107 - no probe
-        self.base, self.offset = base, offset
-        self.path = base.path
-        self._handle: Any = None
-        self._pid: int | None = None
+    def __init__(self, base: ImageReader, offset: int) -> None:
+        super().__init__(base)
+        self.offset = offset
         self.levels = list(base.levels[offset:])
         h, w = self.levels[0]
         self.shape = (h, w, base.shape[2])
-        self.dtype = base.dtype
         first = base.downsamples[offset]
         self.downsamples = [d / first for d in base.downsamples[offset:]]
 
-    def _probe(self) -> None:  # pragma: no cover - the base reader has probed
-        pass
-
-    def _open(self) -> Any:
-        return self.base
-
-    def _close_handle(self, handle: Any) -> None:
-        pass
-
     def _read(self, handle: Any, y: int, x: int, h: int, w: int, level: int) -> np.ndarray:
         return self.base.read_region(y, x, h, w, level + self.offset)
-
-    def close(self) -> None:
-        self.base.close()
 
 
 def at_resolution(reader: ImageReader, level: int | None = None, mpp: float | None = None
