@@ -13,7 +13,6 @@ Writes ``benchmarks/results/memory_precision.{csv,md}``.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import os
 from pathlib import Path

@@ -25,7 +25,6 @@ from gigapatch.data.batch import unwrap_worker_error
 from gigapatch.engine.checkpoint import load_checkpoint, load_method, save_checkpoint
 from gigapatch.engine.loop import evaluate, loader_for, train
 from gigapatch.data.datasets import open_dataset
-from gigapatch.methods import create_method
 from gigapatch.step import StepContext
 from gigapatch.tasks import Task
 

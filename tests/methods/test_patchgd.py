@@ -149,12 +149,12 @@ def test_frozen_encoder_step_equals_the_exact_step_and_caches_z(tiny_config, no_
         m.train()
         m.zero_grad()
         if frozen_path:
-            loss = m._frozen_step(images, targets, no_step, m.grid(images), None,
-                                  *m.plan(m.grid(images)))
+            m._frozen_step(images, targets, no_step, m.grid(images), None,
+                           *m.plan(m.grid(images)))
         else:  # the general J-step algorithm, with the encoder's weights fixed
             type(m).encoder_frozen = property(lambda self: False)
             try:
-                loss = m.train_step(images, targets, no_step)
+                m.train_step(images, targets, no_step)
             finally:
                 del type(m).encoder_frozen
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})

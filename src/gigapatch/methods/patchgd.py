@@ -74,6 +74,27 @@ def _map_storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> t
                                dtype=dtype).view(shape)
 
 
+def _write_blocks(z: torch.Tensor, geo: MapGeometry, image: list[int], cells: list[int],
+                  blocks: torch.Tensor) -> None:
+    """Write ``blocks`` ``(P, C, q, q)`` (any device) into host map ``z`` ``(B, C, Hz, Wz)``
+    at the blocks of ``cells`` of images ``image``."""
+    q = geo.q
+    for bi, cell, block in zip(image, cells, blocks.to("cpu", z.dtype)):
+        y, x = geo.origin(cell)
+        z[bi, :, y : y + q, x : x + q] = block
+
+
+def _block_sums(z: torch.Tensor, geo: MapGeometry, image: list[int], cells: list[int], b: int
+                ) -> torch.Tensor:
+    """``(B, C)`` float64: per image, the sum of ``z`` over the blocks of ``cells``."""
+    q = geo.q
+    out = torch.zeros(b, z.shape[1], dtype=torch.float64)
+    for bi, cell in zip(image, cells):
+        y, x = geo.origin(cell)
+        out[bi] += z[bi, :, y : y + q, x : x + q].sum(dim=(1, 2), dtype=torch.float64)
+    return out
+
+
 def _chunks(images: Images, take: Take, n: int, flats: list[torch.Tensor]
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(flat cell indices, their patches)`` per chunk. From disk (:class:`LazyBatch`) the
@@ -218,21 +239,29 @@ class PatchGD(Method):
         """Z ``(B, C, Hz, Wz)`` on the host, in the compute dtype (with
         ``method.z_on_disk``, in a memory-mapped temporary file): every patch encoded,
         ``fill_chunk`` at a time (call under ``no_grad``)."""
-        b, grid, q = images.shape[0], geo.grid, geo.q
+        return self._fill_maps(images, [geo], lambda x: [self.encode_map(x)], take)[0]
+
+    def _fill_maps(self, images: Images, geos: list[MapGeometry],
+                   encode: Callable[[torch.Tensor], list[torch.Tensor]],
+                   take: Take | None = None) -> list[torch.Tensor]:
+        """Host maps ``[(B, C_l, Hz_l, Wz_l)]``, one per geometry, from ``encode(patches)`` →
+        one block per patch and geometry ``[(P, C_l, q_l, q_l)]`` (dense map; FPN levels)."""
+        b, grid = images.shape[0], geos[0].grid
         take = take or grid.taker(images)
         n, chunk = grid.num_patches, self.cfg.method.fill_chunk
-        z = _map_storage((b, self.latent_dim, *geo.size), self.compute_dtype(),
-                         self.cfg.method.z_on_disk)
+        zs: list[torch.Tensor] = []
         flats = [torch.arange(start, min(start + chunk, b * n))
                  for start in repeated(range(0, b * n, chunk))]
         for flat, patches in _chunks(images, take, n, flats):
-            blocks = self.encode_map(patches).to("cpu", z.dtype)
-            start = int(flat[0])
-            for f, block in zip(range(start, start + len(flat)), blocks):  # Python ints
-                bi, cell = divmod(f, n)
-                y, x = geo.origin(cell)
-                z[bi, :, y : y + q, x : x + q] = block
-        return z
+            maps = encode(patches)
+            if not zs:  # channels known now
+                zs = [_map_storage((b, m.shape[1], *geo.size), self.compute_dtype(),
+                                   self.cfg.method.z_on_disk) for m, geo in zip(maps, geos)]
+            flat_list = flat.tolist()
+            image, cells = [f // n for f in flat_list], [f % n for f in flat_list]
+            for z, geo, blocks in zip(zs, geos, maps):
+                _write_blocks(z, geo, image, cells, blocks)
+        return zs
 
     def window_logits(self, zwin: torch.Tensor, g: torch.Tensor | None, pool: torch.Tensor,
                       image: list[int], cells: list[int], geo: MapGeometry) -> torch.Tensor:
@@ -253,7 +282,7 @@ class PatchGD(Method):
 
     def _dense_step(self, images: Images, targets: Any, ctx: Context) -> float:
         geo = self.geometry(images)
-        grid, q = geo.grid, geo.q
+        grid = geo.grid
         b = images.shape[0]
         k, steps = self.plan(grid)
         use_global = self.cfg.method.global_context != "none"
@@ -272,9 +301,7 @@ class PatchGD(Method):
             new = self.encode_map(grid.gather_with(take, idx).flatten(0, 1))  # (B·k, C, q, q)
             zwin = paste(windows_of(z, image, cells, geo, new.device, new.dtype),
                          image, cells, new, image, cells, geo)
-            old = torch.stack([z[bi, :, y : y + q, x : x + q].sum(dim=(1, 2), dtype=torch.float64)
-                               for bi, (y, x) in zip(image, map(geo.origin, cells))])
-            rest = (z_sum - old.view(b, k, -1).sum(1)).to(new.device, new.dtype)
+            rest = (z_sum - _block_sums(z, geo, image, cells, b)).to(new.device, new.dtype)
             pool = (rest + new.sum(dim=(2, 3)).view(b, k, -1).sum(1)) / area  # (B, C)
             g = self.encode_map(gpatch) if use_global else None
             logits = self.window_logits(zwin, g, pool, image, cells, geo)
@@ -283,12 +310,10 @@ class PatchGD(Method):
 
         def keep(idx: torch.Tensor, new: torch.Tensor) -> None:
             with torch.no_grad():  # the re-encoded blocks stay in Z for the later steps
-                blocks = new.detach().to("cpu", z.dtype)
-                for bi, cell, block in zip(image, idx.flatten().tolist(), blocks):
-                    y, x = geo.origin(cell)
-                    z_sum[bi] += (block.double().sum(dim=(1, 2))
-                                  - z[bi, :, y : y + q, x : x + q].double().sum(dim=(1, 2)))
-                    z[bi, :, y : y + q, x : x + q] = block
+                cells = idx.flatten().tolist()
+                z_sum.sub_(_block_sums(z, geo, image, cells, b))
+                _write_blocks(z, geo, image, cells, new.detach())
+                z_sum.add_(_block_sums(z, geo, image, cells, b))
 
         return self._inner_steps(ctx, order, k, steps, inner, keep)
 

@@ -23,15 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchvision.ops import batched_nms
-
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images
 from gigapatch.methods.base import METHODS, Context, Method, repeated
-from gigapatch.models.detection import create_detector
+from gigapatch.models.detection import create_detector, merge_detections
 from gigapatch.tasks import Task
 
 __all__ = ["MAX_DETECTIONS", "MERGE_IOU", "MIN_VISIBLE", "Tiled", "clip_to_tiles"]
@@ -131,17 +129,6 @@ class Tiled(Method):
                 box[:, 0::2] = box[:, 0::2].clamp(0, w)
                 box[:, 1::2] = box[:, 1::2].clamp(0, h)
                 found[f // n].append({**d, "boxes": box})
-        return [_merge(parts, self.device) for parts in found]
-
-
-def _merge(parts: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    """One image's tile detections merged: per-class NMS, best :data:`MAX_DETECTIONS`."""
-    if not parts:
-        return {"boxes": torch.zeros(0, 4, device=device), "scores": torch.zeros(0, device=device),
-                "labels": torch.zeros(0, dtype=torch.int64, device=device)}
-    boxes = torch.cat([d["boxes"] for d in parts])
-    scores = torch.cat([d["scores"] for d in parts])
-    labels = torch.cat([d["labels"] for d in parts])
-    keep = batched_nms(boxes, scores, labels, MERGE_IOU)[:MAX_DETECTIONS]
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        return [merge_detections(parts, MERGE_IOU, MAX_DETECTIONS, self.device)
+                for parts in found]
 

@@ -20,26 +20,42 @@ Names (``model.encoder`` of the detection task):
 
 Labels are ``1..K`` (``num_classes = K`` object classes; the head has ``K + 1`` outputs,
 index 0 never a target, torchvision's convention).
+
+**Window-local head** (``window_local=True``, PatchGD): torchvision's FCOS head normalises its
+conv towers with ``GroupNorm(32)``, whose statistics span the whole feature map, so the head
+applied to a window of a map would differ from the head applied to the map and then cropped.
+With ``window_local`` the towers use :class:`PixelGroupNorm` (the same 32 channel groups,
+normalised at each pixel on its own; the same parameters), and the head's output at a map
+pixel depends only on the ``halo`` (:attr:`Detector.halo`) pixels around it: windows give
+exactly the whole map's output.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models.detection import FCOS
+from torchvision.models.detection.fcos import (
+    FCOSClassificationHead,
+    FCOSHead,
+    FCOSRegressionHead,
+)
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import batched_nms
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.registry import Registry
 from gigapatch.models.weights import load_weights
 
-__all__ = ["DETECTORS", "Detector", "create_detector", "detector_names"]
+__all__ = ["DETECTORS", "Detector", "PixelGroupNorm", "create_detector", "detector_names",
+           "merge_detections"]
 
 BackboneBuilder = Callable[[int, bool], nn.Module]
 DETECTORS: Registry[BackboneBuilder] = Registry("detector")
@@ -91,6 +107,38 @@ for _arch in ("resnet18", "resnet34", "resnet50"):
         lambda in_chans, pretrained, _a=_arch: _resnet(_a, in_chans, pretrained))
 
 
+class PixelGroupNorm(nn.Module):
+    """Group normalisation at each pixel: ``(B, C, H, W)`` → same shape, each pixel's
+    ``C / groups`` channels of a group normalised over those channels only, then the
+    per-channel affine of :class:`~torch.nn.GroupNorm` (same ``weight``/``bias``). Unlike
+    ``GroupNorm`` its output at a pixel does not depend on other pixels."""
+
+    def __init__(self, num_channels: int, groups: int = 32, eps: float = 1e-5) -> None:
+        super().__init__()
+        if num_channels % groups:
+            raise ConfigError(f"PixelGroupNorm: {num_channels} channels are not divisible "
+                              f"into {groups} groups.")
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = x.view(b, self.groups, c // self.groups, h, w)
+        var, mean = torch.var_mean(g, dim=2, unbiased=False, keepdim=True)
+        g = (g - mean) * torch.rsqrt(var + self.eps)
+        return g.view(b, c, h, w) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def _window_local_head(channels: int, num_classes: int) -> FCOSHead:
+    """torchvision's FCOS head with :class:`PixelGroupNorm` in its conv towers."""
+    head = FCOSHead(channels, 1, num_classes)
+    norm = partial(PixelGroupNorm, groups=32)
+    head.classification_head = FCOSClassificationHead(channels, 1, num_classes, norm_layer=norm)
+    head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
+    return head
+
+
 class Detector(nn.Module):
     """An FCOS detector without torchvision's resizing transform (see the module doc).
 
@@ -100,16 +148,37 @@ class Detector(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, score_thresh: float = 0.05,
-                 detections: int = 100) -> None:
+                 detections: int = 100, window_local: bool = False) -> None:
         super().__init__()
         strides = _strides(backbone)
         #: The FPN levels' strides; FCOS's anchor size per level equals its stride.
         self.strides = strides
         anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-        self.fcos = FCOS(backbone, num_classes + 1, anchor_generator=anchors,
+        head = _window_local_head(backbone.out_channels, num_classes + 1) if window_local \
+            else None
+        self.fcos = FCOS(backbone, num_classes + 1, anchor_generator=anchors, head=head,
                          score_thresh=score_thresh, detections_per_img=detections,
                          image_mean=[0.0], image_std=[1.0])
         self.fcos.transform = None  # gigapatch sizes and normalises the input itself
+
+    @property
+    def channels(self) -> int:
+        """Channels of every FPN map."""
+        return int(self.fcos.backbone.out_channels)
+
+    @property
+    def halo(self) -> int:
+        """The head's receptive-field radius in map pixels: its 3×3 tower convs + the 3×3
+        output conv."""
+        tower = self.fcos.head.classification_head.conv
+        return sum(isinstance(m, nn.Conv2d) for m in tower) + 1
+
+    def base_anchors(self, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        """Each level's zero-centred anchor ``(4,)`` (torchvision's rounding); the anchor of
+        map pixel ``(i, j)`` at stride ``s`` is it shifted by ``(j·s, i·s, j·s, i·s)``."""
+        gen = self.fcos.anchor_generator
+        return [gen.generate_anchors(list(sizes), list(ratios), dtype, device)[0]
+                for sizes, ratios in zip(gen.sizes, gen.aspect_ratios)]
 
     @property
     def backbone(self) -> nn.Module:
@@ -144,6 +213,30 @@ class Detector(nn.Module):
         split_anchors = [list(a.split(per_level)) for a in anchors]
         return self.fcos.postprocess_detections(split, split_anchors, image_sizes)
 
+    def decode(self, head: list[dict[str, torch.Tensor]], anchors: list[torch.Tensor],
+               image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        """FCOS's post-processing of ``P`` parts of one image (e.g. windows): per level
+        ``head[l]`` (``cls_logits`` ``(P, A_l, K+1)``, ``bbox_regression`` ``(P, A_l, 4)``,
+        ``bbox_ctrness`` ``(P, A_l, 1)``) at anchors ``anchors[l]`` ``(P, A_l, 4)`` in image
+        pixels → one detections dict per part, boxes clipped to ``image_size``."""
+        split = {key: [h[key] for h in head] for key in head[0]}
+        per_part = [[a[i] for a in anchors] for i in range(anchors[0].shape[0])]
+        return self.fcos.postprocess_detections(split, per_part, [image_size] * len(per_part))
+
+
+def merge_detections(parts: list[dict[str, torch.Tensor]], iou: float, keep: int,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """One image's detections found part by part (tiles, windows) merged: torchvision's
+    ``batched_nms`` per class at ``iou``, the best ``keep`` kept."""
+    if not parts:
+        return {"boxes": torch.zeros(0, 4, device=device), "scores": torch.zeros(0, device=device),
+                "labels": torch.zeros(0, dtype=torch.int64, device=device)}
+    boxes = torch.cat([d["boxes"] for d in parts])
+    scores = torch.cat([d["scores"] for d in parts])
+    labels = torch.cat([d["labels"] for d in parts])
+    best = batched_nms(boxes, scores, labels, iou)[:keep]
+    return {"boxes": boxes[best], "scores": scores[best], "labels": labels[best]}
+
 
 def _strides(backbone: nn.Module) -> list[int]:
     """The FPN's levels (one stride each), found by a forward pass on a small input."""
@@ -157,17 +250,19 @@ def _strides(backbone: nn.Module) -> list[int]:
 
 
 def create_detector(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False,
-                    weights: str | None = None) -> Detector:
+                    weights: str | None = None, window_local: bool = False) -> Detector:
     """Build the FCOS detector ``name`` for ``num_classes`` object classes (labels 1..K).
 
     ``weights``: a local file for the backbone (``model.weights``; e.g. an ImageNet ResNet
-    state dict, matched by key suffix) or a whole gigapatch detector's checkpoint."""
+    state dict, matched by key suffix) or a whole gigapatch detector's checkpoint.
+    ``window_local``: the head normalises pixel by pixel (see the module doc)."""
     if pretrained and weights:
         raise ConfigError("model.pretrained and model.weights both set: choose one.")
     if not name.startswith("fcos_"):
         raise ConfigError(f"task.kind detect needs an FCOS model.encoder: one of "
                           f"{detector_names()} (not {name!r}).")
-    det = Detector(DETECTORS.get(name)(in_chans, pretrained), num_classes)
+    det = Detector(DETECTORS.get(name)(in_chans, pretrained), num_classes,
+                   window_local=window_local)
     if weights:
         load_weights(det.backbone, weights, f"detector {name} backbone")
     return det

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.files import atomic_path, write_bytes, write_json
 from gigapatch.synth.megapixel_mnist import make_noise_patterns
-from gigapatch.synth.mnist import DIGIT_SIDE, load_digits, split_digit_pools
+from gigapatch.synth.mnist import load_digits, split_digit_pools
 
 __all__ = ["LABELINGS", "Scene", "check_canvas", "generate_segmentation", "pyramid_sides", "render_window",
            "write_scene_png", "write_scene_tiff"]
