@@ -249,7 +249,7 @@ def create_method(cfg: Config, task: Task | None = None) -> Method:
     cls = METHODS.get(cfg.method.name)
     if task.detects and not cls.detects:
         raise ConfigError(f"method {cfg.method.name} does not support task.kind = detect yet; "
-                          "use method full or tiled.")
+                          "use method full, tiled or patchgd.")
     if task.detects and cfg.model.freeze_encoder:
         raise ConfigError("model.freeze_encoder is not supported for detection yet (the "
                           "detector's backbone and head are one network); leave it false.")

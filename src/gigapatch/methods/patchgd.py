@@ -25,6 +25,16 @@ steadier for BatchNorm encoders fine-tuned with small k. Encoders with GroupNorm
 no dropout (e.g. ``tiny_cnn``) give identical fills in both modes. Prediction always fills in
 eval mode.
 
+**Detection** (``task.kind: detect``, :mod:`.latent_levels`): θ1 = the FCOS detector's backbone
++ FPN (``model.encoder: fcos_*``) on each patch, giving one map per FPN level; Z is one host map
+per level ``(B, F, H/s_l, W/s_l)``, the patches' maps placed side by side; the global patch's
+FPN maps are upsampled and added per level (``global_context: add``); θ2 = the FCOS head
+(window-local: :class:`~gigapatch.models.detection.PixelGroupNorm`) on the windows of every
+level around the k re-encoded patches, and FCOS's own loss over those windows' anchors,
+matched against each image's boxes in image pixels (boxes are not clipped to patches: see
+:mod:`.latent_levels`). ``method.patch_size`` must be a multiple of the coarsest stride.
+Prediction applies the head window by window and merges the windows' detections by NMS.
+
 Memory: parameters, gradients and optimizer state + activations of B·k patches (+ B global
 patches) + Z and θ2's activations over the grid. Only the sampled patches are copied out of
 the host image; the image itself never moves to the device.
@@ -50,6 +60,7 @@ from gigapatch.data.batch import Images, LazyBatch, first_image, read_ahead
 from gigapatch.explain import draw_saliency, occlusion_explain
 from gigapatch.methods.base import METHODS, Context, Method, repeated
 from gigapatch.methods.frozen_cache import ZCache, image_keys
+from gigapatch.methods.latent_levels import block_anchors, crop_blocks, level_geometries, per_image
 from gigapatch.methods.latent_map import (
     MapGeometry,
     global_windows,
@@ -59,6 +70,7 @@ from gigapatch.methods.latent_map import (
     windows_of,
 )
 from gigapatch.models.dense import create_dense_net
+from gigapatch.models.detection import create_detector, merge_detections
 from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import DenseHead, create_head
 from gigapatch.tasks import Task
@@ -113,6 +125,7 @@ class PatchGD(Method):
     budget_knobs = ("k", "fill_chunk")
     k_means = "patches per inner step"
     has_inner_steps = True
+    detects = True
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)
@@ -120,6 +133,9 @@ class PatchGD(Method):
         self.latent_dim = mc.latent_dim
         #: Z per image when θ1 is frozen (classification; :mod:`.frozen_cache`).
         self.z_cache = ZCache(parse_bytes(m.z_cache_budget))
+        if task.detects:
+            self._init_detect(cfg)
+            return
         if task.dense:
             self._init_dense(cfg)
             return
@@ -141,6 +157,29 @@ class PatchGD(Method):
         c = mc.latent_dim
         width = (2 * c if m.global_context == "concat" else c) + c  # [Z, (G,) pooled Z]
         self.head = DenseHead(width, self.num_classes, mc.head_width, mc.head_layers)
+
+    def _init_detect(self, cfg: Config) -> None:
+        m, mc = cfg.method, cfg.model
+        if m.global_context == "concat":
+            raise ConfigError("detection PatchGD fuses the global patch's FPN maps by "
+                              "method.global_context: add (or none), not concat.")
+        if m.stride not in (None, m.patch_size):
+            raise ConfigError("detection PatchGD lays patches side by side in its maps: leave "
+                              f"method.stride unset (it is {m.stride}).")
+        self.net = create_detector(mc.encoder, self.num_classes, self.in_chans, mc.pretrained,
+                                   mc.weights, window_local=True)
+        top = max(self.net.strides)
+        if m.patch_size % top:
+            raise ConfigError(f"method.patch_size = {m.patch_size} must be a multiple of the "
+                              f"coarsest FPN stride of {mc.encoder} ({top}; strides "
+                              f"{self.net.strides}).")
+        self.latent_dim = self.net.channels
+
+    def encoder_parameters(self) -> list[torch.nn.Parameter]:
+        """θ1: the encoder; for detection the detector's backbone + FPN."""
+        if self.task.detects:
+            return list(self.net.backbone.parameters())
+        return super().encoder_parameters()
 
     # ------------------------------------------------------------------ pieces
     def grid(self, images: torch.Tensor) -> PatchGrid:
@@ -213,12 +252,13 @@ class PatchGD(Method):
 
     @contextmanager
     def _fill_mode(self, mode: str) -> Iterator[None]:
-        was_training = self.encoder.training
-        self.encoder.train(mode == "train" and not self.encoder_frozen)
+        encoder = self.net.backbone if self.task.detects else self.encoder
+        was_training = encoder.training
+        encoder.train(mode == "train" and not self.encoder_frozen)
         try:
             yield
         finally:
-            self.encoder.train(was_training)
+            encoder.train(was_training)
 
     # ------------------------------------------------------------------ dense (segmentation)
     def geometry(self, images: Images) -> MapGeometry:
@@ -366,15 +406,130 @@ class PatchGD(Method):
 
         return p, blocks()
 
+    # ------------------------------------------------------------------ detection
+    def level_geometry(self, images: Images) -> list[MapGeometry]:
+        """Where the patches of a ``(B, C, H, W)`` batch sit in each FPN level's map."""
+        h, w = images.shape[-2:]
+        grid = PatchGrid(h, w, self.cfg.method.patch_size)
+        return level_geometries(grid, self.net.strides, self.net.halo)
+
+    def fill_levels(self, images: Images, geos: list[MapGeometry], take: Take | None = None
+                    ) -> list[torch.Tensor]:
+        """Z per FPN level ``[(B, F, Hz_l, Wz_l)]`` on the host in the compute dtype (with
+        ``method.z_on_disk``, memory-mapped): θ1 (backbone + FPN) on every patch, its maps
+        placed at the patch's blocks (call under ``no_grad``)."""
+        return self._fill_maps(images, geos, lambda x: self.net.features(self.prepare(x)), take)
+
+    def level_windows(self, zs: list[torch.Tensor], geos: list[MapGeometry], image: list[int],
+                      cells: list[int], new: list[torch.Tensor] | None = None,
+                      g: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per level, the windows of Z around the blocks of ``cells`` (of images ``image``)
+        ``(P, F, side_l, side_l)`` on the device, with the re-encoded blocks ``new[l]``
+        ``(P, F, q_l, q_l)`` pasted in (also into neighbours' margins) and the global maps
+        ``g[l]`` ``(B, F, q_l, q_l)`` added, upsampled. Differentiable in ``new`` and ``g``."""
+        dtype = new[0].dtype if new is not None else self.compute_dtype()
+        out = []
+        for level, (z, geo) in enumerate(zip(zs, geos)):
+            win = windows_of(z, image, cells, geo, self.device, dtype)
+            if new is not None:
+                win = paste(win, image, cells, new[level], image, cells, geo)
+            if g is not None:
+                win = win + global_windows(g[level].to(dtype), image, cells, geo)
+            out.append(win)
+        return out
+
+    def window_head(self, windows: list[torch.Tensor], geos: list[MapGeometry],
+                    cells: list[int]) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+        """θ2 (the FCOS head) on each level's windows, cut to the blocks: per level the head
+        dict (``(P, q_l², ·)`` each) and the blocks' anchors ``(P, q_l², 4)`` (image pixels)."""
+        head = [crop_blocks(self.net.window_head(w, valid([0] * len(cells), cells, geo,
+                                                          w.device, w.dtype)), geo)
+                for w, geo in zip(windows, geos)]
+        anchors = block_anchors(self.net.base_anchors(windows[0].dtype, windows[0].device),
+                                cells, geos)
+        return head, anchors
+
+    def window_losses(self, windows: list[torch.Tensor], geos: list[MapGeometry],
+                      cells: list[int], targets: list[dict[str, torch.Tensor]]
+                      ) -> dict[str, torch.Tensor]:
+        """FCOS's losses (``compute_loss``) over the anchors of the windows' blocks, ``k`` per
+        image in image-major order, matched against each image's boxes (image pixels)."""
+        b = len(targets)
+        head, anchors = self.window_head(windows, geos, cells)
+        outputs = {key: per_image([h[key] for h in head], b) for key in head[0]}
+        per_level = [len(cells) // b * geo.q * geo.q for geo in geos]
+        return self.net.fcos.compute_loss(targets, outputs, list(per_image(anchors, b)),
+                                          per_level)
+
+    def _box_targets(self, targets: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        dtype = torch.promote_types(self.dtype, torch.float32)
+        return [{"boxes": t["boxes"].to(self.device, dtype), "labels": t["labels"].to(self.device)}
+                for t in targets]
+
+    def _detect_step(self, images: Images, targets: Any, ctx: Context) -> float:
+        geos = self.level_geometry(images)
+        grid, b = geos[0].grid, images.shape[0]
+        k, steps = self.plan(grid)
+        use_global = self.cfg.method.global_context != "none"
+        gpatch = self.global_patch(images) if use_global else None
+        take = grid.taker(images)
+        with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
+            zs = self.fill_levels(images, geos, take)
+        order = sample_cells(b, grid.num_patches, k * steps, mask=self.foreground(images, grid))
+        image = [i for i in range(b) for _ in range(k)]
+        boxes = self._box_targets(targets)
+
+        def inner(idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            cells = idx.flatten().tolist()
+            new = self.net.features(self.prepare(grid.gather_with(take, idx).flatten(0, 1)))
+            g = self.net.features(self.prepare(gpatch)) if use_global else None
+            windows = self.level_windows(zs, geos, image, cells, new, g)
+            return self.task.loss(self.window_losses(windows, geos, cells, boxes), targets), new
+
+        def keep(idx: torch.Tensor, new: list[torch.Tensor]) -> None:
+            with torch.no_grad():  # the re-encoded blocks stay in Z for the later steps
+                for z, geo, blocks in zip(zs, geos, new):
+                    _write_blocks(z, geo, image, idx.flatten().tolist(), blocks.detach())
+
+        return self._inner_steps(ctx, order, k, steps, inner, keep)
+
+    def _detect_predict(self, images: Images) -> list[dict[str, torch.Tensor]]:
+        """Detections per image: Z per level filled, θ2 window by window (``fill_chunk``
+        windows at a time), each window's detections decoded (FCOS's post-processing), then
+        merged per image by NMS at FCOS's IoU, its best ``detections_per_img`` kept."""
+        geos = self.level_geometry(images)
+        grid, b, h, w = geos[0].grid, images.shape[0], *images.shape[-2:]
+        n = grid.num_patches
+        zs = self.fill_levels(images, geos)
+        g = None
+        if self.cfg.method.global_context != "none":
+            g = self.net.features(self.prepare(self.global_patch(images)))
+        found: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(b)]
+        chunk = self.cfg.method.fill_chunk
+        for start in repeated(range(0, b * n, chunk)):
+            flat = range(start, min(start + chunk, b * n))
+            image, cells = [f // n for f in flat], [f % n for f in flat]
+            head, anchors = self.window_head(self.level_windows(zs, geos, image, cells, g=g),
+                                             geos, cells)
+            for i, det in zip(image, self.net.decode(head, anchors, (h, w))):
+                found[i].append(det)
+        fcos = self.net.fcos
+        return [merge_detections(parts, fcos.nms_thresh, fcos.detections_per_img, self.device)
+                for parts in found]
+
     # ------------------------------------------------------------------ interface
     def summary(self, image_hw: tuple[int, int]) -> dict[str, Any]:
         out = {"patch_size": self.cfg.method.patch_size,
                "global_context": self.cfg.method.global_context}
-        if self.task.dense:
+        if self.task.detects:
+            out.update(strides=self.net.strides, head_halo=self.net.halo)
+        elif self.task.dense:
             out.update(z_stride=self.cfg.method.z_stride, head_halo=self.head.halo)
         return out
 
     def train_step(self, images: Images, targets: Any, ctx: Context) -> float:
+        if self.task.detects:
+            return self._detect_step(images, targets, ctx)
         if self.task.dense:
             return self._dense_step(images, targets, ctx)
         grid = self.grid(images)
@@ -468,7 +623,9 @@ class PatchGD(Method):
             ctx.step()
         return total / steps
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def predict(self, images: torch.Tensor) -> Any:
+        if self.task.detects:
+            return self._detect_predict(images)
         if self.task.dense:
             return self._dense_predict(images)
         grid = self.grid(images)
@@ -483,9 +640,9 @@ class PatchGD(Method):
 
     def explain(self, images: Images, out: str) -> tuple[torch.Tensor, str]:
         """Occlusion saliency of the first image's Z cells as a heat map drawn to ``out``."""
-        if self.task.dense:
+        if self.task.dense or self.task.detects:
             raise ConfigError("--explain draws image-level evidence; for segmentation use "
-                              "predict's --mask and --overlay.")
+                              "predict's --masks/--overlay, for detection --boxes/--overlay.")
         logits, saliency = occlusion_explain(self, images)
         path = draw_saliency(first_image(images), self.grid(images), saliency, out,
                              "PatchGD: occlusion saliency of the Z cells")

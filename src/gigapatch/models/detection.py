@@ -111,7 +111,11 @@ class PixelGroupNorm(nn.Module):
     """Group normalisation at each pixel: ``(B, C, H, W)`` → same shape, each pixel's
     ``C / groups`` channels of a group normalised over those channels only, then the
     per-channel affine of :class:`~torch.nn.GroupNorm` (same ``weight``/``bias``). Unlike
-    ``GroupNorm`` its output at a pixel does not depend on other pixels."""
+    ``GroupNorm`` its output at a pixel does not depend on other pixels.
+
+    :attr:`inside` (``(B, 1, H, W)`` or ``None``), set by :meth:`Detector.window_head`,
+    multiplies the output: zero outside the map, so that a window's next conv sees the zero
+    padding the whole map's conv would (the ReLU after it keeps the zeros)."""
 
     def __init__(self, num_channels: int, groups: int = 32, eps: float = 1e-5) -> None:
         super().__init__()
@@ -121,13 +125,15 @@ class PixelGroupNorm(nn.Module):
         self.groups, self.eps = groups, eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.inside: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         g = x.view(b, self.groups, c // self.groups, h, w)
         var, mean = torch.var_mean(g, dim=2, unbiased=False, keepdim=True)
         g = (g - mean) * torch.rsqrt(var + self.eps)
-        return g.view(b, c, h, w) * self.weight[:, None, None] + self.bias[:, None, None]
+        out = g.view(b, c, h, w) * self.weight[:, None, None] + self.bias[:, None, None]
+        return out if self.inside is None else out * self.inside
 
 
 def _window_local_head(channels: int, num_classes: int) -> FCOSHead:
@@ -172,6 +178,23 @@ class Detector(nn.Module):
         output conv."""
         tower = self.fcos.head.classification_head.conv
         return sum(isinstance(m, nn.Conv2d) for m in tower) + 1
+
+    def window_head(self, windows: torch.Tensor, inside: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """The window-local head on windows of one level's map ``(P, F, side, side)`` whose
+        pixels outside the map are zero (``inside`` ``(P, 1, side, side)``: 1 inside) →
+        FCOS's head dict (``(P, side², ·)``), equal where the window's pixels are more than
+        :attr:`halo` from its edge to the head applied to the whole map."""
+        norms = [m for m in self.fcos.head.modules() if isinstance(m, PixelGroupNorm)]
+        if not norms:
+            raise ConfigError("window_head needs a detector built with window_local=True.")
+        for m in norms:
+            m.inside = inside
+        try:
+            return self.fcos.head([windows])
+        finally:
+            for m in norms:
+                m.inside = None
 
     def base_anchors(self, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
         """Each level's zero-centred anchor ``(4,)`` (torchvision's rounding); the anchor of
