@@ -10,7 +10,13 @@ from torch import nn
 
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.units import format_bytes, parse_bytes
-from gigapatch.memory.tracker import TensorMemoryTracker, measure_step_peak, persistent_bytes
+from gigapatch.core.hostmaps import host_maps
+from gigapatch.memory.tracker import (
+    HOST_MAPS,
+    TensorMemoryTracker,
+    measure_step_peak,
+    persistent_bytes,
+)
 
 MB4 = 1000 * 1000 * 4  # bytes of a (1000, 1000) float32 tensor
 
@@ -97,6 +103,20 @@ def test_tracker_hand_computed_peak() -> None:
     del b, c
     assert tracker.current == 0  # frees after the mode exits are still seen
     assert tracker.peak == 2 * MB4
+
+
+def test_host_maps_are_counted_apart_from_device_memory() -> None:
+    with TensorMemoryTracker() as tracker:
+        with host_maps():
+            z = torch.zeros(1000, 1000)  # a host-resident map: host memory on CUDA too
+        a = torch.ones(1000, 1000)
+        z += a  # writing into the map allocates nothing
+        del a
+        b = torch.ones(1000, 1000)
+    assert tracker.peak == 2 * MB4 and tracker.device_peak == MB4
+    assert tracker.peak_by_device == {HOST_MAPS: MB4, "cpu": MB4}
+    del z, b
+    assert tracker.current == 0
 
 
 def test_views_and_inplace_ops_are_not_counted_twice() -> None:

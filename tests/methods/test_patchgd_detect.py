@@ -14,6 +14,7 @@ from gigapatch.core.errors import ConfigError
 from gigapatch.data.batch import LazyBatch
 from gigapatch.engine.loop import train
 from gigapatch.io.readers import open_image
+from gigapatch.memory.budget import measure_method_peak
 from gigapatch.methods.base import create_method
 from gigapatch.models.detection import PixelGroupNorm
 from gigapatch.synth.detection import generate_detection
@@ -185,6 +186,21 @@ def test_prediction_from_disk_equals_prediction_in_memory(tmp_path):
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(lazy[key], memory[key])
     assert (memory["boxes"][:, 2] <= 128).all() and (memory["boxes"][:, 3] <= 192).all()
+
+
+def test_device_memory_stays_flat_as_the_image_grows():
+    """Z lives on the host: what a GPU would hold (the CPU measurement without the host maps)
+    is the same at 256² and 1,024² for the same patch size and k; the host maps are Z."""
+    peaks = {}
+    for side in (256, 1024):
+        cfg = _cfg(sample_fraction=2 / (side // 64) ** 2, inner_steps=2, fill_chunk=8)
+        cfg.train.batch_size = 1
+        peaks[side] = (measure_method_peak(cfg, (1, side, side), exclude_host_maps=True),
+                       measure_method_peak(cfg, (1, side, side)))
+    (small, _), (large, total) = peaks[256], peaks[1024]
+    assert large <= 1.02 * small, peaks
+    z_bytes = 64 * sum((1024 // s) ** 2 for s in (4, 8, 16, 32)) * 4  # F = 64, float32
+    assert total - large >= 0.95 * z_bytes, peaks
 
 
 def test_bad_detection_settings_are_refused():

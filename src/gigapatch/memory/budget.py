@@ -51,12 +51,15 @@ CUDA_HEADROOM = 0.10
 
 
 def measure_method_peak(
-    cfg: Config, image_shape: tuple[int, int, int], device: torch.device | str = "cpu"
+    cfg: Config, image_shape: tuple[int, int, int], device: torch.device | str = "cpu",
+    exclude_host_maps: bool = False,
 ) -> int:
     """Peak bytes of one training step of ``cfg``'s method on images ``(C, H, W)``.
 
     A batch of ``cfg.train.batch_size`` random images is used; the first step (which creates
-    the optimizer state) is not measured, the second is.
+    the optimizer state) is not measured, the second is. ``exclude_host_maps`` (CPU): without
+    PatchGD's host-resident Z (what a GPU would hold; see
+    :func:`~gigapatch.memory.tracker.measure_step_peak`).
     """
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -77,6 +80,7 @@ def measure_method_peak(
             model=method,
             optimizer=optimizer,
             device=device,
+            exclude_host_maps=exclude_host_maps,
         )
     return peak
 

@@ -22,12 +22,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gigapatch.core.errors import ConfigError
+from gigapatch.core.hostmaps import allocating_host_maps
 
 __all__ = [
+    "HOST_MAPS",
     "TensorMemoryTracker",
     "measure_step_peak",
     "persistent_bytes",
 ]
+
+#: The device key under which :class:`TensorMemoryTracker` counts storages allocated inside
+#: :func:`gigapatch.core.hostmaps.host_maps` (PatchGD's Z: host memory on CUDA too).
+HOST_MAPS = "host-maps"
+
 
 def _storage_of(obj: object) -> torch.UntypedStorage | None:
     """The untyped storage behind ``obj`` if it is a plain dense tensor with real memory."""
@@ -49,6 +56,9 @@ class TensorMemoryTracker(TorchDispatchMode):
     ``relu_``) are not counted twice. A weakref callback on the storage subtracts its bytes when
     it is freed, even after the mode has exited.
 
+    Storages allocated inside :func:`~gigapatch.core.hostmaps.host_maps` are counted under
+    the device key :data:`HOST_MAPS`; :attr:`device_peak` is the peak of everything else.
+
     Allocations made before entering the mode are invisible unless passed to :meth:`adopt`
     (counted, and released when freed) or summarised in ``external_bytes`` (a constant added to
     :attr:`current` and :attr:`peak`).
@@ -68,6 +78,8 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.peak_by_device: dict[str, int] = {}
         self._tracked_current = 0
         self._tracked_peak = 0
+        self._device_current = 0  # all but HOST_MAPS
+        self._device_peak = 0
         # id(storage) -> (weakref keeping the callback alive, counted bytes, device key)
         self._live: dict[int, tuple[weakref.ref[torch.UntypedStorage], int, str]] = {}
         self._lock = threading.RLock()
@@ -82,10 +94,17 @@ class TensorMemoryTracker(TorchDispatchMode):
         """Highest :attr:`current` seen since creation or the last :meth:`reset_peak`."""
         return self.external_bytes + self._tracked_peak
 
+    @property
+    def device_peak(self) -> int:
+        """Like :attr:`peak`, without the host-resident maps (:data:`HOST_MAPS`): what a GPU
+        would hold when the maps stay on the host."""
+        return self.external_bytes + self._device_peak
+
     def reset_peak(self) -> None:
         """Forget the peak so far: the peak becomes the current count."""
         with self._lock:
             self._tracked_peak = self._tracked_current
+            self._device_peak = self._device_current
             self.peak_by_device = dict(self.current_by_device)
 
     def adopt(self, tensors: Iterable[torch.Tensor]) -> int:
@@ -124,7 +143,8 @@ class TensorMemoryTracker(TorchDispatchMode):
         return out
 
     def _track(self, storage: torch.UntypedStorage, device: torch.device) -> None:
-        key, nbytes, dev = id(storage), storage.nbytes(), str(device)
+        key, nbytes = id(storage), storage.nbytes()
+        dev = HOST_MAPS if allocating_host_maps() else str(device)
         with self._lock:
             if key in self._live:
                 return
@@ -148,6 +168,9 @@ class TensorMemoryTracker(TorchDispatchMode):
     def _add(self, dev: str, delta: int) -> None:
         self._tracked_current += delta
         self._tracked_peak = max(self._tracked_peak, self._tracked_current)
+        if dev != HOST_MAPS:
+            self._device_current += delta
+            self._device_peak = max(self._device_peak, self._device_current)
         now = self.current_by_device.get(dev, 0) + delta
         self.current_by_device[dev] = now
         self.peak_by_device[dev] = max(self.peak_by_device.get(dev, 0), now)
@@ -195,6 +218,7 @@ def measure_step_peak(
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | str = "cpu",
+    exclude_host_maps: bool = False,
 ) -> int:
     """Peak bytes of memory used while ``step_fn()`` runs one training step.
 
@@ -204,7 +228,8 @@ def measure_step_peak(
     the step, as counted by :class:`TensorMemoryTracker`. Persistent tensors freed during the
     step (e.g. by ``optimizer.zero_grad()``) stop counting when freed. Tensors created before
     the call and not reachable from ``model``/``optimizer`` (such as the input batch) are not
-    counted unless ``step_fn`` creates them.
+    counted unless ``step_fn`` creates them. ``exclude_host_maps`` (CPU): leave out the
+    host-resident maps (:data:`HOST_MAPS`), i.e. the peak a GPU would hold.
 
     Raises:
         ConfigError: ``device`` is not a valid torch device.
@@ -225,4 +250,4 @@ def measure_step_peak(
     tracker.adopt(_state_tensors(model, optimizer))
     with tracker:
         step_fn()
-    return tracker.peak
+    return tracker.device_peak if exclude_host_maps else tracker.peak

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid, Take
+from gigapatch.core.hostmaps import host_maps
 from gigapatch.core.units import parse_bytes
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, LazyBatch, first_image, read_ahead
@@ -79,11 +80,12 @@ from gigapatch.tasks import Task
 def _map_storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> torch.Tensor:
     """An uninitialised host tensor for Z; ``on_disk``: backed by a memory-mapped temporary
     file (deleted at once: the mapping keeps it until Z is freed), so the OS pages it."""
-    if not on_disk:
-        return torch.empty(shape, dtype=dtype)
-    with tempfile.NamedTemporaryFile(prefix="gigapatch-z-", suffix=".bin") as f:
-        return torch.from_file(f.name, shared=True, size=math.prod(shape),
-                               dtype=dtype).view(shape)
+    with host_maps():  # counted apart by the CPU memory tracker: not device memory on CUDA
+        if not on_disk:
+            return torch.empty(shape, dtype=dtype)
+        with tempfile.NamedTemporaryFile(prefix="gigapatch-z-", suffix=".bin") as f:
+            return torch.from_file(f.name, shared=True, size=math.prod(shape),
+                                   dtype=dtype).view(shape)
 
 
 def _write_blocks(z: torch.Tensor, geo: MapGeometry, image: list[int], cells: list[int],
