@@ -150,6 +150,9 @@ class MethodConfig:
     z_stride: int = 4
     z_on_disk: bool = False
     z_cache_budget: str = "4GiB"
+    z_cache: str = "none"
+    z_max_age: int | None = None
+    z_refresh: float | None = None
 
 
 @dataclass
@@ -256,6 +259,16 @@ class Config:
         _check(0 < m.hard_fraction <= 1, "method.hard_fraction", m.hard_fraction,
                "in (0, 1] (the share of the sampled patches with the highest loss trained on)")
         _choice("method.pool", m.pool, ("mean", "max", "logsumexp"))
+        _choice("method.z_cache", m.z_cache, ("none", "epoch", "refresh"))
+        _check(m.z_max_age is None or m.z_max_age >= 0, "method.z_max_age", m.z_max_age,
+               "≥ 0 optimizer steps or null")
+        _check(m.z_refresh is None or 0 < m.z_refresh <= 1, "method.z_refresh", m.z_refresh,
+               "in (0, 1] (the share of cached cells re-encoded per step, oldest first) or null")
+        if m.z_cache == "refresh" and (m.z_max_age is None) == (m.z_refresh is None):
+            raise ConfigError("method.z_cache = refresh re-encodes the cached cells older than "
+                              "method.z_max_age optimizer steps, or the oldest share "
+                              "method.z_refresh of them: set exactly one of the two "
+                              f"(now z_max_age = {m.z_max_age}, z_refresh = {m.z_refresh}).")
         _check(m.z_stride >= 1, "method.z_stride", m.z_stride,
                "≥ 1 (pixels per latent-map pixel, dense PatchGD)")
         _check(self.model.head_layers >= 0, "model.head_layers", self.model.head_layers,

@@ -239,6 +239,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
         fit_to_budget(cfg, (c, h, w), parse_bytes(cfg.train.memory_budget), device)
 
     method = create_method(cfg, task).to(device)
+    method.set_run_dir(run_dir)
     ddp = distributed.wrap(method, place, device, cfg.train.sync_batchnorm)
     optimizer = make_optimizer(method, cfg, method.encoder_parameters())
     ctx = StepContext(method, optimizer, precision=cfg.train.precision,
@@ -258,6 +259,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ctx.load_state_dict(state.get("context", {}))
+        method.load_training_state(state.get("method_state", {}))
         start_epoch = state["epoch"] + 1
         best_value, best_epoch = state["best_value"], state["best_epoch"]
         history = state["history"]
@@ -364,7 +366,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             }
             if improved:  # best.pt first: last.pt never names a best epoch best.pt lacks
                 save_checkpoint(ckpt, run_dir / "best.pt")
-            save_checkpoint(ckpt, run_dir / "last.pt")
+            # the method's own state (e.g. PatchGD's Z cache) only in last.pt; with several
+            # processes each holds its own part, rebuilt after a resume
+            extra = method.training_state() if not place.enabled else {}
+            save_checkpoint({**ckpt, "method_state": extra} if extra else ckpt,
+                            run_dir / "last.pt")
             write_metrics(history, run_dir / "metrics.csv")
             if board is not None:
                 board.epoch(row, peak_memory, (epoch + 1) * steps_per_epoch)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -190,6 +191,17 @@ class Method(nn.Module):
             yield
         finally:
             self.train(was)
+
+    def training_state(self) -> dict[str, Any]:
+        """Method state a resumed run needs besides the weights (e.g. PatchGD's Z cache);
+        saved in ``last.pt`` (single-process runs)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`training_state` (after ``load_state_dict``)."""
+
+    def set_run_dir(self, run_dir: Path) -> None:
+        """The run directory the method may keep files in (e.g. a cache beyond RAM)."""
 
     def host_transform(self, images: torch.Tensor) -> torch.Tensor:
         """Host-side preprocessing applied by the data pipeline before :meth:`train_step`."""

@@ -1,4 +1,5 @@
-"""Per-image cache of PatchGD's latent grid Z when θ1 is frozen (``model.freeze_encoder``).
+"""Per-image cache of PatchGD's latent grid Z: when θ1 is frozen (``model.freeze_encoder``),
+and for ``method.z_cache: epoch | refresh`` (:class:`ZCache`, with each cell's age).
 
 A frozen encoder is a fixed function of the patch (eval mode, no gradients), so an image's Z
 (and its global patch's embedding) are the same at every step and every epoch: they are
@@ -10,14 +11,21 @@ An image is known by its content: the file behind a lazy reader (path, size and 
 time, the pyramid level and augmentation it is read with), or a hash of an in-memory image's
 bytes. An augmented image is a new image (a miss), so the cache is never stale; loading
 weights clears it.
+
+Entries that do not fit the RAM budget go to memory-mapped files in ``spill_dir`` (when
+given): an entry evicted from RAM is written there, and read back as a mapping (writes to it
+go to the file), so a cache larger than RAM still answers, at the speed of the disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import shutil
 from collections import OrderedDict
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,41 +63,82 @@ def image_keys(images: torch.Tensor | LazyBatch) -> list[Hashable | None]:
     return out
 
 
-class ZCache:
-    """``key → (Z (N, C), g (C,) or None)`` on the host, LRU within ``budget`` bytes."""
+Entry = tuple[torch.Tensor, "torch.Tensor | None"]
 
-    def __init__(self, budget: int) -> None:
+
+class ZCache:
+    """``key → (Z, extra or None)`` host tensors (``extra``: the global embedding ``(C,)`` of
+    a frozen θ1, or the cells' ages ``(N,)``), LRU within ``budget`` bytes of RAM; with a
+    ``spill_dir``, entries pushed out of RAM are kept in memory-mapped files there."""
+
+    def __init__(self, budget: int, spill_dir: str | Path | None = None) -> None:
         self.budget, self.bytes = budget, 0
-        self.items: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.items: OrderedDict[Hashable, Entry] = OrderedDict()
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.on_disk: dict[Hashable, Entry] = {}
         self.hits = self.misses = 0
 
-    def get(self, key: Hashable | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def get(self, key: Hashable | None) -> Entry | None:
         found = None if key is None else self.items.get(key)
+        if found is None and key is not None:
+            found = self.on_disk.get(key)
         if found is None:
             self.misses += 1
             return None
         self.hits += 1
-        self.items.move_to_end(key)
+        if key in self.items:
+            self.items.move_to_end(key)
         return found
 
     def put(self, key: Hashable | None, z: torch.Tensor, g: torch.Tensor | None) -> None:
-        size = _nbytes(z) + (_nbytes(g) if g is not None else 0)
-        if key is None or size > self.budget:
+        if key is None:
             return
+        self.on_disk.pop(key, None)
+        size = self._size((z, g))
         if key in self.items:
             self.bytes -= self._size(self.items.pop(key))
+        if size > self.budget:
+            self._spill(key, (z, g))
+            return
         while self.items and self.bytes + size > self.budget:
-            self.bytes -= self._size(self.items.popitem(last=False)[1])
+            old_key, old = self.items.popitem(last=False)
+            self.bytes -= self._size(old)
+            self._spill(old_key, old)
         self.items[key] = (z, g)
         self.bytes += size
 
+    def entries(self) -> list[tuple[Hashable, Entry]]:
+        """Every entry, in RAM (least recently used first) then on disk."""
+        return [*self.items.items(), *self.on_disk.items()]
+
     def clear(self) -> None:
         self.items.clear()
+        self.on_disk.clear()
         self.bytes = 0
+        if self.spill_dir is not None and self.spill_dir.is_dir():
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+    def _spill(self, key: Hashable, entry: Entry) -> None:
+        """Keep ``entry`` in memory-mapped files under :attr:`spill_dir` (dropped without)."""
+        if self.spill_dir is None:
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
+        mapped = tuple(None if t is None else _mapped(t, self.spill_dir / f"{name}.{i}.bin")
+                       for i, t in enumerate(entry))
+        self.on_disk[key] = mapped  # type: ignore[assignment]
 
     @staticmethod
     def _size(item: tuple[torch.Tensor, Any]) -> int:
         return _nbytes(item[0]) + (_nbytes(item[1]) if item[1] is not None else 0)
+
+
+def _mapped(t: torch.Tensor, path: Path) -> torch.Tensor:
+    """``t`` copied into a file at ``path`` and returned as a shared mapping of it."""
+    out = torch.from_file(str(path), shared=True, size=max(1, math.prod(t.shape)),
+                          dtype=t.dtype)[: math.prod(t.shape)].view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -46,6 +46,7 @@ import math
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,6 +136,8 @@ class PatchGD(Method):
         self.latent_dim = mc.latent_dim
         #: Z per image when θ1 is frozen (classification; :mod:`.frozen_cache`).
         self.z_cache = ZCache(parse_bytes(m.z_cache_budget))
+        #: Optimizer steps taken (the cells' ages of ``method.z_cache`` count in these).
+        self.z_clock = 0
         if task.detects:
             self._init_detect(cfg)
             return
@@ -544,9 +547,15 @@ class PatchGD(Method):
         mask = self.foreground(images, grid)  # (B, N) or None
         if self.encoder_frozen:
             return self._frozen_step(images, targets, ctx, grid, mask, k, steps)
+        keys = image_keys(images) if self.cfg.method.z_cache != "none" else []
+        cached = bool(keys) and None not in keys  # (fake tensors of estimates: exact fill)
         with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
-            z = self.fill(images, grid, take, mask)  # (B, N, C) in the compute dtype
+            if cached:
+                z, ages = self._cached_fill(images, grid, take, mask, keys)
+            else:
+                z = self.fill(images, grid, take, mask)  # (B, N, C) in the compute dtype
         order = sample_cells(b, grid.num_patches, k * steps, mask=mask)  # (B, k·J), host
+        clock = self.z_clock
 
         def inner(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             emb = self.encode(grid.gather_with(take, idx).flatten(0, 1)).view(b, k, -1)
@@ -556,8 +565,75 @@ class PatchGD(Method):
             g = self.encode(gpatch) if use_global else None
             return self.task.loss(self.logits(z_j, grid, g), targets), emb, where
 
-        return self._inner_steps(ctx, order, k, steps, inner,
+        loss = self._inner_steps(ctx, order, k, steps, inner,
                                  lambda idx, emb, where: z.scatter_(1, where, emb.detach()))
+        if cached:  # Z, with the re-encoded cells, back to the cache with their ages
+            for j in range(steps):
+                ages.scatter_(1, order[:, j * k : (j + 1) * k],
+                              clock + (0 if self.cfg.method.accumulate else j))
+            host = z.cpu()
+            for i, key in enumerate(keys):
+                self.z_cache.put(key, host[i].clone(), ages[i].clone())
+        return loss
+
+    def _stale(self, ages: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` bool: the cached cells to re-encode now, among ``candidates`` ``(N,)``
+        (``method.z_cache``: none for ``epoch``; older than ``z_max_age`` optimizer steps, or
+        the oldest share ``z_refresh``, ties by cell index, for ``refresh``)."""
+        m = self.cfg.method
+        if m.z_cache == "epoch":
+            return torch.zeros_like(candidates)
+        if m.z_max_age is not None:
+            return candidates & (self.z_clock - ages > m.z_max_age)
+        pool = candidates.nonzero().flatten()
+        count = math.ceil(m.z_refresh * len(pool))
+        oldest = pool[torch.sort(ages[pool], stable=True).indices[:count]]
+        out = torch.zeros_like(candidates)
+        out[oldest] = True
+        return out
+
+    def _cached_fill(self, images: Images, grid: PatchGrid, take: Take,
+                     mask: torch.Tensor | None, keys: list[Any]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Z ``(B, N, C)`` on the device from the cache (``method.z_cache``), the stale cells
+        (:meth:`_stale`; all of an image not cached, or cached for another shape or dtype)
+        re-encoded; and the cells' ages ``(B, N)`` (optimizer step of their encoding; -1:
+        never encoded, background)."""
+        b, n, c = images.shape[0], grid.num_patches, self.latent_dim
+        dtype = self.compute_dtype()
+        old = torch.zeros(b, n, c, dtype=dtype)
+        ages = torch.full((b, n), -1, dtype=torch.int64)
+        todo = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.clone()
+        for i, key in enumerate(keys):
+            found = self.z_cache.get(key)
+            if found is None or found[0].shape != (n, c) or found[0].dtype != dtype \
+                    or found[1] is None or found[1].shape != (n,):
+                continue  # encode every candidate cell
+            old[i], ages[i] = found[0], found[1]
+            todo[i] = self._stale(ages[i], todo[i])
+        fresh = self.fill(images, grid, take, todo)  # only the todo cells are encoded
+        ages[todo] = self.z_clock
+        where = todo.to(self.device)[:, :, None]
+        return torch.where(where, fresh, old.to(self.device)), ages
+
+    def training_state(self) -> dict[str, Any]:
+        """What a resumed run needs besides the weights: the Z cache (``method.z_cache``) and
+        its clock; empty without a cache."""
+        if self.cfg.method.z_cache == "none":
+            return {}
+        return {"z_clock": self.z_clock,
+                "z_cache": [(key, z, extra) for key, (z, extra) in self.z_cache.entries()]}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.z_clock = int(state.get("z_clock", 0))
+        for key, z, extra in state.get("z_cache", []):
+            self.z_cache.put(key, z, extra)
+
+    def set_run_dir(self, run_dir: Path) -> None:
+        """Cached Z beyond ``method.z_cache_budget`` go to memory-mapped files in
+        ``<run_dir>/z_cache``."""
+        if self.cfg.method.z_cache != "none":
+            self.z_cache.spill_dir = Path(run_dir) / "z_cache"
 
     def _frozen_z(self, images: Images, grid: PatchGrid, mask: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -621,8 +697,10 @@ class PatchGD(Method):
             total += float(loss.detach())
             if not accumulate:
                 ctx.step()
+                self.z_clock += 1
         if accumulate:
             ctx.step()
+            self.z_clock += 1
         return total / steps
 
     def predict(self, images: torch.Tensor) -> Any:

@@ -1,0 +1,156 @@
+"""PatchGD with a cached latent grid (``method.z_cache: refresh``) vs the exact fill (``none``).
+
+1. **Speed.** Tiled pyramidal TIFFs of ``--side`` pixels (``gigapatch.synth.gigapixel``, 2
+   training + 1 held-out image, written unless present), PatchGD with the gigapixel benchmark's
+   step (patch 512 at 65,536², here ``--patch``; k = 4, J = 2, batch 1, ``tiny_cnn``), trained
+   for ``--epochs`` epochs with each policy in turn; epoch times after the first (the first
+   fills the cache, as ``none`` fills every step).
+2. **Accuracy** (``--accuracy``). The demo task (UltraMNIST-style digits, 256², patch 64,
+   k·J = 4 of 16 cells per step), both policies at the same epochs: held-out accuracy per
+   epoch and the wall time the cached run needs to reach the exact run's final accuracy.
+
+Writes ``benchmarks/results/z_cache.{json,md}``.
+
+    python benchmarks/z_cache.py --side 8192 --epochs 3           # ~5 min
+    python benchmarks/z_cache.py --side 65536 --epochs 2          # hours: the 65,536² target
+    python benchmarks/z_cache.py --no-speed --accuracy --epochs 5 # the demo task, ~30 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gigapatch.config import Config
+from gigapatch.demo import DemoSettings, demo_configs
+from gigapatch.engine.loop import train
+from gigapatch.synth.gigapixel import generate_gigapixel
+from gigapatch.synth.ultramnist import generate_ultramnist
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+POLICIES = {"none": {}, "refresh": {"z_cache": "refresh", "z_refresh": 0.1}}
+
+
+def _with_policy(cfg: Config, name: str) -> Config:
+    out = copy.deepcopy(cfg)
+    out.name = f"{cfg.name}_{name}"
+    for key, value in POLICIES[name].items():
+        setattr(out.method, key, value)
+    return out.validate()
+
+
+def speed_config(data: Path, runs: Path, side: int, patch: int, epochs: int) -> Config:
+    cfg = Config(name=f"zcache_{side}", seed=0)
+    cfg.data.kind = "lazy_csv"
+    cfg.data.train_csv, cfg.data.val_csv = str(data / "train.csv"), str(data / "test.csv")
+    cfg.data.num_classes, cfg.data.in_chans = 10, 1
+    cfg.model.encoder, cfg.model.latent_dim = "tiny_cnn", 32
+    cfg.method.name, cfg.method.patch_size = "patchgd", patch
+    cfg.method.sample_fraction = 4 / (side // patch) ** 2
+    cfg.method.inner_steps, cfg.method.fill_chunk = 2, 32
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = epochs, 1, False
+    cfg.train.warmup_epochs, cfg.train.out_dir = 0, str(runs)
+    return cfg
+
+
+def speed_rows(side: int, patch: int, epochs: int, runs: Path) -> dict[str, Any]:
+    data = ROOT / "data" / f"zcache-{side}"
+    if not (data / "train.csv").is_file():
+        generate_gigapixel(data, n_train=2, n_test=1, side=side)
+    base = speed_config(data, runs, side, patch, epochs)
+    rows: dict[str, Any] = {"side": side, "patch": patch, "k": 4, "inner_steps": 2,
+                            "epochs": epochs}
+    for name in POLICIES:
+        summary = train(_with_policy(base, name), overwrite=True)
+        times = [row["epoch_seconds"] for row in summary["history"]]
+        rows[name] = {"epoch_seconds": times, "later_epochs": sum(times[1:]) / len(times[1:])}
+        print(f"{side}² {name}: epochs {[round(t, 1) for t in times]} s", flush=True)
+    rows["ratio"] = rows["refresh"]["later_epochs"] / rows["none"]["later_epochs"]
+    return rows
+
+
+def accuracy_rows(epochs: int, runs: Path) -> dict[str, Any]:
+    settings = DemoSettings(epochs=epochs)
+    data = ROOT / "data" / "ultramnist-demo"
+    if not (data / "train.csv").is_file():
+        generate_ultramnist(data, n_train=settings.n_train, n_test=settings.n_test,
+                            side=settings.side, digits_per_image=settings.digits_per_image,
+                            scale_range=settings.scale_range, num_classes=settings.num_classes,
+                            seed=settings.data_seed)
+    pgd = demo_configs(settings, data, runs)[1]
+    pgd.name = "zcache_demo"
+    out: dict[str, Any] = {"epochs": epochs}
+    for name in POLICIES:
+        summary = train(_with_policy(pgd, name), overwrite=True)
+        hist = summary["history"]
+        out[name] = {"accuracy": [row["val_accuracy"] for row in hist],
+                     "elapsed": [sum(r["epoch_seconds"] for r in hist[: i + 1])
+                                 for i in range(len(hist))]}
+        print(f"demo {name}: accuracy {[round(a, 3) for a in out[name]['accuracy']]}", flush=True)
+    final = out["none"]["accuracy"][-1]
+    reached = [t for a, t in zip(out["refresh"]["accuracy"], out["refresh"]["elapsed"])
+               if a >= final]
+    out["gap_points"] = 100 * (out["refresh"]["accuracy"][-1] - final)
+    out["time_to_exact_final"] = reached[0] / out["none"]["elapsed"][-1] if reached else None
+    return out
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    lines = []
+    s = results.get("speed")
+    if s:
+        lines += [f"PatchGD, tiny_cnn, {s['side']:,}² (2 images), patch {s['patch']}, k = 4, "
+                  f"J = 2, batch 1, {s['epochs']} epochs:", "",
+                  "| z_cache | epoch times (s) | mean of epochs 2+ |", "|---|---|---|"]
+        for name in POLICIES:
+            times = ", ".join(f"{t:.1f}" for t in s[name]["epoch_seconds"])
+            lines.append(f"| {name} | {times} | {s[name]['later_epochs']:.1f} s |")
+        lines += ["", f"refresh / none (epochs 2+): **{s['ratio']:.3f}** (target ≤ 0.2)."]
+    a = results.get("accuracy")
+    if a:
+        lines += ["", f"Demo task, {a['epochs']} epochs:", "", "| z_cache | held-out accuracy "
+                  "per epoch | time |", "|---|---|---|"]
+        for name in POLICIES:
+            acc = ", ".join(f"{v:.3f}" for v in a[name]["accuracy"])
+            lines.append(f"| {name} | {acc} | {a[name]['elapsed'][-1]:.0f} s |")
+        reach = a["time_to_exact_final"]
+        lines += ["", f"final gap {a['gap_points']:+.1f} points (target within 1); time to the "
+                  f"exact run's final accuracy: "
+                  + (f"{reach:.2f} of its time (target ≤ 1/3)." if reach is not None
+                     else "not reached.")]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--side", type=int, default=8192)
+    p.add_argument("--patch", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--accuracy", action="store_true", help="also the demo-task accuracy runs")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zcache")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {}
+    if not args.no_speed:
+        results["speed"] = speed_rows(args.side, args.patch, args.epochs, args.runs)
+    if args.accuracy:
+        results["accuracy"] = accuracy_rows(args.epochs, args.runs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "z_cache.json").write_text(json.dumps(results, indent=2))
+    lines = table(results)
+    (RESULTS / "z_cache.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

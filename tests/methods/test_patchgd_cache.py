@@ -1,0 +1,144 @@
+"""PatchGD's cached latent grid (``method.z_cache``): exact at age 0, oldest cells first, spilled
+to memory-mapped files beyond its budget, kept across a resume."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from gigapatch.config import Config
+from gigapatch.core.errors import ConfigError
+from gigapatch.engine.checkpoint import load_checkpoint
+from gigapatch.engine.loop import train
+from gigapatch.methods.base import create_method
+from gigapatch.methods.frozen_cache import ZCache
+from gigapatch.methods.patchgd import PatchGD
+from gigapatch.step import StepContext
+
+
+def _cfg(**method) -> Config:
+    cfg = Config(seed=0)
+    cfg.data.num_classes, cfg.data.in_chans = 3, 1
+    cfg.model.latent_dim, cfg.model.head_width = 8, 8
+    cfg.method.name, cfg.method.patch_size, cfg.method.fill_chunk = "patchgd", 16, 5
+    cfg.method.sample_fraction, cfg.method.inner_steps = 0.25, 2
+    for k, v in method.items():
+        setattr(cfg.method, k, v)
+    return cfg.validate()
+
+
+def _steps(method, images, targets, n):
+    """``n`` SGD steps on the same batch; the parameters after each."""
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.05))
+    out = []
+    for _ in range(n):
+        method.train_step(images, targets, ctx)
+        out.append({k: v.detach().clone() for k, v in method.named_parameters()})
+    return out
+
+
+def test_with_max_age_zero_the_cached_path_is_the_exact_algorithm():
+    torch.manual_seed(0)
+    exact = create_method(_cfg())
+    cached = copy.deepcopy(exact)
+    cached.cfg = _cfg(z_cache="refresh", z_max_age=0)
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)  # 16 cells each
+    targets = torch.tensor([0, 2])
+    torch.manual_seed(1)
+    want = _steps(exact, images, targets, 3)
+    torch.manual_seed(1)
+    got = _steps(cached, images, targets, 3)
+    for a, b in zip(want, got):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    assert cached.z_cache.hits == 4 and len(cached.z_cache.items) == 2  # steps 2 and 3 hit
+    assert cached.z_clock == 3
+
+
+def test_refresh_re_encodes_exactly_the_oldest_share_and_epoch_none():
+    method = create_method(_cfg(z_cache="refresh", z_refresh=0.25))
+    ages = torch.tensor([5, 1, 1, 7, 0, 3, 2, 9])
+    candidates = torch.tensor([True] * 7 + [False])
+    stale = method._stale(ages, candidates)
+    assert stale.nonzero().flatten().tolist() == [1, 4]  # ⌈0.25·7⌉ = 2 oldest; ties by index
+    method.cfg = _cfg(z_cache="refresh", z_max_age=2)
+    method.z_clock = 6
+    assert method._stale(ages, candidates).nonzero().flatten().tolist() == [1, 2, 4, 5, 6]
+    method.cfg = _cfg(z_cache="epoch")
+    assert not method._stale(ages, candidates).any()
+
+
+def test_a_step_encodes_only_the_stale_cells_and_writes_the_re_encoded_ones_back(monkeypatch):
+    torch.manual_seed(2)
+    method = create_method(_cfg(z_cache="refresh", z_refresh=0.25, inner_steps=1))
+    images = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
+    targets = torch.tensor([1])
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.05))
+    encoded = []
+    real = PatchGD.fill
+    monkeypatch.setattr(PatchGD, "fill", lambda self, im, grid, take=None, mask=None:
+                        encoded.append(None if mask is None else int(mask.sum()))
+                        or real(self, im, grid, take, mask))
+    for _ in range(3):
+        method.train_step(images, targets, ctx)
+    assert encoded == [16, 4, 4]  # a miss fills all 16 cells; then ⌈0.25·16⌉ = 4 per step
+    (key, (z, ages)), = method.z_cache.entries()
+    assert z.shape == (16, 8) and ages.min() >= 0
+    # step 3 (clock 2) refreshed the 4 oldest cells and re-encoded k = 4 sampled ones
+    assert 4 <= int((ages == 2).sum()) <= 8
+
+
+def test_the_on_disk_cache_round_trips(tmp_path):
+    cache = ZCache(budget=3 * 64 * 4 + 64 * 8, spill_dir=tmp_path / "z")
+    entries = {f"img{i}": (torch.randn(64, 3), torch.arange(64)) for i in range(4)}
+    for key, (z, ages) in entries.items():
+        cache.put(key, z.clone(), ages.clone())
+    assert list(cache.items) == ["img3"] and set(cache.on_disk) == {"img0", "img1", "img2"}
+    assert len(list((tmp_path / "z").glob("*.bin"))) == 6
+    for key, (z, ages) in entries.items():
+        got = cache.get(key)
+        assert torch.equal(got[0], z) and torch.equal(got[1], ages)
+    cache.clear()
+    assert not (tmp_path / "z").exists() and cache.get("img0") is None
+
+
+def test_refresh_needs_exactly_one_of_max_age_and_share():
+    with pytest.raises(ConfigError, match="set exactly one of the two"):
+        _cfg(z_cache="refresh")
+    with pytest.raises(ConfigError, match="set exactly one of the two"):
+        _cfg(z_cache="refresh", z_max_age=1, z_refresh=0.5)
+    with pytest.raises(ConfigError, match="method.z_cache"):
+        _cfg(z_cache="sometimes")
+
+
+def test_a_resumed_run_with_a_cache_gives_the_uninterrupted_weights(tiny_config, monkeypatch):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.method.z_cache, cfg.method.z_refresh, cfg.method.z_cache_budget = "refresh", 0.25, "1KiB"
+    whole = copy.deepcopy(cfg)
+    whole.name = "whole"
+    train(whole)
+    want = load_checkpoint(Path(cfg.train.out_dir) / "whole" / "last.pt")
+    assert len(want["method_state"]["z_cache"]) > 0  # the cache is saved with last.pt …
+    assert list((Path(cfg.train.out_dir) / "whole" / "z_cache").glob("*.bin"))  # … and spilled
+
+    calls = []
+    real = PatchGD.train_step
+
+    def crash_in_epoch_2(self, images, targets, ctx):
+        calls.append(1)
+        if len(calls) == steps_per_epoch + 1:
+            raise KeyboardInterrupt
+        return real(self, images, targets, ctx)
+
+    rows = len(Path(cfg.data.train_csv).read_text().splitlines()) - 1
+    steps_per_epoch = -(-rows // cfg.train.batch_size)
+    monkeypatch.setattr(PatchGD, "train_step", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(cfg))
+    monkeypatch.setattr(PatchGD, "train_step", real)
+    train(copy.deepcopy(cfg), resume=True)
+    got = load_checkpoint(Path(cfg.train.out_dir) / cfg.name / "last.pt")
+    for name, value in want["model"].items():
+        torch.testing.assert_close(got["model"][name], value, rtol=0, atol=0, msg=name)
+    assert "method_state" not in load_checkpoint(Path(cfg.train.out_dir) / cfg.name / "best.pt")
