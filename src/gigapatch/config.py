@@ -153,6 +153,7 @@ class MethodConfig:
     z_cache: str = "none"
     z_max_age: int | None = None
     z_refresh: float | None = None
+    selection_refresh: float | None = None
 
 
 @dataclass
@@ -264,6 +265,16 @@ class Config:
                "≥ 0 optimizer steps or null")
         _check(m.z_refresh is None or 0 < m.z_refresh <= 1, "method.z_refresh", m.z_refresh,
                "in (0, 1] (the share of cached cells re-encoded per step, oldest first) or null")
+        if m.z_cache != "none" and m.name != "patchgd":
+            raise ConfigError(f"method.z_cache = {m.z_cache} caches PatchGD's latent grid; "
+                              f"method {m.name!r} has none (leave method.z_cache: none).")
+        _check(m.selection_refresh is None or 0 < m.selection_refresh <= 1,
+               "method.selection_refresh", m.selection_refresh,
+               "in (0, 1] (IPS: the share of the patches scored per step besides the previous "
+               "top-M) or null (score all)")
+        if m.selection_refresh is not None and m.name != "ips":
+            raise ConfigError(f"method.selection_refresh is IPS's; method {m.name!r} does not "
+                              "select patches (leave it null).")
         if m.z_cache == "refresh" and (m.z_max_age is None) == (m.z_refresh is None):
             raise ConfigError("method.z_cache = refresh re-encodes the cached cells older than "
                               "method.z_max_age optimizer steps, or the oldest share "

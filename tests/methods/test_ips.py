@@ -164,3 +164,32 @@ def test_bad_settings_are_refused():
     cfg.method.memory_size = 0
     with pytest.raises(Exception, match="memory_size"):
         copy.deepcopy(cfg).validate()
+
+
+def test_selection_reuse_scans_the_previous_top_m_and_a_share_of_the_rest(monkeypatch):
+    """``selection_refresh = r``: a training step scans the image's previous M cells plus
+    ⌈r·N⌉ others; with one head, r = 1 gives the exact (global) top-M."""
+    torch.manual_seed(0)
+    method = create_method(_cfg(memory=4, iters=3, heads=1, selection_refresh=0.25)).eval()
+    images = _images(b=2, side=64)  # N = 16
+    with torch.no_grad():
+        exact = method.select(images)
+        previous = exact.flip(1)
+        method.cfg.method.selection_refresh = 1.0
+        again = method.select(images, previous=previous)
+    assert torch.equal(exact.sort(1).values, again.sort(1).values)
+
+    method.cfg.method.selection_refresh = 0.25
+    scanned = []
+    real = type(method).embed
+    monkeypatch.setattr(type(method), "embed", lambda self, take, grid, cells:
+                        scanned.append(cells.shape[1]) or real(self, take, grid, cells))
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.01))
+    targets = torch.tensor([1, 2])
+    method.train()
+    method.train_step(images, targets, ctx)  # first visit: all 16 cells scanned
+    first = sum(scanned[:-1])  # (the last embed is the learning pass over M)
+    scanned.clear()
+    method.train_step(images, targets, ctx)  # then M + ⌈0.25·16⌉ = 8
+    assert first == 16 and sum(scanned[:-1]) == 8 and scanned[-1] == 4
+    assert len(method.selections) == 2 and method.training_state()["selections"]

@@ -110,6 +110,14 @@ def test_refresh_needs_exactly_one_of_max_age_and_share():
         _cfg(z_cache="refresh", z_max_age=1, z_refresh=0.5)
     with pytest.raises(ConfigError, match="method.z_cache"):
         _cfg(z_cache="sometimes")
+    cfg = _cfg(z_cache="epoch")
+    cfg.method.name = "ips"
+    with pytest.raises(ConfigError, match="method 'ips' has none"):
+        cfg.validate()
+    cfg = _cfg(z_cache="epoch")
+    cfg.task.kind, cfg.model.encoder = "segment", "tiny_unet"
+    with pytest.raises(ConfigError, match="for classification PatchGD so far"):
+        create_method(cfg.validate())
 
 
 def test_a_resumed_run_with_a_cache_gives_the_uninterrupted_weights(tiny_config, monkeypatch):

@@ -22,6 +22,15 @@ set as the algorithm defines it (and as the IPS paper does), not necessarily the
 Positional encodings are added before scoring as well as before pooling, so both see the same
 inputs. With M ≥ N nothing is dropped and the output is plain attention pooling over all patches.
 
+**Selection reuse** (``method.selection_refresh = r``, training only). The top-M of an image
+changes slowly from one visit to the next, so a training step may scan only the image's
+previous top-M (re-encoded and re-scored with the current weights) plus a random share ``r``
+of its other cells, instead of all N: ``M + ⌈r·N⌉`` encoder passes. With one head and task
+the result is the top-M of that set; with ``r = 1`` every cell is scanned and the selection
+is the exact one (tested). An image seen the first time (or in a batch with one) gets the
+full selection. Prediction always scans every cell. The previous selections are kept per
+image (by file or content, as PatchGD's Z cache) and saved with ``last.pt``.
+
 **Background.** With ``data.skip_background`` (images read from disk) only foreground cells
 are shuffled, read and scored; in a batch of several images, an image with fewer foreground
 cells than the fullest one fills its order with background cells (batch size 1, usual for
@@ -30,6 +39,7 @@ gigapixel images, never scores background).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,6 +52,7 @@ from gigapatch.data.batch import Images, first_image
 from gigapatch.explain import draw_patch_weights
 from gigapatch.core.errors import ConfigError
 from gigapatch.methods.base import METHODS, Context, Method, repeated
+from gigapatch.methods.frozen_cache import image_keys
 from gigapatch.models.attention import CrossAttentionPool, sinusoidal_2d
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Logits, Task
@@ -71,6 +82,8 @@ class IPS(Method):
         names = self.tasks or ["label"]
         self.pool = CrossAttentionPool(self.dim, mc.attn_heads, len(names), dropout=mc.attn_dropout)
         self.classifiers = nn.ModuleDict({t: nn.Linear(self.dim, self.num_classes) for t in names})
+        #: Each image's last selection ``(M,)`` (``method.selection_refresh``).
+        self.selections: dict[Any, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ pieces
     def grid(self, images: torch.Tensor) -> PatchGrid:
@@ -96,11 +109,14 @@ class IPS(Method):
         return self.pool.attention(emb).mean(dim=1)
 
     def select(
-        self, images: Images, grid: PatchGrid | None = None, take: Take | None = None
+        self, images: Images, grid: PatchGrid | None = None, take: Take | None = None,
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The M selected cells ``(B, min(M, N))`` (host, long) of host images ``(B, C, H, W)``
         (or a :class:`~gigapatch.data.batch.LazyBatch`, read I patches at a time).
 
+        ``previous`` ``(B, M)``: each image's last selection; then only those cells and a
+        random share ``method.selection_refresh`` of the others are scanned.
         Runs without gradients in eval mode (the method's mode is restored). Uses the global
         torch RNG for the shuffled order.
         """
@@ -108,16 +124,19 @@ class IPS(Method):
         take = take or grid.taker(images)
         b, n = images.shape[0], grid.num_patches
         mask = self.foreground(images, grid)
-        order = shuffled_cells(b, n, mask)  # (B, N) shuffled cells (foreground first), host
+        order = shuffled_cells(b, n, mask, first=previous)  # (B, N) host: foreground first
         if mask is not None:  # only the foreground cells take part (of the fullest image)
             n = max(1, int(mask.sum(dim=1).max()))
+        if previous is not None:
+            refresh = self.cfg.method.selection_refresh or 1.0
+            n = min(n, previous.shape[1] + math.ceil(refresh * n))
         m = min(self.cfg.method.memory_size, n)
         step = self.cfg.method.iter_size
         with torch.no_grad(), self.evaluating():
             cells = order[:, :m]
             memory = self.embed(take, grid, cells)  # (B, M, D), in the compute dtype
             for start in repeated(range(m, n, step)):
-                new = order[:, start : start + step]  # (B, ≤I)
+                new = order[:, start : min(start + step, n)]  # (B, ≤I)
                 cand_cells = torch.cat([cells, new], dim=1)
                 fresh = self.embed(take, grid, new).to(memory.dtype)
                 cand = torch.cat([memory, fresh], dim=1)  # (B, M+I, D)
@@ -150,8 +169,17 @@ class IPS(Method):
     def train_step(self, images: Images, targets: Any, ctx: Context) -> float:
         grid = self.grid(images)
         take = grid.taker(images)
+        reuse = self.cfg.method.selection_refresh is not None
+        keys = image_keys(images) if reuse else []
+        found = [None if k is None else self.selections.get(k) for k in keys]
+        known = [f for f in found if f is not None]
+        previous = torch.stack(known) if known and len(known) == len(keys) \
+            and len({f.shape for f in known}) == 1 else None
         with ctx.autocast():  # the selection calls the unwrapped module: no graph, O(M + I)
-            cells = self.select(images, grid, take)
+            cells = self.select(images, grid, take, previous)
+        for key, row in zip(keys, cells):
+            if key is not None:
+                self.selections[key] = row.clone()
         ctx.zero_grad()
 
         def learn() -> torch.Tensor:
@@ -165,6 +193,20 @@ class IPS(Method):
 
     def predict(self, images: Images) -> Logits:
         return self.evidence(images)[0]
+
+    def training_state(self) -> dict[str, Any]:
+        """The previous selections (``method.selection_refresh``), for an exact resume."""
+        if self.cfg.method.selection_refresh is None:
+            return {}
+        return {"selections": list(self.selections.items())}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.selections = dict(state.get("selections", []))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; forgets the previous selections (new weights)."""
+        self.selections = {}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def explain(self, images: Images, out: str) -> tuple[Logits, str]:
         """The selected patches of the first image, coloured by attention, drawn to ``out``."""

@@ -138,6 +138,9 @@ class PatchGD(Method):
         self.z_cache = ZCache(parse_bytes(m.z_cache_budget))
         #: Optimizer steps taken (the cells' ages of ``method.z_cache`` count in these).
         self.z_clock = 0
+        if m.z_cache != "none" and (task.dense or task.detects):
+            raise ConfigError(f"method.z_cache = {m.z_cache} is for classification PatchGD so "
+                              f"far (task.kind = {cfg.task.kind}); leave method.z_cache: none.")
         if task.detects:
             self._init_detect(cfg)
             return
@@ -607,7 +610,8 @@ class PatchGD(Method):
         for i, key in enumerate(keys):
             found = self.z_cache.get(key)
             if found is None or found[0].shape != (n, c) or found[0].dtype != dtype \
-                    or found[1] is None or found[1].shape != (n,):
+                    or found[1] is None or found[1].shape != (n,) \
+                    or found[1].dtype != torch.int64:
                 continue  # encode every candidate cell
             old[i], ages[i] = found[0], found[1]
             todo[i] = self._stale(ages[i], todo[i])
