@@ -111,6 +111,12 @@ class ModelConfig:
     timm state dict, or a gigapatch ``best.pt`` (its encoder; see
     :mod:`gigapatch.models.weights`). ``freeze_encoder: true`` keeps θ1 fixed (no gradients,
     eval mode): only θ2 and the heads learn.
+
+    Speed of PatchGD's no-gradient fill: ``channels_last: true`` keeps the networks and the
+    patches in the channels-last memory layout (faster convolutions on many CPUs and on
+    tensor-core GPUs); ``compile: true`` runs the fill's encoder through ``torch.compile``
+    (a compile on first use and after each mode change; the weights are shared, checkpoints
+    unchanged).
     """
 
     encoder: str = "tiny_cnn"
@@ -125,6 +131,8 @@ class ModelConfig:
     head_layers: int = 2
     weights: str | None = None
     freeze_encoder: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass

@@ -171,3 +171,30 @@ def test_frozen_encoder_step_equals_the_exact_step_and_caches_z(tiny_config, no_
         want = fast.logits(fast.fill(images, grid), grid, fast.encode(fast.global_patch(images)))
         torch.testing.assert_close(fast.predict(images), want)
 
+
+
+def test_channels_last_and_a_compiled_fill_give_the_same_z(monkeypatch):
+    """``model.channels_last`` and ``model.compile`` change the fill's speed, not its Z (the
+    compiled twin is built once, outside the state dict)."""
+    cfg = Config()
+    cfg.data.num_classes, cfg.data.in_chans = 3, 1
+    cfg.model.latent_dim, cfg.method.patch_size, cfg.method.fill_chunk = 8, 16, 5
+    torch.manual_seed(0)
+    plain = create_method(cfg.validate()).eval()
+    images = torch.randint(0, 256, (2, 1, 48, 64), dtype=torch.uint8)
+    fast_cfg = copy.deepcopy(cfg)
+    fast_cfg.model.channels_last, fast_cfg.model.compile = True, True
+    fast = create_method(fast_cfg.validate())
+    fast.load_state_dict(plain.state_dict())
+    fast.eval()
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    with torch.no_grad():
+        want = plain.fill(images, plain.grid(images))
+        got = fast.fill(images, fast.grid(images))
+        fast.fill(images, fast.grid(images))
+    torch.testing.assert_close(got, want)
+    assert compiled == [fast.encoder]  # compiled once
+    assert set(fast.state_dict()) == set(plain.state_dict())
+    conv = next(m for m in fast.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)

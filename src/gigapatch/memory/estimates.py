@@ -271,6 +271,7 @@ class _FakeTrainer:
         self.cfg = copy.deepcopy(cfg)
         self.cfg.model.pretrained = False  # weights do not change memory; never download
         self.cfg.model.weights = None
+        self.cfg.model.compile = False  # fake tensors are not compiled: the eager step's bytes
         self.task = create_task(self.cfg)
         self.device, self.exact = device, exact
         self.count_key = None if device.type == "cpu" else _device_key(build_device)

@@ -170,6 +170,8 @@ class Method(nn.Module):
         mean, std = self.cfg.data.mean, self.cfg.data.std
         if mean != 0.0 or std != 1.0:
             x = (x - mean) / std
+        if self.cfg.model.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def foreground(self, images: object, grid: object) -> torch.Tensor | None:
@@ -266,6 +268,8 @@ def create_method(cfg: Config, task: Task | None = None) -> Method:
         raise ConfigError("model.freeze_encoder is not supported for detection yet (the "
                           "detector's backbone and head are one network); leave it false.")
     method = cls(cfg, task)
+    if cfg.model.channels_last:
+        method.to(memory_format=torch.channels_last)
     if cfg.model.freeze_encoder:
         if not method.encoder_parameters():
             raise ConfigError(f"model.freeze_encoder: method {cfg.method.name} has no encoder "

@@ -230,10 +230,22 @@ class PatchGD(Method):
                  for start in repeated(range(0, total, chunk))]
         if todo is not None:
             flats = [todo[f] for f in flats]
+        encode = self._fill_encoder()
         for flat, patches in _chunks(images, take, n, flats):  # (P, C_in, p, p) copies
             bi, cell = flat // n, flat % n
-            z[bi.to(self.device), cell.to(self.device)] = self.encode(patches).to(dtype)
+            z[bi.to(self.device), cell.to(self.device)] = encode(self.prepare(patches)).to(dtype)
         return z
+
+    def _fill_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """θ1 for the fill: the encoder, or with ``model.compile`` its ``torch.compile``d
+        twin (made once, kept outside the module tree so state dicts do not change)."""
+        if not self.cfg.model.compile:
+            return self.encoder
+        compiled = self.__dict__.get("_compiled_encoder")
+        if compiled is None:
+            compiled = torch.compile(self.encoder)
+            self.__dict__["_compiled_encoder"] = compiled
+        return compiled
 
     def global_patch(self, images: Images) -> torch.Tensor:
         """The whole image resized to p×p on the host: ``(B, C_in, p, p)`` float in [0, 1].
