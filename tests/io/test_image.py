@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from gigapatch.core.errors import DataError
-from gigapatch.io.image import read_image, write_png
+from gigapatch.io.image import read_image, write_mask_blocks, write_png
+from gigapatch.io.readers import open_image
 
 
 def _rng_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -156,3 +158,20 @@ def test_write_png_rejects_bad_arrays(tmp_path: Path, array: np.ndarray) -> None
     with pytest.raises(ValueError):
         write_png(tmp_path / "bad.png", array)
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_tiff_mask_is_written_block_by_block_with_a_pyramid(tmp_path: Path) -> None:
+    """Level 0 equals the blocks; each reduced level is every 2nd id of the one above (ids
+    picked, not averaged), down to one 64-px tile; gigapatch's reader sees the levels."""
+    ids = np.random.default_rng(0).integers(0, 5, (300, 200), dtype=np.uint8)
+    blocks = ((y, x, ids[y : y + 64, x : x + 64]) for y in range(0, 300, 64)
+              for x in range(0, 200, 64))
+    path = write_mask_blocks(tmp_path / "mask.tiff", (300, 200), 64, blocks)
+    with tifffile.TiffFile(path) as tif:
+        levels = [np.asarray(level.asarray()) for level in tif.series[0].levels]
+    assert [lv.shape for lv in levels] == [(300, 200), (150, 100), (75, 50), (38, 25)]
+    for i, level in enumerate(levels):
+        assert np.array_equal(level, ids[:: 2**i, :: 2**i]), i
+    reader = open_image(path)
+    assert reader.levels == [(300, 200), (150, 100), (75, 50), (38, 25)]
+    assert not list(tmp_path.glob("*.level0*")) and not list(tmp_path.glob(".*"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -140,12 +141,47 @@ def write_mask(path: str | os.PathLike[str], ids: np.ndarray, tile: int = 512) -
     return write_png(path, ids)
 
 
+def _mask_pyramid(base: Path, dst: Path, shape: tuple[int, int], block: int) -> None:
+    """Copy the one-level mask TIFF ``base`` to ``dst`` with reduced levels in SubIFDs (as
+    slide scanners write them), each every 2nd pixel of the one above (class ids are picked,
+    not averaged), down to one tile; read from ``base`` one strip of tiles at a time."""
+    import zarr  # noqa: PLC0415 - as gigapatch.io.readers: only for TIFF masks
+
+    sizes = [shape]
+    while max(sizes[-1]) > block:
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+
+    def tiles(level0: Any, f: int, lh: int, lw: int) -> Iterator[np.ndarray]:
+        for ty in range(0, lh, block):
+            strip = np.asarray(level0[ty * f : (ty + block) * f : f, ::f])  # (≤ block, lw)
+            for tx in range(0, lw, block):
+                tile = np.zeros((block, block), dtype=np.uint8)
+                part = strip[:, tx : tx + block]
+                tile[: part.shape[0], : part.shape[1]] = part
+                yield tile
+
+    with tifffile.TiffFile(base) as src, \
+            tifffile.TiffWriter(dst, bigtiff=shape[0] * shape[1] > 2**31) as out:
+        store = src.series[0].aszarr()
+        try:
+            level0 = zarr.open_array(store, mode="r")
+            for i, (lh, lw) in enumerate(sizes):
+                extra: dict[str, int] = {"subfiletype": 1} if i else \
+                    ({"subifds": len(sizes) - 1} if len(sizes) > 1 else {})
+                out.write(tiles(level0, 2**i, lh, lw), shape=(lh, lw), dtype=np.uint8,
+                          tile=(block, block), compression="zlib", photometric="minisblack",
+                          **extra)
+        finally:
+            store.close()
+
+
 def write_mask_blocks(path: str | os.PathLike[str], shape: tuple[int, int], block: int,
                       blocks: Iterable[tuple[int, int, np.ndarray]]) -> Path:
     """Write class ids given block by block in raster order (``(y, x, ids (h, w))``, blocks
     of side ``block``, edge blocks cropped) to ``path``: a ``.tif``/``.tiff`` path is written
-    tile by tile (``block`` must be a multiple of 16), never holding the whole mask; other
-    paths are assembled and written as PNG (small masks)."""
+    tile by tile (``block`` must be a multiple of 16), never holding the whole mask, then
+    given a pyramid of reduced levels (:func:`_mask_pyramid`); other paths are assembled and
+    written as PNG (small masks)."""
     path = Path(path)
     h, w = shape
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -160,8 +196,14 @@ def write_mask_blocks(path: str | os.PathLike[str], shape: tuple[int, int], bloc
                 yield tile
 
         with atomic_path(path) as tmp:
-            tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(block, block),
-                             compression="zlib", photometric="minisblack", bigtiff=h * w > 2**31)
+            base = tmp.with_name(tmp.name + ".level0")
+            try:
+                tifffile.imwrite(base, tiles(), shape=(h, w), dtype=np.uint8,
+                                 tile=(block, block), compression="zlib",
+                                 photometric="minisblack", bigtiff=h * w > 2**31)
+                _mask_pyramid(base, tmp, (h, w), block)
+            finally:
+                base.unlink(missing_ok=True)
         return path
     out = np.zeros((h, w), dtype=np.uint8)
     for y, x, ids in blocks:
