@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zcache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {}
+    saved = RESULTS / "z_cache.json"  # parts not rerun keep their last results
+    results: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
     if not args.no_speed:
         results["speed"] = speed_rows(args.side, args.patch, args.epochs, args.runs)
     if args.accuracy:
