@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"data": DATA, "budget": BUDGET, "epochs": args.epochs}
+    name = "results.json" if len(args.methods) == 3 else \
+        f"results_{'_'.join(args.methods)}.json"
+    saved = OUT / name  # parts not rerun keep their last results
+    results: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
+    results.update({"data": DATA, "budget": BUDGET, "epochs": args.epochs})
     if not args.no_memory:
         results["memory"] = memory_rows()
     if args.collect:
@@ -190,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
             generate_detection(args.data_dir, **DATA)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.methods, args.epochs,
                                         args.inner_steps)
-    name = "results.json" if not args.methods or len(args.methods) == 3 else \
-        f"results_{'_'.join(args.methods)}.json"
     (OUT / name).write_text(json.dumps(results, indent=2, default=str))
     lines = table(results)
     (OUT / name.replace(".json", ".md")).write_text("\n".join(lines) + "\n")
