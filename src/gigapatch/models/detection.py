@@ -24,8 +24,8 @@ index 0 never a target, torchvision's convention).
 **Window-local head** (``window_local=True``, PatchGD): torchvision's FCOS head normalises its
 conv towers with ``GroupNorm(32)``, whose statistics span the whole feature map, so the head
 applied to a window of a map would differ from the head applied to the map and then cropped.
-With ``window_local`` the towers use :class:`PixelGroupNorm` (the same 32 channel groups,
-normalised at each pixel on its own; the same parameters), and the head's output at a map
+With ``window_local`` the towers use :class:`PixelGroupNorm` (channel groups normalised at
+each pixel on its own, groups of at least 16 channels; the same parameters), and the head's output at a map
 pixel depends only on the ``halo`` (:attr:`Detector.halo`) pixels around it: windows give
 exactly the whole map's output.
 """
@@ -139,9 +139,11 @@ class PixelGroupNorm(nn.Module):
 
 
 def _window_local_head(channels: int, num_classes: int) -> FCOSHead:
-    """torchvision's FCOS head with :class:`PixelGroupNorm` in its conv towers."""
+    """torchvision's FCOS head with :class:`PixelGroupNorm` in its conv towers, in groups of
+    at least 16 channels (at most torchvision's 32 groups): a pixel's group of 2 channels
+    (64 channels in 32 groups) would normalise to ±1 and lose its values."""
     head = FCOSHead(channels, 1, num_classes)
-    norm = partial(PixelGroupNorm, groups=32)
+    norm = partial(PixelGroupNorm, groups=max(1, min(32, channels // 16)))
     head.classification_head = FCOSClassificationHead(channels, 1, num_classes, norm_layer=norm)
     head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
     return head
