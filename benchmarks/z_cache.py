@@ -118,7 +118,7 @@ def table(results: dict[str, Any]) -> list[str]:
     lines = []
     s = results.get("speed")
     if s:
-        lines += [f"PatchGD, tiny_cnn, {s['side']:,}² (2 images), patch {s['patch']}, k = 4, "
+        lines += [f"PatchGD, tiny_cnn_small, {s['side']:,}² (2 images), patch {s['patch']}, k = 4, "
                   f"J = 2, batch 1, {s['epochs']} epochs:", "",
                   "| z_cache | training time per epoch (s) | mean of epochs 2+ |",
                   "|---|---|---|"]
