@@ -15,7 +15,7 @@
 Writes ``benchmarks/results/detection/{results.json,results.md}`` (+ overlays).
 
     python benchmarks/detection.py --memory-only    # ~5 min
-    python benchmarks/detection.py --threads 2      # the three runs, ~1 h on this CPU
+    python benchmarks/detection.py --threads 2      # the three runs, ~1 h 15 min here
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def method_configs(base: Config, inner_steps: int = 4) -> list[Config]:
 
 def memory_rows(sides: tuple[int, ...] = (2048, 8192)) -> dict[str, Any]:
     """PatchGD-det step peaks (patch 256, k = 4, J = 2, batch 1) with and without Z."""
-    cfg = method_configs(base_config(ROOT / "data", ROOT / "runs", 1))[2]
+    cfg = method_configs(base_config(ROOT / "data", ROOT / "runs", 1), inner_steps=4)[2]
     cfg.method.patch_size, cfg.method.fill_chunk = 256, 16
     cfg.train.batch_size, cfg.train.memory_budget = 1, None
     rows: dict[str, Any] = {"patch": 256, "k": 4, "inner_steps": cfg.method.inner_steps,
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the memory rows")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--inner-steps", type=int, default=4, help="PatchGD-det's J")
+    p.add_argument("--inner-steps", type=int, default=2, help="PatchGD-det's J")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=["full", "tiled", "patchgd"],
                    help="train only these (run the others in another process, then --collect)")
