@@ -37,6 +37,8 @@ from gigapatch.engine.loop import train
 from gigapatch.memory.budget import measure_method_peak
 from gigapatch.synth.detection import generate_detection
 
+from bench_data import generated_with  # benchmarks/: run as scripts
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "detection"
 DATA = {"side": 512, "n_train": 240, "n_test": 40, "scale_range": (12, 72),
@@ -187,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
         results["runs"] = found
     elif not args.memory_only:
-        meta = args.data_dir / "meta.json"
-        same = meta.is_file() and all(json.loads(meta.read_text()).get(k) == (list(v) if
-                                      isinstance(v, tuple) else v) for k, v in DATA.items())
-        if not same:
+        if not generated_with(args.data_dir, DATA):
             generate_detection(args.data_dir, **DATA)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.methods, args.epochs,
                                         args.inner_steps)

@@ -38,6 +38,8 @@ from gigapatch.memory.budget import measure_method_peak
 from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.synth.segmentation import generate_segmentation
 
+from bench_data import generated_with  # benchmarks/: run as scripts
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "segmentation"
 DATA = {"side": 512, "n_train": 300, "n_test": 60, "scale_range": (20, 32), "seed": 0}
@@ -185,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         break
         results["runs"] = found
     elif not args.memory_only:
-        meta = args.data_dir / "meta.json"
-        same = meta.is_file() and all(json.loads(meta.read_text()).get(k) == (list(v) if
-                                      isinstance(v, tuple) else v) for k, v in DATA.items())
-        if not same:
+        if not generated_with(args.data_dir, DATA):
             generate_segmentation(args.data_dir, **DATA)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.labelings, args.methods,
                                         args.inner_steps)
