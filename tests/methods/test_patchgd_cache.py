@@ -114,10 +114,81 @@ def test_refresh_needs_exactly_one_of_max_age_and_share():
     cfg.method.name = "ips"
     with pytest.raises(ConfigError, match="method 'ips' has none"):
         cfg.validate()
-    cfg = _cfg(z_cache="epoch")
-    cfg.task.kind, cfg.model.encoder = "segment", "tiny_unet"
-    with pytest.raises(ConfigError, match="for classification PatchGD so far"):
-        create_method(cfg.validate())
+
+
+def _dense_cfg(kind: str, **method) -> Config:
+    cfg = Config(seed=0)
+    cfg.task.kind = kind
+    cfg.data.num_classes, cfg.data.in_chans = 3, 1
+    cfg.method.name, cfg.method.inner_steps, cfg.method.sample_fraction = "patchgd", 2, 0.25
+    if kind == "segment":
+        cfg.model.encoder, cfg.model.latent_dim = "tiny_unet", 4
+        cfg.model.head_width, cfg.model.head_layers = 6, 2
+        cfg.method.patch_size, cfg.method.z_stride, cfg.method.fill_chunk = 16, 4, 5
+    else:
+        cfg.model.encoder = "fcos_tiny"
+        cfg.method.patch_size, cfg.method.fill_chunk = 32, 5
+    for k, v in method.items():
+        setattr(cfg.method, k, v)
+    return cfg.validate()
+
+
+def _dense_targets(method, images: torch.Tensor):
+    if method.task.dense:
+        return method.task.random_targets(images.shape[0], tuple(images.shape[-2:]))
+    return [{"boxes": torch.tensor([[3.0, 5.0, 40.0, 30.0], [20.0, 28.0, 60.0, 60.0]]),
+             "labels": torch.tensor([1, 2])} for _ in range(images.shape[0])]
+
+
+@pytest.mark.parametrize("kind", ["segment", "detect"])
+def test_dense_and_detection_maps_cached_at_max_age_zero_are_the_exact_algorithm(kind):
+    torch.manual_seed(0)
+    exact = create_method(_dense_cfg(kind))
+    cached = copy.deepcopy(exact)
+    cached.cfg = _dense_cfg(kind, z_cache="refresh", z_max_age=0)
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    targets = _dense_targets(exact, images)
+    torch.manual_seed(1)
+    want = _steps(exact, images, targets, 3)
+    torch.manual_seed(1)
+    got = _steps(cached, images, targets, 3)
+    for a, b in zip(want, got):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    assert cached.z_cache.hits == 4 and len(cached.z_cache.items) == 2
+
+
+@pytest.mark.parametrize("kind", ["segment", "detect"])
+def test_dense_and_detection_steps_encode_only_the_stale_cells(kind, monkeypatch):
+    torch.manual_seed(2)
+    method = create_method(_dense_cfg(kind, z_cache="refresh", z_refresh=0.25, inner_steps=1))
+    images = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
+    n = (64 // method.cfg.method.patch_size) ** 2
+    targets = _dense_targets(method, images)
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.05))
+    encoded = []
+    real = PatchGD._fill_maps
+
+    def counting(self, im, geos, encode, take=None, todo=None, into=None):
+        encoded.append(n if todo is None else int(todo.sum()))
+        return real(self, im, geos, encode, take, todo, into)
+
+    monkeypatch.setattr(PatchGD, "_fill_maps", counting)
+    for _ in range(3):
+        method.train_step(images, targets, ctx)
+    refresh = -(-n // 4)  # ⌈0.25·N⌉
+    assert encoded == [n, refresh, refresh]
+    (key, (z, ages)), = method.z_cache.entries()
+    maps = method.level_geometry(images) if kind == "detect" else [method.geometry(images)]
+    assert z.shape == (sum(method.latent_dim * g.size[0] * g.size[1] for g in maps),)
+    assert ages.shape == (n,) and ages.min() >= 0 and int((ages == 2).sum()) >= refresh
+    # the cached maps are the ones the next step starts from: its stale cells re-encoded
+    method.cfg = _dense_cfg(kind, z_cache="epoch", inner_steps=1)
+    with torch.no_grad():
+        zs, _, _ = method._step_maps(images, maps, method.encode_levels if kind == "detect"
+                                     else lambda x: [method.encode_map(x)],
+                                     maps[0].grid.taker(images))
+    assert torch.equal(torch.cat([m[0].flatten() for m in zs]), z)
 
 
 def test_a_resumed_run_with_a_cache_gives_the_uninterrupted_weights(tiny_config, monkeypatch):

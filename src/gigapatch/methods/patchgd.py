@@ -138,9 +138,6 @@ class PatchGD(Method):
         self.z_cache = ZCache(parse_bytes(m.z_cache_budget))
         #: Optimizer steps taken (the cells' ages of ``method.z_cache`` count in these).
         self.z_clock = 0
-        if m.z_cache != "none" and (task.dense or task.detects):
-            raise ConfigError(f"method.z_cache = {m.z_cache} is for classification PatchGD so "
-                              f"far (task.kind = {cfg.task.kind}); leave method.z_cache: none.")
         if task.detects:
             self._init_detect(cfg)
             return
@@ -303,15 +300,20 @@ class PatchGD(Method):
 
     def _fill_maps(self, images: Images, geos: list[MapGeometry],
                    encode: Callable[[torch.Tensor], list[torch.Tensor]],
-                   take: Take | None = None) -> list[torch.Tensor]:
+                   take: Take | None = None, todo: torch.Tensor | None = None,
+                   into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Host maps ``[(B, C_l, Hz_l, Wz_l)]``, one per geometry, from ``encode(patches)`` →
-        one block per patch and geometry ``[(P, C_l, q_l, q_l)]`` (dense map; FPN levels)."""
+        one block per patch and geometry ``[(P, C_l, q_l, q_l)]`` (dense map; FPN levels).
+
+        ``todo`` ``(B, N)`` bool: encode only those cells, into the maps ``into`` (whose
+        other blocks are kept; ``method.z_cache``); default every cell, into new maps."""
         b, grid = images.shape[0], geos[0].grid
         take = take or grid.taker(images)
         n, chunk = grid.num_patches, self.cfg.method.fill_chunk
-        zs: list[torch.Tensor] = []
-        flats = [torch.arange(start, min(start + chunk, b * n))
-                 for start in repeated(range(0, b * n, chunk))]
+        zs: list[torch.Tensor] = list(into or [])
+        wanted = torch.arange(b * n) if todo is None else todo.flatten().nonzero().flatten()
+        flats = [wanted[start : start + chunk]
+                 for start in repeated(range(0, len(wanted), chunk))]
         for flat, patches in _chunks(images, take, n, flats):
             maps = encode(patches)
             if not zs:  # channels known now
@@ -322,6 +324,50 @@ class PatchGD(Method):
             for z, geo, blocks in zip(zs, geos, maps):
                 _write_blocks(z, geo, image, cells, blocks)
         return zs
+
+    def _step_maps(self, images: Images, geos: list[MapGeometry],
+                   encode: Callable[[torch.Tensor], list[torch.Tensor]], take: Take
+                   ) -> tuple[list[torch.Tensor], torch.Tensor | None, list[Any]]:
+        """A training step's host maps ``[(B, C, Hz_l, Wz_l)]``: every cell encoded
+        (``method.z_cache: none``, or images without a key), or from the cache with only the
+        stale cells re-encoded (:meth:`_stale`; every cell of an image not cached, or cached
+        for other maps or another dtype). Also the cells' ages ``(B, N)`` and the images'
+        cache keys (``None`` and ``[]`` without a cache). Call under ``no_grad``."""
+        keys = image_keys(images) if self.cfg.method.z_cache != "none" else []
+        if not keys or None in keys:  # (the fake tensors of estimates: exact fill)
+            return self._fill_maps(images, geos, encode, take), None, []
+        b, n = images.shape[0], geos[0].grid.num_patches
+        dtype = self.compute_dtype()
+        shapes = [(self.latent_dim, *geo.size) for geo in geos]
+        sizes = [math.prod(shape) for shape in shapes]
+        zs = [_map_storage((b, *shape), dtype, self.cfg.method.z_on_disk) for shape in shapes]
+        ages = torch.full((b, n), -1, dtype=torch.int64)
+        todo = torch.ones(b, n, dtype=torch.bool)
+        for i, key in enumerate(keys):
+            found = self.z_cache.get(key)
+            if found is None or found[0].shape != (sum(sizes),) or found[0].dtype != dtype \
+                    or found[1] is None or found[1].shape != (n,):
+                continue  # encode every cell
+            for z, part, shape in zip(zs, found[0].split(sizes), shapes):
+                z[i] = part.view(shape)
+            ages[i] = found[1]
+            todo[i] = self._stale(ages[i], todo[i])
+        self._fill_maps(images, geos, encode, take, todo=todo, into=zs)
+        ages[todo] = self.z_clock
+        return zs, ages, keys
+
+    def _age_sampled(self, ages: torch.Tensor, order: torch.Tensor, k: int, steps: int,
+                     clock: int) -> None:
+        """Stamp the cells re-encoded by the inner steps (``order`` ``(B, k·J)``) in ``ages``
+        ``(B, N)`` with the optimizer step they were encoded at (``clock`` before the step)."""
+        for j in range(steps):
+            ages.scatter_(1, order[:, j * k : (j + 1) * k],
+                          clock + (0 if self.cfg.method.accumulate else j))
+
+    def _cache_maps(self, keys: list[Any], zs: list[torch.Tensor], ages: torch.Tensor) -> None:
+        """Each image's maps (flattened level after level) and ages back to the cache."""
+        for i, key in enumerate(keys):
+            self.z_cache.put(key, torch.cat([z[i].flatten() for z in zs]), ages[i].clone())
 
     def window_logits(self, zwin: torch.Tensor, g: torch.Tensor | None, pool: torch.Tensor,
                       image: list[int], cells: list[int], geo: MapGeometry) -> torch.Tensor:
@@ -348,8 +394,10 @@ class PatchGD(Method):
         use_global = self.cfg.method.global_context != "none"
         gpatch = self.global_patch(images) if use_global else None
         take = grid.taker(images)
+        clock = self.z_clock
         with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
-            z = self.fill_map(images, geo, take)  # (B, C, Hz, Wz) on the host
+            (z,), ages, keys = self._step_maps(images, [geo], lambda x: [self.encode_map(x)],
+                                               take)  # (B, C, Hz, Wz) on the host
         area = geo.size[0] * geo.size[1]
         z_sum = z.sum(dim=(2, 3), dtype=torch.float64)  # (B, C), for the pooled map
         mask = self.foreground(images, grid)  # data.skip_background: content cells first
@@ -375,7 +423,11 @@ class PatchGD(Method):
                 _write_blocks(z, geo, image, cells, new.detach())
                 z_sum.add_(_block_sums(z, geo, image, cells, b))
 
-        return self._inner_steps(ctx, order, k, steps, inner, keep)
+        loss = self._inner_steps(ctx, order, k, steps, inner, keep)
+        if keys:
+            self._age_sampled(ages, order, k, steps, clock)
+            self._cache_maps(keys, [z], ages)
+        return loss
 
     def _dense_predict(self, images: Images) -> torch.Tensor:
         geo = self.geometry(images)
@@ -438,7 +490,12 @@ class PatchGD(Method):
         """Z per FPN level ``[(B, F, Hz_l, Wz_l)]`` on the host in the compute dtype (with
         ``method.z_on_disk``, memory-mapped): θ1 (backbone + FPN) on every patch, its maps
         placed at the patch's blocks (call under ``no_grad``)."""
-        return self._fill_maps(images, geos, lambda x: self.net.features(self.prepare(x)), take)
+        return self._fill_maps(images, geos, self.encode_levels, take)
+
+    def encode_levels(self, patches: torch.Tensor) -> list[torch.Tensor]:
+        """θ1 (backbone + FPN) on host patches ``(P, C_in, p, p)`` → per FPN level
+        ``[(P, F, p / s_l, p / s_l)]`` on the device."""
+        return self.net.features(self.prepare(patches))
 
     def level_windows(self, zs: list[torch.Tensor], geos: list[MapGeometry], image: list[int],
                       cells: list[int], new: list[torch.Tensor] | None = None,
@@ -493,16 +550,17 @@ class PatchGD(Method):
         use_global = self.cfg.method.global_context != "none"
         gpatch = self.global_patch(images) if use_global else None
         take = grid.taker(images)
+        clock = self.z_clock
         with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
-            zs = self.fill_levels(images, geos, take)
+            zs, ages, keys = self._step_maps(images, geos, self.encode_levels, take)
         order = sample_cells(b, grid.num_patches, k * steps, mask=self.foreground(images, grid))
         image = [i for i in range(b) for _ in range(k)]
         boxes = self._box_targets(targets)
 
         def inner(idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
             cells = idx.flatten().tolist()
-            new = self.net.features(self.prepare(grid.gather_with(take, idx).flatten(0, 1)))
-            g = self.net.features(self.prepare(gpatch)) if use_global else None
+            new = self.encode_levels(grid.gather_with(take, idx).flatten(0, 1))
+            g = self.encode_levels(gpatch) if use_global else None
             windows = self.level_windows(zs, geos, image, cells, new, g)
             return self.task.loss(self.window_losses(windows, geos, cells, boxes), targets), new
 
@@ -511,7 +569,11 @@ class PatchGD(Method):
                 for z, geo, blocks in zip(zs, geos, new):
                     _write_blocks(z, geo, image, idx.flatten().tolist(), blocks.detach())
 
-        return self._inner_steps(ctx, order, k, steps, inner, keep)
+        loss = self._inner_steps(ctx, order, k, steps, inner, keep)
+        if keys:
+            self._age_sampled(ages, order, k, steps, clock)
+            self._cache_maps(keys, zs, ages)
+        return loss
 
     def _detect_predict(self, images: Images) -> list[dict[str, torch.Tensor]]:
         """Detections per image: Z per level filled, θ2 window by window (``fill_chunk``
@@ -523,7 +585,7 @@ class PatchGD(Method):
         zs = self.fill_levels(images, geos)
         g = None
         if self.cfg.method.global_context != "none":
-            g = self.net.features(self.prepare(self.global_patch(images)))
+            g = self.encode_levels(self.global_patch(images))
         found: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(b)]
         chunk = self.cfg.method.fill_chunk
         for start in repeated(range(0, b * n, chunk)):
@@ -583,9 +645,7 @@ class PatchGD(Method):
         loss = self._inner_steps(ctx, order, k, steps, inner,
                                  lambda idx, emb, where: z.scatter_(1, where, emb.detach()))
         if cached:  # Z, with the re-encoded cells, back to the cache with their ages
-            for j in range(steps):
-                ages.scatter_(1, order[:, j * k : (j + 1) * k],
-                              clock + (0 if self.cfg.method.accumulate else j))
+            self._age_sampled(ages, order, k, steps, clock)
             host = z.cpu()
             for i, key in enumerate(keys):
                 self.z_cache.put(key, host[i].clone(), ages[i].clone())
