@@ -9,12 +9,18 @@
 2. **Accuracy** (``--accuracy``). The demo task (UltraMNIST-style digits, 256², patch 64,
    k·J = 4 of 16 cells per step), both policies at the same epochs: held-out accuracy per
    epoch and the wall time the cached run needs to reach the exact run's final accuracy.
+3. **Accuracy on Megapixel MNIST** (``--megapixel``): the IPS benchmark's 500² canvases
+   (patch 50, N = 100 cells, 6 noise patterns; ``--mm-train`` training and 500 held-out
+   images, seeded), PatchGD with ``tiny_cnn_small``, k = 10, J = 2, batch 16: the fill (100
+   encoder passes per image and step) outweighs the 20 passes with gradients, as at
+   gigapixel scale. The same two measures as 2.
 
 Writes ``benchmarks/results/z_cache.{json,md}``.
 
     python benchmarks/z_cache.py --side 8192 --epochs 3           # ~5 min
     python benchmarks/z_cache.py --side 65536 --epochs 2          # hours: the 65,536² target
     python benchmarks/z_cache.py --no-speed --accuracy --epochs 5 # the demo task, ~30 min
+    python benchmarks/z_cache.py --no-speed --megapixel --epochs 6  # Megapixel MNIST
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from gigapatch.demo import DemoSettings, demo_configs
 from gigapatch.engine.checkpoint import load_checkpoint
 from gigapatch.engine.loop import train
 from gigapatch.synth.gigapixel import generate_gigapixel
+from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
 from gigapatch.synth.ultramnist import generate_ultramnist
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +95,27 @@ def speed_rows(side: int, patch: int, epochs: int, runs: Path) -> dict[str, Any]
     return rows
 
 
+def policy_runs(cfg: Config, label: str) -> dict[str, Any]:
+    """Train ``cfg`` with each policy; held-out accuracy and elapsed time per epoch, the final
+    gap in points and the share of the exact run's time the cached one needs to reach the
+    exact run's final accuracy (``None``: not reached)."""
+    out: dict[str, Any] = {"epochs": cfg.train.epochs}
+    for name in POLICIES:
+        summary = train(_with_policy(cfg, name), overwrite=True)
+        hist = _history(summary)
+        out[name] = {"accuracy": [row["val_accuracy"] for row in hist],
+                     "elapsed": [sum(r["epoch_seconds"] for r in hist[: i + 1])
+                                 for i in range(len(hist))]}
+        print(f"{label} {name}: accuracy {[round(a, 3) for a in out[name]['accuracy']]}, "
+              f"{out[name]['elapsed'][-1]:.0f} s", flush=True)
+    final = out["none"]["accuracy"][-1]
+    reached = [t for a, t in zip(out["refresh"]["accuracy"], out["refresh"]["elapsed"])
+               if a >= final]
+    out["gap_points"] = 100 * (out["refresh"]["accuracy"][-1] - final)
+    out["time_to_exact_final"] = reached[0] / out["none"]["elapsed"][-1] if reached else None
+    return out
+
+
 def accuracy_rows(epochs: int, runs: Path) -> dict[str, Any]:
     settings = DemoSettings(epochs=epochs)
     data = ROOT / "data" / "ultramnist-demo"
@@ -98,19 +126,32 @@ def accuracy_rows(epochs: int, runs: Path) -> dict[str, Any]:
                             seed=settings.data_seed)
     pgd = demo_configs(settings, data, runs)[1]
     pgd.name = "zcache_demo"
-    out: dict[str, Any] = {"epochs": epochs}
-    for name in POLICIES:
-        summary = train(_with_policy(pgd, name), overwrite=True)
-        hist = _history(summary)
-        out[name] = {"accuracy": [row["val_accuracy"] for row in hist],
-                     "elapsed": [sum(r["epoch_seconds"] for r in hist[: i + 1])
-                                 for i in range(len(hist))]}
-        print(f"demo {name}: accuracy {[round(a, 3) for a in out[name]['accuracy']]}", flush=True)
-    final = out["none"]["accuracy"][-1]
-    reached = [t for a, t in zip(out["refresh"]["accuracy"], out["refresh"]["elapsed"])
-               if a >= final]
-    out["gap_points"] = 100 * (out["refresh"]["accuracy"][-1] - final)
-    out["time_to_exact_final"] = reached[0] / out["none"]["elapsed"][-1] if reached else None
+    return policy_runs(pgd, "demo")
+
+
+def megapixel_config(data: Path, runs: Path, epochs: int) -> Config:
+    """PatchGD on the CPU-sized Megapixel MNIST (majority task): N = 100 cells, k·J = 20."""
+    cfg = Config(name="zcache_megapixel", seed=0)
+    cfg.data.kind, cfg.data.root, cfg.data.tasks = "megapixel_mnist", str(data), ["majority"]
+    cfg.data.num_classes, cfg.data.in_chans = 10, 1
+    cfg.model.encoder, cfg.model.latent_dim = "tiny_cnn_small", 64
+    cfg.method.name, cfg.method.patch_size = "patchgd", 50
+    cfg.method.sample_fraction, cfg.method.inner_steps, cfg.method.fill_chunk = 0.1, 2, 200
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = epochs, 16, False
+    cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay = "adamw", 1e-3, 0.01
+    cfg.train.warmup_epochs, cfg.train.schedule, cfg.train.out_dir = 1, "cosine", str(runs)
+    return cfg
+
+
+def megapixel_rows(epochs: int, n_train: int, runs: Path) -> dict[str, Any]:
+    spec = {"side": 500, "n_noise": 6, "n_train": n_train, "n_test": 500, "seed": 0}
+    data = ROOT / "data" / f"megapixel-mnist-zcache-{n_train}"
+    meta = data / "meta.json"
+    if not meta.is_file() or any(json.loads(meta.read_text()).get(k) != v
+                                 for k, v in spec.items()):
+        generate_megapixel_mnist(data, **spec)
+    out = policy_runs(megapixel_config(data, runs, epochs), "megapixel")
+    out["n_train"] = n_train
     return out
 
 
@@ -128,9 +169,12 @@ def table(results: dict[str, Any]) -> list[str]:
         lines += ["", f"refresh / none, training, epochs 2+: **{s['ratio']:.3f}** (target ≤ "
                   f"0.2); with the held-out pass (an exact prediction, the same for both): "
                   f"{s['ratio_with_validation']:.3f}."]
-    a = results.get("accuracy")
-    if a:
-        lines += ["", f"Demo task, {a['epochs']} epochs:", "", "| z_cache | held-out accuracy "
+    for key, title in (("accuracy", "Demo task"), ("megapixel", "Megapixel MNIST (500², "
+                       "N = 100, k = 10, J = 2, batch 16)")):
+        a = results.get(key)
+        if not a:
+            continue
+        lines += ["", f"{title}, {a['epochs']} epochs:", "", "| z_cache | held-out accuracy "
                   "per epoch | time |", "|---|---|---|"]
         for name in POLICIES:
             acc = ", ".join(f"{v:.3f}" for v in a[name]["accuracy"])
@@ -151,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--accuracy", action="store_true", help="also the demo-task accuracy runs")
+    p.add_argument("--megapixel", action="store_true",
+                   help="also the Megapixel-MNIST accuracy runs")
+    p.add_argument("--mm-train", type=int, default=3000,
+                   help="Megapixel-MNIST training images")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zcache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -160,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         results["speed"] = speed_rows(args.side, args.patch, args.epochs, args.runs)
     if args.accuracy:
         results["accuracy"] = accuracy_rows(args.epochs, args.runs)
+    if args.megapixel:
+        results["megapixel"] = megapixel_rows(args.epochs, args.mm_train, args.runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "z_cache.json").write_text(json.dumps(results, indent=2))
     lines = table(results)
