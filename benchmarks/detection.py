@@ -16,6 +16,8 @@ Writes ``benchmarks/results/detection/{results.json,results.md}`` (+ overlays).
 
     python benchmarks/detection.py --memory-only    # ~5 min
     python benchmarks/detection.py --threads 2      # the three runs, ~1 h 15 min here
+    python benchmarks/detection.py --no-memory --side 1024 --scale 12 48 --digits 12 24 \
+        --n-train 80 --n-test 20 --epochs 16 --inner-steps 4   # small digits on 1,024²
 """
 
 from __future__ import annotations
@@ -156,7 +158,15 @@ def table(results: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "detection-bench")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="default data/detection-bench (-<side> for a side other than 512)")
+    p.add_argument("--side", type=int, default=DATA["side"], help="canvas side (px)")
+    p.add_argument("--scale", type=int, nargs=2, default=DATA["scale_range"],
+                   help="digit heights, min max (px)")
+    p.add_argument("--digits", type=int, nargs=2, default=DATA["digits_per_image"],
+                   help="digits per canvas, min max")
+    p.add_argument("--n-train", type=int, default=DATA["n_train"])
+    p.add_argument("--n-test", type=int, default=DATA["n_test"])
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-det")
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the memory rows")
@@ -170,11 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "results.json" if len(args.methods) == 3 else \
-        f"results_{'_'.join(args.methods)}.json"
+    data = {**DATA, "side": args.side, "scale_range": tuple(args.scale),
+            "digits_per_image": tuple(args.digits), "n_train": args.n_train,
+            "n_test": args.n_test}
+    suffix = "" if args.side == DATA["side"] else f"-{args.side}"
+    args.data_dir = args.data_dir or ROOT / "data" / f"detection-bench{suffix}"
+    name = ("results" + suffix.replace("-", "_")
+            + ("" if len(args.methods) == 3 else f"_{'_'.join(args.methods)}") + ".json")
     saved = OUT / name  # parts not rerun keep their last results
     results: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
-    results.update({"data": DATA, "budget": BUDGET, "epochs": args.epochs})
+    results.update({"data": data, "budget": BUDGET, "epochs": args.epochs,
+                    "inner_steps": args.inner_steps})
     if not args.no_memory:
         results["memory"] = memory_rows()
     if args.collect:
@@ -189,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
         results["runs"] = found
     elif not args.memory_only:
-        if not generated_with(args.data_dir, DATA):
-            generate_detection(args.data_dir, **DATA)
+        if not generated_with(args.data_dir, data):
+            generate_detection(args.data_dir, **data)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.methods, args.epochs,
                                         args.inner_steps)
     (OUT / name).write_text(json.dumps(results, indent=2, default=str))

@@ -309,3 +309,28 @@ def test_pooled_reads_work_under_inference_mode(tmp_path):
     ref = grid.taker(torch.from_numpy(pixels).permute(2, 0, 1)[None])
     assert torch.equal(got, ref(torch.zeros(6, dtype=torch.long), torch.arange(6)))
     assert torch.equal(torch.cat(ahead), got[:4])
+
+
+def test_read_chunks_reads_ahead_from_disk_and_as_needed_in_memory(tmp_path):
+    from gigapatch.core.grid import PatchGrid
+    from gigapatch.data.batch import LazyBatch, read_chunks
+    from gigapatch.io.readers import open_image
+
+    pixels, files = _backend_files(tmp_path)
+    memory = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    grid = PatchGrid(200, 300, 64)
+    chunks = [torch.arange(0, 3), torch.arange(3, 5), torch.arange(5, 8)]
+    zero = torch.zeros(3, dtype=torch.long)
+    seen = []
+    for images in (LazyBatch([open_image(files["tiff-tiles"])]), memory):
+        take = grid.taker(images)
+        read = lambda c: seen.append(int(c[0])) or take(zero[: len(c)], c)  # noqa: E731
+        got = list(read_chunks(images, read, chunks, torch.device("cpu")))
+        assert [int(c[0]) for c, _ in got] == [0, 3, 5]
+        assert torch.equal(torch.cat([t for _, t in got]), grid.taker(memory)(
+            torch.zeros(8, dtype=torch.long), torch.arange(8)))
+        assert not got[0][1].is_pinned()  # page-locked only for a CUDA device
+    seen.clear()
+    lazy = read_chunks(memory, read, chunks, torch.device("cpu"))
+    next(lazy)
+    assert seen == [0]  # in memory nothing is read ahead

@@ -181,9 +181,9 @@ def test_selection_reuse_scans_the_previous_top_m_and_a_share_of_the_rest(monkey
 
     method.cfg.method.selection_refresh = 0.25
     scanned = []
-    real = type(method).embed
-    monkeypatch.setattr(type(method), "embed", lambda self, take, grid, cells:
-                        scanned.append(cells.shape[1]) or real(self, take, grid, cells))
+    real = type(method).embed_patches
+    monkeypatch.setattr(type(method), "embed_patches", lambda self, patches, grid, cells:
+                        scanned.append(cells.shape[1]) or real(self, patches, grid, cells))
     ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.01))
     targets = torch.tensor([1, 2])
     method.train()

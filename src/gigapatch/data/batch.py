@@ -31,6 +31,7 @@ __all__ = [
     "IO_THREADS",
     "batches",
     "read_ahead",
+    "read_chunks",
     "unwrap_worker_error",
     "STRIP_PIXELS",
     "Images",
@@ -126,6 +127,20 @@ def read_ahead(read: Callable[[Any], torch.Tensor], items: Sequence[Any]
             if n + 1 < len(items):
                 pending = ahead.submit(read, items[n + 1])
             yield item, patches
+
+
+def read_chunks(images: Any, read: Callable[[Any], torch.Tensor], items: Sequence[Any],
+                device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(item, read(item))`` for each of ``items`` (e.g. a chunk's cells → its patches
+    ``(P, C, p, p)``). From disk (``images`` a :class:`LazyBatch`) the next item is read by a
+    background thread while the caller encodes the current one (:func:`read_ahead`), and, for
+    a CUDA ``device``, into page-locked memory, so that the copy to the device
+    (``non_blocking``) overlaps compute too. In memory, items are read as they are needed."""
+    if not isinstance(images, LazyBatch):
+        return ((item, read(item)) for item in items)
+    if device.type == "cuda":
+        return read_ahead(lambda item: read(item).pin_memory(), items)
+    return read_ahead(read, items)
 
 
 class LazyBatch:

@@ -48,7 +48,7 @@ from torch import nn
 from gigapatch.config import Config
 from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.sampling import shuffled_cells
-from gigapatch.data.batch import Images, first_image
+from gigapatch.data.batch import Images, first_image, read_chunks
 from gigapatch.explain import draw_patch_weights
 from gigapatch.core.errors import ConfigError
 from gigapatch.methods.base import METHODS, Context, Method, repeated
@@ -95,8 +95,14 @@ class IPS(Method):
         """Encode the patches ``cells`` ``(B, n)`` (host, long) read by ``take`` (from
         ``grid.taker(images)``), plus the positional encodings of their grid positions (unless
         ``method.pos_encoding`` is off) → ``(B, n, D)`` on the device."""
+        return self.embed_patches(grid.gather_with(take, cells), grid, cells)
+
+    def embed_patches(self, patches: torch.Tensor, grid: PatchGrid, cells: torch.Tensor
+                      ) -> torch.Tensor:
+        """:meth:`embed` of patches already read: ``(B, n, C_in, p, p)`` at ``cells``
+        ``(B, n)`` → ``(B, n, D)`` on the device."""
         b, n = cells.shape
-        x = self.encoder(self.prepare(grid.gather_with(take, cells).flatten(0, 1))).view(b, n, -1)
+        x = self.encoder(self.prepare(patches.flatten(0, 1))).view(b, n, -1)
         if not self.cfg.method.pos_encoding:
             return x
         cells = cells.to(x.device)
@@ -132,13 +138,18 @@ class IPS(Method):
             n = min(n, previous.shape[1] + math.ceil(refresh * n))
         m = min(self.cfg.method.memory_size, n)
         step = self.cfg.method.iter_size
+        # the scan's chunks of cells are known now: from disk the next one is read while
+        # the current one is encoded
+        chunks = [order[:, :m]] + [order[:, start : min(start + step, n)]  # (B, ≤I)
+                                   for start in repeated(range(m, n, step))]
+        read = lambda c: grid.gather_with(take, c)  # noqa: E731
+        scan = read_chunks(images, read, chunks, self.device)
         with torch.no_grad(), self.evaluating():
-            cells = order[:, :m]
-            memory = self.embed(take, grid, cells)  # (B, M, D), in the compute dtype
-            for start in repeated(range(m, n, step)):
-                new = order[:, start : min(start + step, n)]  # (B, ≤I)
+            cells, patches = next(scan)
+            memory = self.embed_patches(patches, grid, cells)  # (B, M, D), compute dtype
+            for new, patches in scan:
                 cand_cells = torch.cat([cells, new], dim=1)
-                fresh = self.embed(take, grid, new).to(memory.dtype)
+                fresh = self.embed_patches(patches, grid, new).to(memory.dtype)
                 cand = torch.cat([memory, fresh], dim=1)  # (B, M+I, D)
                 top = self.scores(cand).topk(m, dim=1).indices  # (B, M) on the device
                 memory = cand.gather(1, top[:, :, None].expand(-1, -1, self.dim))

@@ -58,7 +58,7 @@ from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.hostmaps import host_maps
 from gigapatch.core.units import parse_bytes
 from gigapatch.core.sampling import sample_cells
-from gigapatch.data.batch import Images, LazyBatch, first_image, read_ahead
+from gigapatch.data.batch import Images, LazyBatch, first_image, read_chunks
 from gigapatch.explain import draw_saliency, occlusion_explain
 from gigapatch.methods.base import METHODS, Context, Method, repeated
 from gigapatch.methods.frozen_cache import ZCache, image_keys
@@ -110,15 +110,9 @@ def _block_sums(z: torch.Tensor, geo: MapGeometry, image: list[int], cells: list
     return out
 
 
-def _chunks(images: Images, take: Take, n: int, flats: list[torch.Tensor]
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(flat cell indices, their patches)`` per chunk. From disk (:class:`LazyBatch`) the
-    next chunk is read while the current one is encoded (:func:`read_ahead`); in-memory
-    patches are views, copied as they are needed."""
-    read = lambda flat: take(flat // n, flat % n)  # noqa: E731
-    if isinstance(images, LazyBatch):
-        return read_ahead(read, flats)
-    return ((flat, read(flat)) for flat in flats)
+def _flat_reader(take: Take, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Patches by flat index ``b·N + cell``: ``(P,)`` → ``(P, C_in, p, p)`` (host)."""
+    return lambda flat: take(flat // n, flat % n)
 
 
 @METHODS.register("patchgd")
@@ -228,7 +222,8 @@ class PatchGD(Method):
         if todo is not None:
             flats = [todo[f] for f in flats]
         encode = self._fill_encoder()
-        for flat, patches in _chunks(images, take, n, flats):  # (P, C_in, p, p) copies
+        read = _flat_reader(take, n)
+        for flat, patches in read_chunks(images, read, flats, self.device):  # (P, C_in, p, p)
             bi, cell = flat // n, flat % n
             z[bi.to(self.device), cell.to(self.device)] = encode(self.prepare(patches)).to(dtype)
         return z
@@ -314,7 +309,7 @@ class PatchGD(Method):
         wanted = torch.arange(b * n) if todo is None else todo.flatten().nonzero().flatten()
         flats = [wanted[start : start + chunk]
                  for start in repeated(range(0, len(wanted), chunk))]
-        for flat, patches in _chunks(images, take, n, flats):
+        for flat, patches in read_chunks(images, _flat_reader(take, n), flats, self.device):
             maps = encode(patches)
             if not zs:  # channels known now
                 zs = [_map_storage((b, m.shape[1], *geo.size), self.compute_dtype(),
