@@ -7,6 +7,7 @@ import torch
 from gigapatch.config import Config
 from gigapatch.data.masks import Masks
 from gigapatch.memory.budget import fit_to_budget, measure_method_peak
+import gigapatch.methods.base as base_module
 from gigapatch.methods.base import create_method
 from gigapatch.step import StepContext
 
@@ -52,3 +53,20 @@ def test_budget_picks_a_downsampled_side_for_segmentation():
     # so the budget may stop one 4-px step short of the measured largest side (64): safe side.
     assert cfg.method.downsample_to is not None and cfg.method.downsample_to >= 60
     assert measure_method_peak(cfg, shape) <= budget
+
+
+def test_streamed_mask_blocks_equal_the_upsampled_prediction(monkeypatch):
+    """The mask comes band by band (16 rows here) from the downsampled logits, never
+    upsampled whole; its ids equal the argmax of the whole upsampled prediction."""
+    monkeypatch.setattr(base_module, "MASK_BLOCK", 16)
+    torch.manual_seed(1)
+    method = create_method(_cfg(downsample_to=24)).double().eval()
+    images = torch.randint(0, 256, (1, 1, 40, 45), dtype=torch.uint8)
+    with torch.no_grad():
+        want = method.predict(images)[0].argmax(dim=0).to(torch.uint8)
+        block, blocks = method.mask_blocks(images)
+        got = torch.zeros(40, 45, dtype=torch.uint8)
+        for y, x, ids in blocks:
+            assert ids.shape[0] <= 16 and ids.shape[1] <= 16
+            got[y : y + ids.shape[0], x : x + ids.shape[1]] = ids
+    assert block == 16 and torch.equal(got, want)

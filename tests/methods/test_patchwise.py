@@ -17,6 +17,8 @@ from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.methods.base import create_method
 from gigapatch.core.sampling import sample_cells
 from gigapatch.methods.patchwise import blend_weight, pool_patches, repeat_targets
+import gigapatch.methods.base as base_module
+from gigapatch.core.grid import PatchGrid
 from gigapatch.step import StepContext
 
 
@@ -284,3 +286,45 @@ def test_dense_patchwise_memory_is_flat_in_image_size():
     big_cfg.method.sample_fraction = 4 / 1024
     big = measure_method_peak(big_cfg, (1, 1024, 1024))
     assert big <= 1.1 * small, (small, big)
+
+
+def _blended_reference(method, images):
+    """Every patch's logits times the blend weight, summed over the whole padded image and
+    divided by the summed weights: ``(B, K, H, W)``."""
+    b, _, h, w = images.shape
+    p = method.cfg.method.patch_size
+    grid = PatchGrid(h, w, p, method.cfg.method.stride or p // 2)
+    ph, pw = grid.padded_size
+    out = torch.zeros(b, method.num_classes, ph, pw)
+    weight = torch.zeros(ph, pw)
+    kernel = blend_weight(p)
+    logits = method.patch_outputs(grid.patches(images).flatten(0, 1)).view(
+        b, grid.num_patches, method.num_classes, p, p)
+    for cell in range(grid.num_patches):
+        y, x, _, _ = grid.box(cell)
+        out[:, :, y : y + p, x : x + p] += logits[:, cell] * kernel
+        weight[y : y + p, x : x + p] += kernel
+    return (out / weight)[..., :h, :w]
+
+
+def test_streamed_mask_blocks_equal_the_whole_blended_prediction(tmp_path, monkeypatch):
+    """Prediction band by band (16-row bands, patch 16, stride 6: a patch spans two bands)
+    equals blending over the whole image, in memory and from a TIFF read lazily."""
+    monkeypatch.setattr(base_module, "MASK_BLOCK", 16)
+    torch.manual_seed(4)
+    method = create_method(_seg_cfg(stride=6)).eval()
+    images = torch.randint(0, 256, (2, 1, 40, 45), dtype=torch.uint8)
+    with torch.no_grad():
+        want = _blended_reference(method, images)
+        torch.testing.assert_close(method.predict(images), want, rtol=1e-5, atol=1e-6)
+        path = tmp_path / "image.tiff"
+        tifffile.imwrite(path, images[0, 0].numpy(), tile=(16, 16))
+        block, blocks = method.mask_blocks(LazyBatch([open_image(path)]))
+        ids = torch.zeros(40, 45, dtype=torch.uint8)
+        tops = []
+        for y, x, part in blocks:
+            tops.append(y)
+            assert part.shape[0] <= block and part.shape[1] <= block
+            ids[y : y + part.shape[0], x : x + part.shape[1]] = part
+    assert block == 16 and sorted(set(tops)) == [0, 16, 32]
+    assert torch.equal(ids, want[0].argmax(dim=0).to(torch.uint8))

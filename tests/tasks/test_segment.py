@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from gigapatch.config import Config
 from gigapatch.data.masks import IGNORE, Masks
 from gigapatch.tasks import create_task
-from gigapatch.tasks.segment import dice_loss
+from gigapatch.tasks.segment import dice_loss, fit_rows, fit_to
 
 
 def _task(k: int = 3):
@@ -94,3 +94,16 @@ def test_prediction_reports_class_fractions():
     out = torch.zeros(1, 3, 2, 2)
     out[0, 2, 0, :] = 1.0
     assert task.prediction(out)["class_fractions"] == {"0": 0.5, "1": 0.0, "2": 0.5}
+
+
+def test_fit_rows_equals_the_whole_bilinear_resize_band_by_band():
+    torch.manual_seed(0)
+    for (h, w), size in (((7, 9), (40, 45)), ((24, 24), (48, 50)), ((5, 5), (5, 11))):
+        logits = torch.randn(3, h, w, dtype=torch.float64)
+        want = fit_to(logits[None], size)[0]
+        for top, rows in ((0, 16), (16, 16), (size[0] - 3, 3)):
+            if top >= size[0]:
+                continue
+            rows = min(rows, size[0] - top)
+            torch.testing.assert_close(fit_rows(logits, size, top, rows),
+                                       want[:, top : top + rows], rtol=1e-12, atol=1e-12)

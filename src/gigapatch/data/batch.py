@@ -38,6 +38,7 @@ __all__ = [
     "LazyBatch",
     "ShardedSampler",
     "collate",
+    "first_batch",
     "first_image",
     "make_loader",
     "read_resized",
@@ -220,6 +221,14 @@ class LazyBatch:
 
 #: Host images as the methods take them: a ``(B, C, H, W)`` tensor or a batch read from disk.
 Images = torch.Tensor | LazyBatch
+
+
+def first_batch(images: Images) -> Images:
+    """A batch of the first image alone: ``(1, C, H, W)`` (a tensor view, or a
+    :class:`LazyBatch` of its reader)."""
+    if images.shape[0] == 1:
+        return images
+    return LazyBatch(images.readers[:1]) if isinstance(images, LazyBatch) else images[:1]
 
 
 def first_image(images: Images) -> torch.Tensor | ImageReader:

@@ -14,7 +14,7 @@ Images arrive as they come from the data loader: ``(B, C, H, W)`` ``uint8`` (or 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -244,16 +244,23 @@ class Method(nn.Module):
         ``(block side, iterator of (y, x, ids uint8 (h, w)))`` covering the image (edge blocks
         cropped). Default: from :meth:`predict` (the whole logits in memory); methods that
         can stream override it. Call in eval mode under ``no_grad``."""
-        ids = self.predict(images)[0].argmax(dim=0).to(torch.uint8).cpu()
-        h, w = ids.shape
-        block = 512
+        logits = self.predict(images)[0]  # (K, H, W)
+        bands = ((y, logits[:, y : y + MASK_BLOCK]) for y in range(0, logits.shape[1], MASK_BLOCK))
+        return MASK_BLOCK, band_blocks(bands, logits.shape[2])
 
-        def blocks() -> Iterator[tuple[int, int, torch.Tensor]]:
-            for y in range(0, h, block):
-                for x in range(0, w, block):
-                    yield y, x, ids[y : y + block, x : x + block]
 
-        return block, blocks()
+#: Side of the blocks a predicted mask is streamed in (a multiple of 16, as TIFF tiles need).
+MASK_BLOCK = 256
+
+
+def band_blocks(bands: Iterable[tuple[int, torch.Tensor]], width: int
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Class ids in blocks of :data:`MASK_BLOCK` from logits given band by band: ``(top,
+    (K, rows, width))`` → ``(y, x, ids uint8 (rows, ≤ MASK_BLOCK))`` in raster order."""
+    for top, band in bands:
+        ids = band.argmax(dim=0).to(torch.uint8).cpu()
+        for x in range(0, width, MASK_BLOCK):
+            yield top, x, ids[:, x : x + MASK_BLOCK]
 
 
 def create_method(cfg: Config, task: Task | None = None) -> Method:

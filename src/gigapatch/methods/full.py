@@ -15,20 +15,22 @@ factor and its detections are scaled back to image pixels. Memory grows with the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
-from gigapatch.data.batch import Images, LazyBatch
+from gigapatch.data.batch import Images, LazyBatch, first_batch
 from gigapatch.core.errors import ConfigError
-from gigapatch.methods.base import METHODS, Context, Method
+import gigapatch.methods.base as base
+from gigapatch.methods.base import METHODS, Context, Method, band_blocks
 from gigapatch.models.dense import create_dense_net
 from gigapatch.models.detection import create_detector
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Task
-from gigapatch.tasks.segment import fit_to
+from gigapatch.tasks.segment import fit_rows, fit_to
 
 
 def downsampled_size(h: int, w: int, longer_side: int) -> tuple[int, int]:
@@ -134,3 +136,16 @@ class FullImage(Method):
             return [{**d, "boxes": d["boxes"] / f} for d in found]  # back to image pixels
         out = self.logits(self.host_transform(images))
         return fit_to(out, images.shape[-2:]) if self.task.dense else out
+
+    def mask_blocks(self, images: Images) -> tuple[int, Iterator[tuple[int, int, torch.Tensor]]]:
+        """Dense: the first image's class ids in blocks of :data:`~.base.MASK_BLOCK`: the
+        network on the (downsampled) input, its logits upsampled band by band
+        (:func:`~gigapatch.tasks.segment.fit_rows`), never to the whole image at once."""
+        if not self.task.dense:
+            return super().mask_blocks(images)
+        first = first_batch(images)
+        logits = self.logits(self.host_transform(first))[0]  # (K, h, w)
+        size, block = tuple(first.shape[-2:]), base.MASK_BLOCK
+        bands = ((top, fit_rows(logits, size, top, min(block, size[0] - top)))
+                 for top in range(0, size[0], block))
+        return block, band_blocks(bands, size[1])

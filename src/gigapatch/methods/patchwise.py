@@ -35,6 +35,7 @@ shows where patches meet; no patch sees beyond itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,9 +44,10 @@ from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.sampling import sample_cells
-from gigapatch.data.batch import Images, first_image
+from gigapatch.data.batch import Images, LazyBatch, first_batch, first_image, read_chunks
 from gigapatch.explain import draw_saliency
-from gigapatch.methods.base import METHODS, Context, Method, repeated
+import gigapatch.methods.base as base
+from gigapatch.methods.base import METHODS, Context, Method, band_blocks, repeated
 from gigapatch.models.dense import create_dense_net
 from gigapatch.models.encoders import create_encoder
 from gigapatch.tasks import Logits, Targets, Task
@@ -213,27 +215,59 @@ class Patchwise(Method):
 
     def slide(self, images: Images) -> torch.Tensor:
         """Dense logits ``(B, K, H, W)``: the patch slid with ``method.stride`` (default
-        p/2), overlapping outputs blended by :func:`blend_weight` (call under ``no_grad``)."""
+        p/2), overlapping outputs blended by :func:`blend_weight` (call under ``no_grad``).
+        Assembled from :meth:`bands`; for images too large for whole logits,
+        :meth:`mask_blocks` streams them."""
         b, _, h, w = images.shape
-        p = self.cfg.method.patch_size
-        grid = PatchGrid(h, w, p, self.cfg.method.stride or max(1, p // 2))
-        take = grid.taker(images)
-        ph, pw = grid.padded_size
         dtype = torch.promote_types(self.dtype, torch.float32)
-        out = torch.zeros(b, self.num_classes, ph, pw, device=self.device, dtype=dtype)
-        weight = torch.zeros(ph, pw, device=self.device, dtype=dtype)
+        out = torch.empty(b, self.num_classes, h, w, device=self.device, dtype=dtype)
+        for i in range(b):
+            one = LazyBatch([images.readers[i]]) if isinstance(images, LazyBatch) \
+                else images[i : i + 1]  # (1, C, H, W)
+            for top, band in self.bands(one, base.MASK_BLOCK):
+                out[i, :, top : top + band.shape[1]] = band
+        return out
+
+    def bands(self, image: Images, block: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """One image ``(1, C, H, W)``'s blended logits band by band: ``(top, (K, rows, W))``
+        for ``top`` = 0, ``block``, 2·``block``, … (``rows`` = ``block``, fewer at the
+        bottom). Only ``block`` + p rows of logits exist at a time: a band is final once the
+        patches starting in it are added, since later patches start below it."""
+        _, _, h, w = image.shape
+        p, k = self.cfg.method.patch_size, self.num_classes
+        grid = PatchGrid(h, w, p, self.cfg.method.stride or max(1, p // 2))
+        take = grid.taker(image)
+        pw, chunk = grid.padded_size[1], self.cfg.method.fill_chunk
+        dtype = torch.promote_types(self.dtype, torch.float32)
         kernel = blend_weight(p, self.device, dtype)
-        n, chunk = grid.num_patches, self.cfg.method.fill_chunk
-        for start in range(0, b * n, chunk):
-            flat = torch.arange(start, min(start + chunk, b * n))
-            logits = self.patch_outputs(take(flat // n, flat % n)).to(dtype)  # (P, K, p, p)
-            for (bi, cell), lg in zip(zip((flat // n).tolist(), (flat % n).tolist()), logits):
-                y, x, _, _ = grid.box(cell)
-                out[bi, :, y : y + p, x : x + p] += lg * kernel
-        for cell in range(n):
-            y, x, _, _ = grid.box(cell)
-            weight[y : y + p, x : x + p] += kernel
-        return (out / weight)[..., :h, :w]
+        acc = torch.zeros(k, block + p, pw, device=self.device, dtype=dtype)
+        weight = torch.zeros(block + p, pw, device=self.device, dtype=dtype)
+        row = 0
+        read = lambda c: take(torch.zeros_like(c), c)  # noqa: E731
+        for top in range(0, h, block):
+            first = row
+            while row < grid.rows and row * grid.stride < top + block:
+                row += 1
+            cells = torch.arange(first * grid.cols, row * grid.cols)
+            chunks = [cells[i : i + chunk] for i in range(0, len(cells), chunk)]
+            for flat, patches in read_chunks(image, read, chunks, self.device):
+                logits = self.patch_outputs(patches).to(dtype)  # (P, K, p, p)
+                for cell, lg in zip(flat.tolist(), logits):
+                    y, x, _, _ = grid.box(cell)
+                    acc[:, y - top : y - top + p, x : x + p] += lg * kernel
+                    weight[y - top : y - top + p, x : x + p] += kernel
+            rows = min(block, h - top)
+            yield top, acc[:, :rows, :w] / weight[:rows, :w]
+            acc = torch.cat([acc[:, block:], torch.zeros_like(acc[:, :block])], dim=1)
+            weight = torch.cat([weight[block:], torch.zeros_like(weight[:block])])
+
+    def mask_blocks(self, images: Images) -> tuple[int, Iterator[tuple[int, int, torch.Tensor]]]:
+        """Dense: the first image's class ids in blocks of :data:`~.base.MASK_BLOCK`, from
+        :meth:`bands` (``MASK_BLOCK`` + p rows of logits at a time, never the whole image)."""
+        if not self.task.dense:
+            return super().mask_blocks(images)
+        first = first_batch(images)
+        return base.MASK_BLOCK, band_blocks(self.bands(first, base.MASK_BLOCK), first.shape[-1])
 
     def explain(self, images: Images, out: str) -> tuple[Logits, str]:
         """Each patch's probability of the image's predicted class (main head), as a heat

@@ -50,6 +50,31 @@ def fit_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def _source(n_out: int, n_in: int, start: int, count: int, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear (``align_corners=False``) sources of output positions ``start …
+    start + count − 1`` of an axis resized ``n_in`` → ``n_out``, as ``F.interpolate``
+    computes them: lower and upper input index ``(count,)`` and the upper one's weight."""
+    src = ((torch.arange(start, start + count, device=device, dtype=torch.float64) + 0.5)
+           * (n_in / n_out) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+
+
+def fit_rows(logits: torch.Tensor, size: tuple[int, int], top: int, rows: int
+             ) -> torch.Tensor:
+    """Rows ``top … top + rows − 1`` of :func:`fit_to` of one image's logits ``(K, h, w)``:
+    ``(K, rows, W)``, without the whole ``(K, H, W)`` ever existing (equal to
+    ``fit_to(logits[None], size)[0, :, top : top + rows]`` up to rounding)."""
+    (height, width), (h, w) = size, logits.shape[-2:]
+    lo, hi, t = _source(height, h, top, rows, logits.device)
+    t = t.to(logits.dtype)[None, :, None]
+    band = logits[:, lo] * (1 - t) + logits[:, hi] * t  # (K, rows, w)
+    lo, hi, t = _source(width, w, 0, width, logits.device)
+    t = t.to(logits.dtype)
+    return band[..., lo] * (1 - t) + band[..., hi] * t
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``1 −`` soft Dice of logits ``(P, K, h, w)`` against class ids ``(P, h, w)``
     (:data:`~gigapatch.data.masks.IGNORE` pixels left out), over the whole batch, averaged
