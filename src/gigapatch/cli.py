@@ -248,7 +248,8 @@ def _predict_boxes(args: argparse.Namespace, method, task, cfg: Config, image) -
     if args.boxes:
         path = Path(args.boxes)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(coco_results(found)))
+        ids = cfg.data.category_ids
+        path.write_text(json.dumps(coco_results(found, category_ids=ids)))
         result["boxes"] = str(path)
     if args.overlay:
         first = image.readers[0] if isinstance(image, LazyBatch) else image[0]

@@ -59,6 +59,9 @@ class DataConfig:
     ``skip_background`` (images read from disk): an Otsu foreground mask on a low-resolution
     level (``background`` auto/bright/dark, optional fixed ``mask_threshold``) marks empty
     patches, which PatchGD gives a fixed (zero) embedding and IPS never scores.
+    ``category_ids`` (detection): the COCO category id of each label 1..K, in order; filled
+    from the training JSON when empty (and saved with the checkpoint), so predictions are
+    written with the data set's own ids. The held-out JSON must list the same categories.
     """
 
     kind: str = "csv"
@@ -84,6 +87,7 @@ class DataConfig:
     level: int | None = None
     mpp: float | None = None
     augment: list[str] = field(default_factory=list)
+    category_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -215,6 +219,11 @@ class Config:
         """Check value ranges and choices; returns ``self``."""
         _check(self.data.num_classes >= 2, "data.num_classes", self.data.num_classes, "≥ 2")
         _check(self.data.in_chans >= 1, "data.in_chans", self.data.in_chans, "≥ 1")
+        ids = self.data.category_ids
+        _check(not ids or (len(set(ids)) == len(ids) == self.data.num_classes
+                           and all(isinstance(i, int) and i >= 1 for i in ids)),
+               "data.category_ids", ids, f"empty, or data.num_classes = "
+               f"{self.data.num_classes} distinct integer ids ≥ 1")
         _check(self.data.std > 0, "data.std", self.data.std, "> 0")
         _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers,
                "≥ 0 (0 = load in the main process)")

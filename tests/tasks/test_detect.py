@@ -87,7 +87,8 @@ def test_a_detection_run_from_coco_json_reports_map(tmp_path, detection_config):
     cfg = detection_config(tmp_path / "det", tmp_path / "runs", "full")
     summary = train(cfg.validate())
     assert 0 <= summary["val_map"] <= 1 and "final_val_map_small" in summary
-    cfg.data.num_classes = 5
+    assert cfg.data.category_ids == list(range(1, 11))  # recorded from train.json
+    cfg.data.num_classes, cfg.data.category_ids = 5, []
     with pytest.raises(Exception, match="10 categories but data.num_classes = 5"):
         train(cfg, overwrite=True)
 
@@ -120,3 +121,56 @@ def test_predict_writes_coco_results_and_an_overlay_one_image_or_many(tmp_path, 
     rows = (out.read_text().splitlines())
     assert rows[0] == "path,detections,boxes,error" and len(rows) == 3
     assert (tmp_path / "boxes/000000.json").is_file()
+
+
+def _renumber(json_path, factor: int) -> None:
+    """Give a COCO file's categories the ids ``factor · id`` (not 1..K any more)."""
+    import json
+
+    coco = json.loads(json_path.read_text())
+    for c in coco["categories"]:
+        c["id"] *= factor
+    for a in coco["annotations"]:
+        a["category_id"] *= factor
+    json_path.write_text(json.dumps(coco))
+
+
+def test_predictions_carry_the_data_sets_own_category_ids(tmp_path, capsys, detection_config):
+    import json
+
+    from gigapatch.cli import main
+    from gigapatch.engine.checkpoint import load_checkpoint
+
+    data = tmp_path / "det"
+    generate_detection(data, n_train=4, n_test=2, side=128, scale_range=(14, 48),
+                       digits_per_image=(2, 4), progress=False)
+    for split in ("train", "test"):
+        _renumber(data / f"{split}.json", 10)
+    cfg = detection_config(data, tmp_path / "runs", "full")
+    ckpt = train(cfg.validate())["run_dir"] + "/best.pt"
+    ids = list(range(10, 101, 10))
+    assert load_checkpoint(ckpt)["config"]["data"]["category_ids"] == ids
+    capsys.readouterr()
+    image = data / "test/images/000000.png"
+    assert main(["predict", str(image), "--checkpoint", ckpt,
+                 "--boxes", str(tmp_path / "b.json")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    coco = json.loads((tmp_path / "b.json").read_text())
+    assert coco and {d["category_id"] for d in coco} <= set(ids)
+    by_score = sorted(result["detections"], key=lambda d: -d["score"])
+    assert [d["category_id"] for d in coco] == [ids[d["label"] - 1] for d in by_score]
+
+    _renumber(data / "test.json", 2)  # the held-out file now means other categories
+    with pytest.raises(Exception, match=r"category ids \[20, 40.*data.category_ids"):
+        train(detection_config(data, tmp_path / "runs", "full", name="again").validate())
+
+
+def test_category_ids_must_be_one_distinct_id_per_label():
+    for bad in ([1, 1, 2], [1, 2], [0, 1, 2]):
+        cfg = _cfg()
+        cfg.data.category_ids = bad
+        with pytest.raises(ConfigError, match="data.category_ids"):
+            cfg.validate()
+    cfg = _cfg()
+    cfg.data.category_ids = [3, 7, 9]
+    assert cfg.validate().data.category_ids == [3, 7, 9]

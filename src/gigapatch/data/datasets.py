@@ -134,6 +134,13 @@ def _detection(cfg: Config, split: str) -> Dataset:
     if path.suffix.lower() == ".json" and records.num_classes != d.num_classes:
         raise DataError(f"{path} has {records.num_classes} categories but data.num_classes = "
                         f"{d.num_classes}; set data.num_classes: {records.num_classes}.")
+    if path.suffix.lower() == ".json":
+        if not d.category_ids:  # labels 1..K ↔ these ids, kept in the run's config
+            d.category_ids = list(records.category_ids)
+        elif list(records.category_ids) != list(d.category_ids):
+            raise DataError(f"{path} lists category ids {records.category_ids}, but the model's "
+                            f"labels stand for {d.category_ids} (data.category_ids, from the "
+                            "training JSON): give the held-out JSON the same 'categories'.")
     return DetectionDataset(records, lazy=d.kind == "lazy_csv")
 
 

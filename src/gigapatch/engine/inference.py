@@ -303,7 +303,8 @@ def _predict_one(method: Method, task: Task, image: torch.Tensor | LazyBatch, pa
         row: dict[str, Any] = {"detections": int(len(found["scores"]))}
         if boxes_dir:
             out = Path(boxes_dir) / f"{path.stem}.json"
-            out.write_text(json.dumps(coco_results(found)))
+            ids = method.cfg.data.category_ids
+            out.write_text(json.dumps(coco_results(found, category_ids=ids)))
             row["boxes"] = str(out)
         return row
     if task.dense:

@@ -17,6 +17,7 @@ on the ``faster-coco-eval`` backend (extra ``gigapatch[det]``) or else ``pycocot
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -64,15 +65,19 @@ class _MAP(DelegatingMetric):
         return {k: values[k].float() for k in self.wanted}
 
 
-def coco_results(det: dict[str, torch.Tensor], image_id: int = 1) -> list[dict[str, Any]]:
+def coco_results(det: dict[str, torch.Tensor], image_id: int = 1,
+                 category_ids: Sequence[int] = ()) -> list[dict[str, Any]]:
     """One image's detections in COCO's result format (what ``loadRes`` reads):
     ``[{image_id, category_id, bbox: [x, y, w, h], score}]``, best first. ``category_id`` is
-    the label (the COCO category ids sorted: the same numbers when they are 1..K)."""
+    ``category_ids[label - 1]`` (the training JSON's ids, ``data.category_ids``), or the
+    label itself without them."""
     order = det["scores"].argsort(descending=True).tolist()
     out = []
     for i in order:
         x0, y0, x1, y1 = (float(v) for v in det["boxes"][i])
-        out.append({"image_id": int(image_id), "category_id": int(det["labels"][i]),
+        label = int(det["labels"][i])
+        category = int(category_ids[label - 1]) if category_ids else label
+        out.append({"image_id": int(image_id), "category_id": category,
                     "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                     "score": round(float(det["scores"][i]), 5)})
     return out
