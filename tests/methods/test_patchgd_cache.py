@@ -38,20 +38,25 @@ def _steps(method, images, targets, n):
     return out
 
 
+def _assert_same_weights(exact, cached, images, targets, n: int = 3) -> None:
+    """``n`` SGD steps of each method from the same RNG state end in bit-identical weights
+    after every step."""
+    torch.manual_seed(1)
+    want = _steps(exact, images, targets, n)
+    torch.manual_seed(1)
+    got = _steps(cached, images, targets, n)
+    for a, b in zip(want, got):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
 def test_with_max_age_zero_the_cached_path_is_the_exact_algorithm():
     torch.manual_seed(0)
     exact = create_method(_cfg())
     cached = copy.deepcopy(exact)
     cached.cfg = _cfg(z_cache="refresh", z_max_age=0)
     images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)  # 16 cells each
-    targets = torch.tensor([0, 2])
-    torch.manual_seed(1)
-    want = _steps(exact, images, targets, 3)
-    torch.manual_seed(1)
-    got = _steps(cached, images, targets, 3)
-    for a, b in zip(want, got):
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    _assert_same_weights(exact, cached, images, torch.tensor([0, 2]))
     assert cached.z_cache.hits == 4 and len(cached.z_cache.items) == 2  # steps 2 and 3 hit
     assert cached.z_clock == 3
 
@@ -147,14 +152,7 @@ def test_dense_and_detection_maps_cached_at_max_age_zero_are_the_exact_algorithm
     cached = copy.deepcopy(exact)
     cached.cfg = _dense_cfg(kind, z_cache="refresh", z_max_age=0)
     images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
-    targets = _dense_targets(exact, images)
-    torch.manual_seed(1)
-    want = _steps(exact, images, targets, 3)
-    torch.manual_seed(1)
-    got = _steps(cached, images, targets, 3)
-    for a, b in zip(want, got):
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    _assert_same_weights(exact, cached, images, _dense_targets(exact, images))
     assert cached.z_cache.hits == 4 and len(cached.z_cache.items) == 2
 
 

@@ -38,7 +38,7 @@ __all__ = [
     "LazyBatch",
     "ShardedSampler",
     "collate",
-    "first_batch",
+    "one_image",
     "first_image",
     "make_loader",
     "read_resized",
@@ -223,12 +223,13 @@ class LazyBatch:
 Images = torch.Tensor | LazyBatch
 
 
-def first_batch(images: Images) -> Images:
-    """A batch of the first image alone: ``(1, C, H, W)`` (a tensor view, or a
-    :class:`LazyBatch` of its reader)."""
+def one_image(images: Images, i: int = 0) -> Images:
+    """A batch of image ``i`` alone: ``(1, C, H, W)`` (a tensor view, or a
+    :class:`LazyBatch` of its reader; ``images`` itself when it holds only that one)."""
     if images.shape[0] == 1:
         return images
-    return LazyBatch(images.readers[:1]) if isinstance(images, LazyBatch) else images[:1]
+    return LazyBatch(images.readers[i : i + 1]) if isinstance(images, LazyBatch) \
+        else images[i : i + 1]
 
 
 def first_image(images: Images) -> torch.Tensor | ImageReader:

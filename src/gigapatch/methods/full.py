@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from gigapatch.config import Config
-from gigapatch.data.batch import Images, LazyBatch, first_batch
+from gigapatch.data.batch import Images, LazyBatch, one_image
 from gigapatch.core.errors import ConfigError
 import gigapatch.methods.base as base
 from gigapatch.methods.base import METHODS, Context, Method, band_blocks
@@ -143,7 +143,7 @@ class FullImage(Method):
         (:func:`~gigapatch.tasks.segment.fit_rows`), never to the whole image at once."""
         if not self.task.dense:
             return super().mask_blocks(images)
-        first = first_batch(images)
+        first = one_image(images)
         logits = self.logits(self.host_transform(first))[0]  # (K, h, w)
         size, block = tuple(first.shape[-2:]), base.MASK_BLOCK
         bands = ((top, fit_rows(logits, size, top, min(block, size[0] - top)))

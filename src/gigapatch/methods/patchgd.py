@@ -58,7 +58,7 @@ from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.hostmaps import host_maps
 from gigapatch.core.units import parse_bytes
 from gigapatch.core.sampling import sample_cells
-from gigapatch.data.batch import Images, LazyBatch, first_batch, first_image, read_chunks
+from gigapatch.data.batch import Images, LazyBatch, first_image, one_image, read_chunks
 from gigapatch.explain import draw_saliency, occlusion_explain
 from gigapatch.methods.base import METHODS, Context, Method, repeated
 from gigapatch.methods.frozen_cache import ZCache, image_keys
@@ -451,7 +451,7 @@ class PatchGD(Method):
         applied window by window over Z: the logits never exist for the whole image."""
         if not self.task.dense:
             return super().mask_blocks(images)
-        first = first_batch(images)
+        first = one_image(images)
         geo = self.geometry(first)
         grid, p = geo.grid, self.cfg.method.patch_size
         h, w = first.shape[-2:]

@@ -44,7 +44,7 @@ from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.sampling import sample_cells
-from gigapatch.data.batch import Images, LazyBatch, first_batch, first_image, read_chunks
+from gigapatch.data.batch import Images, first_image, one_image, read_chunks
 from gigapatch.explain import draw_saliency
 import gigapatch.methods.base as base
 from gigapatch.methods.base import METHODS, Context, Method, band_blocks, repeated
@@ -222,9 +222,7 @@ class Patchwise(Method):
         dtype = torch.promote_types(self.dtype, torch.float32)
         out = torch.empty(b, self.num_classes, h, w, device=self.device, dtype=dtype)
         for i in range(b):
-            one = LazyBatch([images.readers[i]]) if isinstance(images, LazyBatch) \
-                else images[i : i + 1]  # (1, C, H, W)
-            for top, band in self.bands(one, base.MASK_BLOCK):
+            for top, band in self.bands(one_image(images, i), base.MASK_BLOCK):
                 out[i, :, top : top + band.shape[1]] = band
         return out
 
@@ -266,7 +264,7 @@ class Patchwise(Method):
         :meth:`bands` (``MASK_BLOCK`` + p rows of logits at a time, never the whole image)."""
         if not self.task.dense:
             return super().mask_blocks(images)
-        first = first_batch(images)
+        first = one_image(images)
         return base.MASK_BLOCK, band_blocks(self.bands(first, base.MASK_BLOCK), first.shape[-1])
 
     def explain(self, images: Images, out: str) -> tuple[Logits, str]:
