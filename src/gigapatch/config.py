@@ -241,10 +241,10 @@ class Config:
             if d.kind not in ("lazy_csv", "folder"):
                 raise ConfigError(f"data.level / data.mpp choose a pyramid level of images read "
                                   f"from disk: use data.kind lazy_csv or folder (not {d.kind}).")
-            if self.task.kind == "segment":
-                raise ConfigError("data.level / data.mpp are not supported for segmentation yet "
-                                  "(the masks would need the same level); write the images and "
-                                  "masks at the resolution to train at.")
+            if self.task.kind == "detect":
+                raise ConfigError("data.level / data.mpp are not supported for detection yet "
+                                  "(its boxes are in level-0 pixels); write the images and "
+                                  "boxes at the resolution to train at.")
         _choice("data.background", d.background, ("auto", "bright", "dark"))
         if d.kind in ("megapixel_mnist", "folder"):
             _check(bool(d.root), "data.root", d.root, f"the {d.kind} data folder")

@@ -90,3 +90,55 @@ def test_a_class_id_out_of_range_is_named_when_read(tmp_path):
     ds = segmentation_folder(tmp_path, 3, lazy=False)
     with pytest.raises(DataError, match=r"masks/a.png: value 9 .*0..2"):
         ds[0]
+
+
+def _nearest_reference(full: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Nearest-neighbour ``(h, w)`` sample of ``full``: pixel centre (i + ½)·H/h, floored."""
+    H, W = full.shape
+    rows = [int((i + 0.5) * H / h) for i in range(h)]
+    cols = [int((j + 0.5) * W / w) for j in range(w)]
+    return full[np.ix_(rows, cols)]
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_a_mask_presented_at_a_level_size_is_its_nearest_sample(tmp_path, monkeypatch, suffix):
+    rng = np.random.default_rng(1)
+    full = rng.integers(0, 5, (300, 203)).astype(np.uint8)
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".tif":
+        tifffile.imwrite(path, full, tile=(32, 32))
+    else:
+        _png(path, full)
+    monkeypatch.setattr("gigapatch.data.masks._BAND", 7)  # several bands per read
+    mask = MaskReader(path, 5, size=(75, 51))  # ×4 in y, ×3.98 in x
+    assert mask.shape == (75, 51) and mask.file_shape == (300, 203)
+    want = _nearest_reference(full, 75, 51)
+    np.testing.assert_array_equal(mask.read(), want)
+    np.testing.assert_array_equal(mask.read(10, 20, 33, 17), want[10:43, 20:37])
+    assert MaskReader(path, 5, size=(300, 203)).read().tolist() == full.tolist()
+
+
+def _pyramid_image(path: Path, side: int) -> None:
+    """A 2-level tiled TIFF pyramid (SubIFD) of a grey ``side²`` image."""
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros((side, side), np.uint8), tile=(32, 32), subifds=1)
+        tif.write(np.zeros((side // 2, side // 2), np.uint8), tile=(32, 32), subfiletype=1)
+
+
+def test_a_set_at_a_pyramid_level_presents_masks_at_that_level(tmp_path):
+    (tmp_path / "images").mkdir()
+    _pyramid_image(tmp_path / "images/a.tif", 128)
+    _pyramid_image(tmp_path / "images/b.tif", 128)
+    full = (np.arange(128)[:, None] // 9 + np.arange(128)[None] // 5) % 3
+    _png(tmp_path / "masks/a.png", full.astype(np.uint8))  # drawn at level 0
+    _png(tmp_path / "masks/b.png", full[::2, ::2].astype(np.uint8))  # drawn at level 1
+    ds = segmentation_folder(tmp_path, 3, level=1)
+    for i, want in enumerate((_nearest_reference(full, 64, 64), full[::2, ::2])):
+        reader, mask = ds[i]
+        assert reader.shape[:2] == (64, 64) and mask.shape == (64, 64)
+        np.testing.assert_array_equal(Masks([mask]).full()[0].numpy(), want)
+    with pytest.raises(DataError, match=r"b.png is 64×64 but b.tif is 128×128\. A mask"):
+        segmentation_folder(tmp_path, 3)  # a level-1 mask needs the level
+    _png(tmp_path / "masks/b.png", np.zeros((100, 100), np.uint8))
+    with pytest.raises(DataError, match=r"b.png is 100×100 but b.tif is 128×128 or 64×64"):
+        segmentation_folder(tmp_path, 3, level=1)

@@ -80,3 +80,20 @@ def test_a_lazy_data_set_reads_at_the_configured_level(tmp_path):
     cfg.data.kind = "csv"
     with pytest.raises(ConfigError, match="lazy_csv or folder"):
         cfg.validate()
+
+
+def test_segmentation_reads_images_and_masks_at_the_level_and_detection_refuses(tmp_path):
+    levels = _pyramid(tmp_path / "s.tiff", mpp=0.25)
+    ids = (np.arange(256)[:, None] // 7 + np.arange(256)[None] // 3) % 4
+    tifffile.imwrite(tmp_path / "m.tiff", ids.astype(np.uint8), tile=(64, 64))
+    (tmp_path / "seg.csv").write_text("path,mask\ns.tiff,m.tiff\n")
+    cfg = Config()
+    cfg.task.kind, cfg.data.kind, cfg.data.mpp = "segment", "lazy_csv", 0.5
+    cfg.data.train_csv = cfg.data.val_csv = str(tmp_path / "seg.csv")
+    cfg.data.num_classes, cfg.data.in_chans = 4, 3
+    reader, mask = open_dataset(cfg.validate(), "train")[0]
+    np.testing.assert_array_equal(reader.read_region(0, 0, 128, 128), levels[1])
+    np.testing.assert_array_equal(mask.read(), ids[1::2, 1::2])  # nearest: pixel centres
+    cfg.task.kind = "detect"
+    with pytest.raises(ConfigError, match="not supported for detection"):
+        cfg.validate()

@@ -110,10 +110,12 @@ def _open(cfg: Config, split: str) -> Dataset:
 def _segmentation(cfg: Config, split: str) -> Dataset:
     d = cfg.data
     if d.kind == "folder":
-        return segmentation_folder(Path(d.root) / split, d.num_classes, mask_dir=d.mask_dir)
+        return segmentation_folder(Path(d.root) / split, d.num_classes, mask_dir=d.mask_dir,
+                                   level=d.level, mpp=d.mpp)
     if d.kind in ("csv", "lazy_csv"):
         return segmentation_csv(d.train_csv if split == "train" else d.val_csv, d.num_classes,
-                                lazy=d.kind == "lazy_csv", mask_column=d.mask_column)
+                                lazy=d.kind == "lazy_csv", mask_column=d.mask_column,
+                                level=d.level, mpp=d.mpp)
     raise ConfigError(f"data.kind = {d.kind!r} has no masks; for task.kind = segment use csv, "
                       "lazy_csv (path,mask CSVs) or folder (images/ + masks/).")
 

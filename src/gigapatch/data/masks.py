@@ -9,6 +9,13 @@ A mask holds one integer class id per pixel (0 = background). Binary masks may b
 - TIFF (tiled, pyramidal or not) and ``.npy``: read window by window through
   :func:`gigapatch.io.readers.open_image`, so a gigapixel mask never loads whole.
 
+**At a pyramid level** (``data.level`` / ``data.mpp``): the images are read at a coarser level
+than the masks were drawn at. A :class:`MaskReader` given the level's ``size`` presents the
+mask at that size by nearest-neighbour sampling from the mask's full resolution (level-pixel
+``i`` takes mask row ``⌊(i + ½)·H / h⌋``; no averaging, which would invent class ids at
+borders), reading only the mask rows and columns under the window, band by band. A mask
+written at the level's size is read as it is.
+
 Values are checked where they are read: a value that is no class id raises a
 :class:`~gigapatch.core.errors.DataError` naming the file, the value and where it is. RGB masks
 are refused when the data set is built (from the header).
@@ -69,16 +76,25 @@ def class_ids(values: np.ndarray, num_classes: int, path: Path | str, y0: int = 
     return ids
 
 
+#: Rows of the presented mask sampled per read of the full-resolution mask (bounds the
+#: window read from the file to ``_BAND · H / h`` rows).
+_BAND = 256
+
+
 class MaskReader:
     """A lazy, picklable mask: ``shape`` ``(H, W)`` from the header; :meth:`read` returns
     class ids for a window. Pillow formats are decoded whole on each read (small masks);
     TIFF and ``.npy`` masks read only the window.
 
+    ``size``: present the mask at ``(h, w)``, the size of the pyramid level the image is read
+    at (see the module doc); ``shape`` is then ``size`` and :attr:`file_shape` the file's own.
+
     Raises (on construction):
         DataError: the file is missing or unreadable, or has several channels (an RGB mask).
     """
 
-    def __init__(self, path: str | os.PathLike[str], num_classes: int) -> None:
+    def __init__(self, path: str | os.PathLike[str], num_classes: int,
+                 size: tuple[int, int] | None = None) -> None:
         self.path, self.num_classes = Path(path), num_classes
         self._reader: ImageReader | None = None
         if not self.path.is_file():
@@ -102,15 +118,32 @@ class MaskReader:
                 "class id per pixel. Save it as a single-channel (grayscale or palette) image "
                 "of class ids."
             )
-        self.shape = (h, w)
+        self.file_shape = (h, w)
+        self.shape = (h, w) if size is None else (int(size[0]), int(size[1]))
 
     def read(self, y: int = 0, x: int = 0, h: int | None = None, w: int | None = None
              ) -> np.ndarray:
-        """Class ids ``int64 (h, w)`` of the window (default: the whole mask); the window
-        must lie inside the mask."""
+        """Class ids ``int64 (h, w)`` of the window (default: the whole mask) at
+        :attr:`shape`; the window must lie inside it."""
         H, W = self.shape
         h = H - y if h is None else h
         w = W - x if w is None else w
+        if self.shape == self.file_shape:
+            return self._read_file(y, x, h, w)
+        rows = _nearest(y, h, H, self.file_shape[0])
+        cols = _nearest(x, w, W, self.file_shape[1])
+        out = np.empty((h, w), dtype=np.int64)
+        if not w:
+            return out
+        for i in range(0, h, _BAND):
+            r = rows[i : i + _BAND]
+            block = self._read_file(int(r[0]), int(cols[0]), int(r[-1] - r[0]) + 1,
+                                    int(cols[-1] - cols[0]) + 1)
+            out[i : i + _BAND] = block[np.ix_(r - r[0], cols - cols[0])]
+        return out
+
+    def _read_file(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Class ids ``int64 (h, w)`` of a window of the file at its own resolution."""
         if self._reader is None:
             try:
                 with Image.open(self.path) as img:
@@ -120,6 +153,13 @@ class MaskReader:
         else:
             values = self._reader.read_region(y, x, h, w)[..., 0]
         return class_ids(values, self.num_classes, self.path, y, x)
+
+
+def _nearest(start: int, count: int, size: int, full: int) -> np.ndarray:
+    """Rows (or columns) of a ``full``-long axis that pixels ``start .. start + count - 1`` of
+    the same axis presented ``size`` long sample: ``⌊(i + ½)·full / size⌋``, ``int64 (count,)``."""
+    i = np.arange(start, start + count, dtype=np.int64)
+    return np.minimum((2 * i + 1) * full // (2 * size), full - 1)
 
 
 class Masks:

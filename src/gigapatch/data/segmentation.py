@@ -14,6 +14,12 @@ Items are ``(image, mask)``: decoded whole (``uint8 (C, H, W)`` and ``int64 (H, 
 
 Checked when the set is built, from headers only: every file exists, every mask has one
 channel and the size of its image (the message names both files and both sizes).
+
+**Pyramid level** (``data.level`` / ``data.mpp``, lazy sets only): images are read at that
+level (:func:`~gigapatch.io.resolution.at_resolution`) and each mask is presented at the
+level's size, by nearest-neighbour sampling when it was drawn at full resolution
+(:class:`~gigapatch.data.masks.MaskReader`). A mask may have either size: the image's level 0
+or the chosen level.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from gigapatch.core.errors import DataError
 from gigapatch.data.masks import MaskReader
 from gigapatch.io.image import read_image
 from gigapatch.io.readers import SUPPORTED_EXTENSIONS, ImageReader, open_image
+from gigapatch.io.resolution import at_resolution
 
 __all__ = ["SegmentationDataset", "segmentation_csv", "segmentation_folder"]
 
@@ -49,13 +56,18 @@ class SegmentationDataset(Dataset):
         num_classes: class ids are ``0..num_classes-1`` (0 = background).
         lazy: items are readers (``True``) or decoded tensors (``False``).
         where: what lists the pairs (a CSV, a folder), for messages.
+        level, mpp: read at this pyramid level, or the level for this many microns per pixel
+            (lazy sets; see the module doc).
     """
 
     def __init__(self, pairs: list[tuple[Path, Path]], num_classes: int, *, lazy: bool,
-                 where: str) -> None:
+                 where: str, level: int | None = None, mpp: float | None = None) -> None:
         if not pairs:
             raise DataError(f"{where} lists no images; it needs at least one image and mask.")
+        if not lazy and (level is not None or mpp is not None):
+            raise ValueError("a pyramid level needs lazy=True (data.kind lazy_csv or folder)")
         self.where, self.lazy, self.num_classes = where, lazy, num_classes
+        self.level, self.mpp = level, mpp
         missing = [p for pair in pairs for p in pair if not p.is_file()]
         if missing:
             raise DataError(f"{where} lists {len(missing)} file(s) that do not exist: "
@@ -63,16 +75,23 @@ class SegmentationDataset(Dataset):
         self._paths = [p for p, _ in pairs]
         self._masks = [m for _, m in pairs]
         wrong = []
-        for image, mask in pairs:  # headers only
-            size = open_image(image).shape[:2]
+        for i, (image, mask) in enumerate(pairs):  # headers only
+            full = open_image(image)
+            sizes = {tuple(full.shape[:2]), tuple(self.reader(i).shape[:2])}
             mask_shape = MaskReader(mask, num_classes).shape
-            if tuple(size) != tuple(mask_shape):
+            if tuple(mask_shape) not in sizes:
                 wrong.append(f"{mask} is {mask_shape[0]}×{mask_shape[1]} but {image.name} is "
-                             f"{size[0]}×{size[1]}")
+                             + " or ".join(f"{h}×{w}" for h, w in sorted(sizes, reverse=True)))
         if wrong:
+            at = " (or of the level read, data.level / data.mpp)" if self.at_level else ""
             raise DataError(f"{len(wrong)} mask(s) listed in {where} differ in size from their "
                             f"image: {_listing(wrong)}. A mask must have its image's size "
-                            "(H×W).")
+                            f"(H×W){at}.")
+
+    @property
+    def at_level(self) -> bool:
+        """Whether images are read at a pyramid level other than as stored (level/mpp set)."""
+        return self.level is not None or self.mpp is not None
 
     @property
     def paths(self) -> list[Path]:
@@ -85,25 +104,28 @@ class SegmentationDataset(Dataset):
         return list(self._masks)
 
     def reader(self, index: int) -> ImageReader:
-        """A lazy reader of image ``index`` (header only)."""
-        return open_image(self._paths[index])
+        """A lazy reader of image ``index`` (header only), at the set's level."""
+        return at_resolution(open_image(self._paths[index]), self.level, self.mpp)
 
     def __len__(self) -> int:
         return len(self._paths)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        mask = MaskReader(self._masks[index], self.num_classes)
         if self.lazy:
-            return self.reader(index), mask
+            reader = self.reader(index)
+            return reader, MaskReader(self._masks[index], self.num_classes, reader.shape[:2])
+        mask = MaskReader(self._masks[index], self.num_classes)
         array = read_image(self._paths[index])  # (H, W, C) uint8
         image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
         return image, torch.from_numpy(mask.read())
 
 
 def segmentation_csv(csv_path: str | Path, num_classes: int, *, lazy: bool,
-                     path_column: str = "path", mask_column: str = "mask"
+                     path_column: str = "path", mask_column: str = "mask",
+                     level: int | None = None, mpp: float | None = None
                      ) -> SegmentationDataset:
-    """The pairs listed in a CSV (paths relative to its folder).
+    """The pairs listed in a CSV (paths relative to its folder); ``level``/``mpp`` as in
+    :class:`SegmentationDataset`.
 
     Raises:
         DataError: the CSV is missing or lacks a column; a row has an empty cell; a file is
@@ -128,12 +150,15 @@ def segmentation_csv(csv_path: str | Path, num_classes: int, *, lazy: bool,
                 raise DataError(f"segmentation CSV {csv_path}, line {line}: empty "
                                 f"{path_column if not image else mask_column!r}.")
             pairs.append((csv_path.parent / image, csv_path.parent / mask))
-    return SegmentationDataset(pairs, num_classes, lazy=lazy, where=str(csv_path))
+    return SegmentationDataset(pairs, num_classes, lazy=lazy, where=str(csv_path), level=level,
+                               mpp=mpp)
 
 
 def segmentation_folder(root: str | Path, num_classes: int, *, lazy: bool = True,
-                        mask_dir: str = "masks") -> SegmentationDataset:
-    """The pairs of ``root/images/*`` and ``root/<mask_dir>/*`` with matching stems.
+                        mask_dir: str = "masks", level: int | None = None,
+                        mpp: float | None = None) -> SegmentationDataset:
+    """The pairs of ``root/images/*`` and ``root/<mask_dir>/*`` with matching stems;
+    ``level``/``mpp`` as in :class:`SegmentationDataset`.
 
     Raises:
         DataError: a folder is missing or empty, or an image has no mask (or a mask no
@@ -163,4 +188,5 @@ def segmentation_folder(root: str | Path, num_classes: int, *, lazy: bool = True
         raise DataError(f"{root}: " + "; ".join(parts) + ". Masks match images by file name "
                         "(without the extension).")
     pairs = [(images[s], masks[s]) for s in sorted(images)]
-    return SegmentationDataset(pairs, num_classes, lazy=lazy, where=str(root))
+    return SegmentationDataset(pairs, num_classes, lazy=lazy, where=str(root), level=level,
+                               mpp=mpp)
