@@ -55,7 +55,9 @@ class DataConfig:
     ``color_jitter`` (:mod:`gigapatch.data.augment`).
     Resolution (``lazy_csv``, ``folder``): ``level: L`` reads pyramid level L, ``mpp: 0.5``
     the coarsest level with at most that many microns per pixel, from the slide's metadata
-    (:mod:`gigapatch.io.resolution`); training and ``predict`` both use it.
+    (:mod:`gigapatch.io.resolution`); training and ``predict`` both use it. Segmentation
+    masks are presented at the level (:mod:`gigapatch.data.masks`); detection refuses a level
+    (its boxes are level-0 pixels).
     ``skip_background`` (images read from disk): an Otsu foreground mask on a low-resolution
     level (``background`` auto/bright/dark, optional fixed ``mask_threshold``) marks empty
     patches, which PatchGD gives a fixed (zero) embedding and IPS never scores.
