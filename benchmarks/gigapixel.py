@@ -30,6 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
+
+from gigapatch.config import Config, save_config
+from gigapatch.core.units import format_bytes
+from gigapatch.io.readers import open_image
+from gigapatch.synth.gigapixel import generate_gigapixel
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -63,8 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def ensure_data(root: Path, side: int, results: dict[str, Any]) -> Path:
     """The data set for one side (generated unless its meta.json is there); records the
     write time (when written here) and the mean file size in ``results["data"]``."""
-    from gigapatch.synth.gigapixel import generate_gigapixel
-
     out = root / str(side)
     seconds = None
     if not (out / "meta.json").is_file():
@@ -117,8 +121,6 @@ def train_cmd(method: str, data: Path, runs: Path, side: int, k: int) -> list[st
 
 
 def _base_config(runs: Path) -> Path:
-    from gigapatch.config import Config, save_config
-
     path = runs / "base.yaml"
     runs.mkdir(parents=True, exist_ok=True)
     save_config(Config(name="gigapixel"), path)
@@ -127,10 +129,6 @@ def _base_config(runs: Path) -> Path:
 
 def io_rates(path: Path, count: int) -> dict[str, float]:
     """Random 512² patches/s through ``read_region`` vs raw tile decodes/s of the same file."""
-    import tifffile
-
-    from gigapatch.io.readers import open_image
-
     reader = open_image(path)
     h, w = reader.shape[:2]
     reader.read_region(0, 0, PATCH, PATCH)  # opens the file once, as a worker does
@@ -196,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(results: dict[str, Any], args: argparse.Namespace) -> None:
-    from gigapatch.core.units import format_bytes
-
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gigapixel.json").write_text(json.dumps(results, indent=2))
     rss = {(r["side"], r["method"]): r["peak_rss_bytes"] for r in results["runs"]}

@@ -28,10 +28,14 @@ from typing import Any
 
 import torch
 
-from gigapatch.memory.budget import measure_method_peak
 from gigapatch.config import Config, load_config
-from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.core.units import format_bytes
+from gigapatch.engine.checkpoint import load_method
+from gigapatch.engine.loop import train
+from gigapatch.memory.budget import measure_method_peak
+from gigapatch.memory.estimates import estimate_step_peak
+from gigapatch.synth.megapixel_mnist import (DIGIT_SIDE, MegapixelMNISTDataset,
+                                             generate_megapixel_mnist)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,8 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def ensure_data(data_dir: Path) -> None:
     """Generate the benchmark's data set unless the same one is already there."""
-    from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
-
     meta = data_dir / "meta.json"
     if meta.is_file():
         m = json.loads(meta.read_text())
@@ -66,8 +68,6 @@ def ensure_data(data_dir: Path) -> None:
 
 
 def train_run(args: argparse.Namespace) -> dict[str, Any]:
-    from gigapatch.engine.loop import train
-
     ensure_data(args.data_dir)
     cfg = load_config(CPU_CONFIG, [
         f"data.root={args.data_dir}", f"train.out_dir={args.runs}", "train.progress=false",
@@ -90,8 +90,6 @@ def train_run(args: argparse.Namespace) -> dict[str, Any]:
 def digit_cells(boxes: torch.Tensor, digit_yx: torch.Tensor) -> torch.Tensor:
     """Which patches touch a digit: grid boxes ``(N, 4)`` ``(y, x, h, w)`` and digit corners
     ``(K, 2)`` → ``(N,)`` bool."""
-    from gigapatch.synth.megapixel_mnist import DIGIT_SIDE
-
     y, x, h, w = boxes.unbind(1)
     dy, dx = digit_yx[:, 0, None], digit_yx[:, 1, None]  # (K, 1)
     overlap = (dy < y + h) & (dy + DIGIT_SIDE > y) & (dx < x + w) & (dx + DIGIT_SIDE > x)
@@ -102,9 +100,6 @@ def selection_quality(checkpoint: Path, data_dir: Path, batch: int = 20) -> dict
     """How well the trained selection finds the digits on the held-out images: the share of
     selected patches that touch a digit (precision), the share of digit patches selected
     (recall), and the share of all patches that touch a digit (what random picks would get)."""
-    from gigapatch.engine.checkpoint import load_method
-    from gigapatch.synth.megapixel_mnist import MegapixelMNISTDataset
-
     method, _, _ = load_method(checkpoint)
     method.eval()
     ds = MegapixelMNISTDataset(data_dir, "test")
