@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 import gigapatch.data.batch as batch_module
-import gigapatch.methods.patchgd as patchgd_module
 from gigapatch.config import Config
 from gigapatch.data.batch import LazyBatch
 from gigapatch.io.readers import open_image
@@ -90,10 +89,10 @@ def main() -> None:
 
         fill()  # warm-up: opens the file, first decode
         rows: dict[str, float] = {"bare": _best(bare, args.repeats)}
-        threads, ahead = batch_module.IO_THREADS, patchgd_module.read_ahead
-        batch_module.IO_THREADS, patchgd_module.read_ahead = 1, _serial
+        threads, ahead = batch_module.IO_THREADS, batch_module.read_ahead
+        batch_module.IO_THREADS, batch_module.read_ahead = 1, _serial  # read_chunks' helper
         rows["fill, serial"] = _best(fill, args.repeats)
-        batch_module.IO_THREADS, patchgd_module.read_ahead = threads, ahead
+        batch_module.IO_THREADS, batch_module.read_ahead = threads, ahead
         rows["fill, overlapped"] = _best(fill, args.repeats)
     rate = {k: n / v for k, v in rows.items()}
     md = [f"{n} patches of {args.patch}² from a {args.side}² {args.compression} TIFF, "
