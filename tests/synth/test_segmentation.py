@@ -1,5 +1,7 @@
 """The segmentation generator: deterministic, masks follow the strokes, PNG and TIFF agree."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import tifffile
@@ -62,3 +64,20 @@ def test_bad_settings_are_refused(tmp_path):
         generate_segmentation(tmp_path, side=40, scale_range=(20, 30), progress=False)
     with pytest.raises(ConfigError, match="scale_range"):
         generate_segmentation(tmp_path, scale_range=(4, 30), progress=False)
+
+
+def test_tiff_canvases_are_written_tile_by_tile_in_flat_memory(seg_png, tmp_path):
+    """Writing 16× the pixels (2,048² vs 512², both as tiled TIFF) may not raise the peak of
+    Python/numpy allocations by even a quarter of one 2,048² canvas (4 MiB): no canvas, mask
+    or level is held whole. (``seg_png`` has loaded the digits already.)"""
+    peaks = {}
+    for side in (512, 2048):
+        tracemalloc.start()
+        generate_segmentation(tmp_path / str(side), n_train=1, n_test=0, side=side,
+                              scale_range=(20, 32), n_noise=20, png_max_side=256, tile=64,
+                              progress=False)
+        peaks[side] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    with tifffile.TiffFile(tmp_path / "2048/train/masks_majority/000000.tiff") as tif:
+        assert tif.pages[0].shape == (2048, 2048) and tif.pages[0].is_tiled
+    assert peaks[2048] < peaks[512] + 2**20, peaks
