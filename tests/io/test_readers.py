@@ -292,16 +292,8 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 
 
 # -- only the needed tiles are read ----------------------------------------------------------------
-@pytest.mark.parametrize("path_kind", ["direct", "zarr"])
-def test_small_region_of_a_large_tiled_tiff_reads_only_its_tiles(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_kind: str
-) -> None:
-    yy, xx = np.mgrid[0:4096, 0:4096]
-    image = ((yy // 3 + xx // 5) % 251).astype(np.uint8)  # 4096², 16x16 tiles of 256²
-    path = tmp_path / "large.tif"
-    tifffile.imwrite(path, image, tile=(256, 256), compression="zlib")
-    if path_kind == "zarr":  # the general path, for layouts the direct one does not take
-        monkeypatch.setattr(readers_module, "_direct_tile_page", lambda level: None)
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The tile indices tifffile decodes from now on, in order (a list filled as it goes)."""
     decoded: list[int] = []
     make_decode = tifffile.TiffPage.decode.func  # a cached_property building the decoder
 
@@ -315,6 +307,47 @@ def test_small_region_of_a_large_tiled_tiff_reads_only_its_tiles(
         return counting
 
     monkeypatch.setattr(tifffile.TiffPage, "decode", property(counting_decoder))
+    return decoded
+
+
+def test_patches_smaller_than_a_tile_decode_each_tile_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    yy, xx = np.mgrid[0:512, 0:768]
+    image = ((yy // 3 + xx // 5) % 251).astype(np.uint8)  # 2 × 3 tiles of 256²
+    tifffile.imwrite(tmp_path / "t.tif", image, tile=(256, 256), compression="jpeg")
+    want = tifffile.imread(tmp_path / "t.tif")  # JPEG is lossy: compare with its own decode
+    decoded = _count_decodes(monkeypatch)
+    reader = open_image(tmp_path / "t.tif")
+    for y in range(0, 512, 64):  # a 64² patch grid, row-major: 16 patches per tile
+        for x in range(0, 768, 64):
+            np.testing.assert_array_equal(reader.read_region(y, x, 64, 64)[:, :, 0],
+                                          want[y : y + 64, x : x + 64])
+    assert sorted(decoded) == list(range(6))  # each tile once
+    decoded.clear()
+    reader.read_region(0, 0, 256, 512)  # whole tiles: not kept, decoded again
+    assert sorted(decoded) == [0, 1]
+    monkeypatch.setattr(readers_module, "TILE_CACHE_BYTES", 256 * 256)  # room for one tile
+    decoded.clear()
+    small = open_image(tmp_path / "t.tif")
+    for x in (0, 256, 0):  # tile 0, tile 1 (evicts 0), tile 0 again
+        np.testing.assert_array_equal(small.read_region(0, x, 64, 64)[:, :, 0],
+                                      want[:64, x : x + 64])
+    assert decoded == [0, 1, 0]
+
+
+@pytest.mark.parametrize("path_kind", ["direct", "zarr"])
+def test_small_region_of_a_large_tiled_tiff_reads_only_its_tiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path_kind: str
+) -> None:
+    yy, xx = np.mgrid[0:4096, 0:4096]
+    image = ((yy // 3 + xx // 5) % 251).astype(np.uint8)  # 4096², 16x16 tiles of 256²
+    path = tmp_path / "large.tif"
+    tifffile.imwrite(path, image, tile=(256, 256), compression="zlib")
+    if path_kind == "zarr":  # the general path, for layouts the direct one does not take
+        monkeypatch.setattr(readers_module, "_direct_tile_page", lambda level: None)
+    monkeypatch.setattr(readers_module, "TILE_CACHE_BYTES", 0)  # every read decodes
+    decoded = _count_decodes(monkeypatch)
     reader = open_image(path)
 
     np.testing.assert_array_equal(reader.read_region(1024, 2048, 64, 64)[:, :, 0],

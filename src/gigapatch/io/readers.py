@@ -43,6 +43,7 @@ import math
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -463,7 +464,7 @@ class TiffReader(ImageReader):
         except BaseException:
             tif.close()
             raise
-        return _TiffHandle(tif, {}, {}, tiled, threading.Lock())
+        return _TiffHandle(tif, {}, {}, tiled, threading.Lock(), _TileCache(TILE_CACHE_BYTES))
 
     def _close_handle(self, handle: _TiffHandle) -> None:
         for store in handle.stores.values():
@@ -482,7 +483,11 @@ class TiffReader(ImageReader):
               ) -> np.ndarray:
         page = handle.tiled[level]
         if page is not None:
-            return self._read_tiles(handle.tif.filehandle, handle.lock, page, y, x, h, w)
+            # Regions smaller than a tile (256² patches of 512² tiles) share tiles with their
+            # neighbours: keep the decoded ones, so each is decoded once, not once per patch.
+            cache = handle.tiles if h < page.tilelength or w < page.tilewidth else None
+            return self._read_tiles(handle.tif.filehandle, handle.lock, page, y, x, h, w,
+                                    cache, level)
         axes = self._axes
         index = tuple(
             slice(y, y + h) if a == "Y" else slice(x, x + w) if a == "X" else slice(None)
@@ -495,9 +500,11 @@ class TiffReader(ImageReader):
         return region if region.ndim == 3 else region[:, :, None]
 
     def _read_tiles(
-        self, fh: Any, lock: threading.Lock, page: Any, y: int, x: int, h: int, w: int
+        self, fh: Any, lock: threading.Lock, page: Any, y: int, x: int, h: int, w: int,
+        cache: _TileCache | None = None, level: int = 0
     ) -> np.ndarray:
-        """``(h, w, S)`` from the tiles of one tiled page: read each tile's bytes, decode."""
+        """``(h, w, S)`` from the tiles of one tiled page: read each tile's bytes, decode
+        (or take the decoded tile from ``cache``, and keep it there)."""
         th, tw, samples = page.tilelength, page.tilewidth, page.samplesperpixel
         across = -(-page.imagewidth // tw)
         out = np.zeros((h, w, samples), dtype=page.dtype)
@@ -507,12 +514,16 @@ class TiffReader(ImageReader):
                 offset, count = page.dataoffsets[index], page.databytecounts[index]
                 if not offset or not count:
                     continue  # sparse tile: zeros
-                with lock:
-                    fh.seek(offset)
-                    data = fh.read(count)
-                # A decoder's error on bad bytes becomes _read_checked's DataError.
-                tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-                tile = tile.reshape(th, tw, samples)
+                tile = cache.get((level, index), lock) if cache is not None else None
+                if tile is None:
+                    with lock:
+                        fh.seek(offset)
+                        data = fh.read(count)
+                    # A decoder's error on bad bytes becomes _read_checked's DataError.
+                    tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+                    tile = tile.reshape(th, tw, samples)
+                    if cache is not None:
+                        cache.put((level, index), tile, lock)
                 y0, x0 = max(y, ty * th), max(x, tx * tw)
                 y1, x1 = min(y + h, (ty + 1) * th), min(x + w, (tx + 1) * tw)
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[
@@ -521,16 +532,50 @@ class TiffReader(ImageReader):
         return out
 
 
+#: Bytes of decoded tiles an open TIFF keeps for reads smaller than a tile (least recently
+#: used out): a 256² patch grid over 512² JPEG tiles then decodes each tile once, not 4 times.
+TILE_CACHE_BYTES = 32 * 2**20
+
+
+class _TileCache:
+    """Decoded tiles by ``(level, tile index)``, least recently used out beyond ``capacity``
+    bytes; callers pass the handle's lock (dictionary updates only; decoding runs outside)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.size = capacity, 0
+        self.tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[int, int], lock: threading.Lock) -> np.ndarray | None:
+        with lock:
+            tile = self.tiles.get(key)
+            if tile is not None:
+                self.tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: tuple[int, int], tile: np.ndarray, lock: threading.Lock) -> None:
+        if tile.nbytes > self.capacity:
+            return
+        with lock:
+            if key in self.tiles:
+                return
+            self.tiles[key] = tile
+            self.size += tile.nbytes
+            while self.size > self.capacity:
+                self.size -= self.tiles.popitem(last=False)[1].nbytes
+
+
 class _TiffHandle(NamedTuple):
     """An open TIFF in one process: the file, per-level Zarr stores and arrays (opened on
     first use, for layouts the direct path does not take), each level's directly decodable
-    tiled page (or ``None``), and the lock that keeps a seek and its read together."""
+    tiled page (or ``None``), the lock that keeps a seek and its read together, and the
+    decoded tiles kept for reads smaller than a tile."""
 
     tif: Any
     stores: dict[int, Any]
     arrays: dict[int, Any]
     tiled: list[Any]
     lock: threading.Lock
+    tiles: _TileCache
 
 
 def _direct_tile_page(level: Any) -> Any | None:
