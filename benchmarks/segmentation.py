@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from gigapatch.config import Config
+from gigapatch.config import Config, apply_override, config_from_dict
 from gigapatch.core.units import format_bytes
 from gigapatch.engine.loop import train
 from gigapatch.memory.budget import measure_method_peak
@@ -64,7 +64,10 @@ def base_config(data_dir: Path, labeling: str, runs: Path) -> Config:
     return cfg
 
 
-def method_configs(base: Config, labeling: str, inner_steps: int = 4) -> list[Config]:
+def method_configs(base: Config, labeling: str, inner_steps: int = 4,
+                   patchgd_set: list[str] | None = None) -> list[Config]:
+    """The three methods on ``base``; ``patchgd_set``: ``key=value`` overrides of PatchGD's
+    config alone (e.g. ``method.z_cache=refresh``)."""
     full = copy.deepcopy(base)
     full.name, full.method.name = f"seg_{labeling}_full", "full"
     pw = copy.deepcopy(base)
@@ -75,6 +78,11 @@ def method_configs(base: Config, labeling: str, inner_steps: int = 4) -> list[Co
     pgd.method.patch_size, pgd.method.sample_fraction = 64, 4 / 64
     pgd.method.inner_steps = inner_steps
     pgd.method.z_stride, pgd.method.global_context, pgd.method.fill_chunk = 4, "concat", 16
+    if patchgd_set:
+        raw = pgd.to_dict()
+        for item in patchgd_set:
+            apply_override(raw, item)
+        pgd = config_from_dict(raw, "--patchgd-set")
     return [full.validate(), pw.validate(), pgd.validate()]
 
 
@@ -109,10 +117,13 @@ def _overlay(summary: dict[str, Any], data_dir: Path) -> str:
 
 
 def accuracy_runs(data_dir: Path, runs: Path, labelings: list[str], methods: list[str],
-                  inner_steps: int = 4) -> list[dict[str, Any]]:
+                  inner_steps: int = 4, epochs: int = 8, patchgd_set: list[str] | None = None
+                  ) -> list[dict[str, Any]]:
     out = []
     for labeling in labelings:
-        for cfg in method_configs(base_config(data_dir, labeling, runs), labeling, inner_steps):
+        base = base_config(data_dir, labeling, runs)
+        base.train.epochs = epochs
+        for cfg in method_configs(base, labeling, inner_steps, patchgd_set):
             if cfg.method.name not in methods:
                 continue
             start = time.perf_counter()
@@ -167,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="train only these (run the others in another process, then --collect)")
     p.add_argument("--inner-steps", type=int, default=4,
                    help="PatchGD-seg's J (default 4; 16 learns faster, ~2× the time)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--patchgd-set", action="append", metavar="KEY=VALUE",
+                   help="override PatchGD-seg's config alone, e.g. method.z_cache=refresh")
     p.add_argument("--collect", nargs="+", type=Path, metavar="RUNS_DIR",
                    help="train nothing: tabulate the finished runs found in these folders")
     args = p.parse_args(argv)
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if not generated_with(args.data_dir, DATA):
             generate_segmentation(args.data_dir, **DATA)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.labelings, args.methods,
-                                        args.inner_steps)
+                                        args.inner_steps, args.epochs, args.patchgd_set)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
     lines = table(results)
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
