@@ -13,7 +13,13 @@
    (patch 50, N = 100 cells, 6 noise patterns; ``--mm-train`` training and 500 held-out
    images, seeded), PatchGD with ``tiny_cnn_small``, k = 10, J = 2, batch 16: the fill (100
    encoder passes per image and step) outweighs the 20 passes with gradients, as at
-   gigapixel scale. The same two measures as 2.
+   gigapixel scale. The same two measures as 2. ``--mm-side`` sets the canvas (N = (side /
+   50)², noise at the paper's density), ``--mm-pretrained`` starts θ1 from an encoder trained
+   on the training images' grid cells (digit or none; :func:`pretrain_encoder`), as users start
+   from pretrained weights, instead of from scratch.
+4. **IPS selection reuse** (``--ips``): IPS's CPU config (M = 16, I = 32; majority only) on the
+   same data, the exact scan vs ``method.selection_refresh: 0.2`` (each image's previous top-M
+   plus a fifth of the other cells), the same two measures.
 
 Writes ``benchmarks/results/z_cache.{json,md}``.
 
@@ -21,6 +27,9 @@ Writes ``benchmarks/results/z_cache.{json,md}``.
     python benchmarks/z_cache.py --side 65536 --epochs 2          # hours: the 65,536² target
     python benchmarks/z_cache.py --no-speed --accuracy --epochs 5 # the demo task, ~30 min
     python benchmarks/z_cache.py --no-speed --megapixel --epochs 6  # Megapixel MNIST
+    python benchmarks/z_cache.py --no-speed --megapixel --mm-pretrained --mm-side 1000 \
+        --mm-train 3000 --epochs 10 --threads 1           # N = 400, pretrained θ1, ~25 min
+    python benchmarks/z_cache.py --no-speed --ips --mm-pretrained --mm-train 3000 --epochs 8
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from typing import Any
 
 import torch
 
-from gigapatch.config import Config
+from gigapatch.config import Config, load_config
 from gigapatch.demo import DemoSettings, demo_configs
 from gigapatch.engine.checkpoint import load_checkpoint
 from gigapatch.engine.loop import train
@@ -46,12 +55,14 @@ from gigapatch.synth.ultramnist import generate_ultramnist
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 POLICIES = {"none": {}, "refresh": {"z_cache": "refresh", "z_refresh": 0.1}}
+#: IPS: the exact selection scan vs reusing each image's previous top-M plus a fifth of the rest.
+IPS_POLICIES = {"none": {}, "refresh": {"selection_refresh": 0.2}}
 
 
-def _with_policy(cfg: Config, name: str) -> Config:
+def _with_policy(cfg: Config, name: str, policies: dict[str, dict[str, Any]]) -> Config:
     out = copy.deepcopy(cfg)
     out.name = f"{cfg.name}_{name}"
-    for key, value in POLICIES[name].items():
+    for key, value in policies[name].items():
         setattr(out.method, key, value)
     return out.validate()
 
@@ -84,7 +95,7 @@ def speed_rows(side: int, patch: int, epochs: int, runs: Path) -> dict[str, Any]
                             "epochs": epochs}
     n_train = len((data / "train.csv").read_text().splitlines()) - 1
     for name in POLICIES:
-        summary = train(_with_policy(base, name), overwrite=True)
+        summary = train(_with_policy(base, name, POLICIES), overwrite=True)
         hist = _history(summary)
         times = [n_train / row["images_per_second"] for row in hist]  # training only
         rows[name] = {"train_seconds": times,
@@ -97,14 +108,15 @@ def speed_rows(side: int, patch: int, epochs: int, runs: Path) -> dict[str, Any]
     return rows
 
 
-def policy_runs(cfg: Config, label: str, n_train: int) -> dict[str, Any]:
+def policy_runs(cfg: Config, label: str, n_train: int,
+                policies: dict[str, dict[str, Any]] = POLICIES) -> dict[str, Any]:
     """Train ``cfg`` (``n_train`` training images) with each policy; held-out accuracy, elapsed
     and training time per epoch, the final gap in points and the share of the exact run's
     time (elapsed, and training only) the cached one needs to reach the exact run's final
     accuracy (``None``: not reached)."""
     out: dict[str, Any] = {"epochs": cfg.train.epochs}
-    for name in POLICIES:
-        summary = train(_with_policy(cfg, name), overwrite=True)
+    for name in policies:
+        summary = train(_with_policy(cfg, name, policies), overwrite=True)
         hist = _history(summary)
         training = [n_train / r["images_per_second"] for r in hist]
         out[name] = {"accuracy": [row["val_accuracy"] for row in hist],
@@ -211,8 +223,8 @@ def pretrain_encoder(root: Path, out: Path, patch: int, latent_dim: int, epochs:
     return out
 
 
-def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
-                   side: int = 500) -> dict[str, Any]:
+def megapixel_data(n_train: int, side: int) -> Path:
+    """The Megapixel-MNIST data set of these sizes (500 held-out images), written unless there."""
     noise = round(50 * (side / 1500) ** 2)  # the paper's density: 50 patterns per 1500²
     spec = {"side": side, "n_noise": noise, "n_train": n_train, "n_test": 500, "seed": 0}
     data = ROOT / "data" / (f"megapixel-mnist-zcache-{n_train}"
@@ -221,6 +233,29 @@ def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = Fal
     if not meta.is_file() or any(json.loads(meta.read_text()).get(k) != v
                                  for k, v in spec.items()):
         generate_megapixel_mnist(data, **spec)
+    return data
+
+
+def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
+             side: int = 500) -> dict[str, Any]:
+    """IPS (the CPU config: M = 16, I = 32, ``tiny_cnn_small``; majority only) with the exact
+    selection scan vs ``selection_refresh: 0.2``, the same two measures."""
+    data = megapixel_data(n_train, side)
+    cfg = load_config(ROOT / "configs" / "megapixel_mnist_ips_cpu.yaml")
+    cfg.name, cfg.data.root = "zcache_ips", str(data)
+    cfg.data.tasks, cfg.data.multilabel = ["majority"], []
+    cfg.train.epochs, cfg.train.progress, cfg.train.out_dir = epochs, False, str(runs)
+    if pretrained:
+        cfg.model.weights = str(pretrain_encoder(data, data / "theta1_cells.pt",
+                                                 cfg.method.patch_size, cfg.model.latent_dim))
+    out = policy_runs(cfg.validate(), "ips", n_train, IPS_POLICIES)
+    out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
+    return out
+
+
+def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
+                   side: int = 500) -> dict[str, Any]:
+    data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     if pretrained:
         cfg.model.weights = str(pretrain_encoder(data, data / "theta1_cells.pt",
@@ -244,12 +279,16 @@ def table(results: dict[str, Any]) -> list[str]:
         lines += ["", f"refresh / none, training, epochs 2+: **{s['ratio']:.3f}** (target ≤ "
                   f"0.2); with the held-out pass (an exact prediction, the same for both): "
                   f"{s['ratio_with_validation']:.3f}."]
-    for key in ("accuracy", "megapixel"):
+    for key in ("accuracy", "megapixel", "ips"):
         a = results.get(key)
         if not a:
             continue
         if key == "accuracy":
             title = "Demo task"
+        elif key == "ips":
+            side = a.get("side", 500)
+            title = (f"IPS, Megapixel MNIST majority ({side}², M = 16, I = 32, "
+                     f"{a['n_train']} training images; refresh = `selection_refresh: 0.2`)")
         else:
             side = a.get("side", 500)
             title = (f"Megapixel MNIST ({side}², N = {(side // 50) ** 2}, k = 10, J = 2, batch "
@@ -258,7 +297,7 @@ def table(results: dict[str, Any]) -> list[str]:
                         "from scratch)"))
         lines += ["", f"{title}, {a['epochs']} epochs:", "", "| z_cache | held-out accuracy "
                   "per epoch | time (training only) |", "|---|---|---|"]
-        for name in POLICIES:
+        for name in ("none", "refresh"):
             acc = ", ".join(f"{v:.3f}" for v in a[name]["accuracy"])
             train_s = a[name].get("training", [float("nan")])[-1]
             lines.append(f"| {name} | {acc} | {a[name]['elapsed'][-1]:.0f} s "
@@ -287,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also the Megapixel-MNIST accuracy runs")
     p.add_argument("--mm-train", type=int, default=3000,
                    help="Megapixel-MNIST training images")
+    p.add_argument("--ips", action="store_true",
+                   help="also IPS's selection reuse on Megapixel MNIST (--mm-* sizes)")
     p.add_argument("--mm-side", type=int, default=500,
                    help="Megapixel-MNIST canvas side (patch 50: N = (side / 50)² cells)")
     p.add_argument("--mm-pretrained", action="store_true",
@@ -303,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.megapixel:
         results["megapixel"] = megapixel_rows(args.epochs, args.mm_train, args.runs,
                                              args.mm_pretrained, args.mm_side)
+    if args.ips:
+        results["ips"] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
+                                  args.mm_side)
     RESULTS.mkdir(parents=True, exist_ok=True)
     saved = RESULTS / "z_cache.json"  # parts not rerun keep their last results (read now:
     if saved.is_file():               # another part may have finished meanwhile)
