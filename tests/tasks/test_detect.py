@@ -1,10 +1,15 @@
 """Detection task: COCO mAP through torchmetrics, FCOS losses, full-image (downsampled) FCOS."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from gigapatch.cli import main
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
+from gigapatch.engine.checkpoint import load_checkpoint
 from gigapatch.engine.loop import train
 from gigapatch.methods import create_method
 from gigapatch.synth.detection import generate_detection
@@ -87,8 +92,10 @@ def test_a_detection_run_from_coco_json_reports_map(tmp_path, detection_config):
     cfg = detection_config(tmp_path / "det", tmp_path / "runs", "full")
     summary = train(cfg.validate())
     assert 0 <= summary["val_map"] <= 1 and "final_val_map_small" in summary
-    assert cfg.data.category_ids == list(range(1, 11))  # recorded from train.json
-    cfg.data.num_classes, cfg.data.category_ids = 5, []
+    saved = load_checkpoint(Path(summary["run_dir"]) / "last.pt")["config"]["data"]
+    assert saved["category_ids"] == list(range(1, 11))  # recorded from train.json
+    assert cfg.data.category_ids == []  # the caller's config is left as it was
+    cfg.data.num_classes = 5
     with pytest.raises(Exception, match="10 categories but data.num_classes = 5"):
         train(cfg, overwrite=True)
 
@@ -136,11 +143,6 @@ def _renumber(json_path, factor: int) -> None:
 
 
 def test_predictions_carry_the_data_sets_own_category_ids(tmp_path, capsys, detection_config):
-    import json
-
-    from gigapatch.cli import main
-    from gigapatch.engine.checkpoint import load_checkpoint
-
     data = tmp_path / "det"
     generate_detection(data, n_train=4, n_test=2, side=128, scale_range=(14, 48),
                        digits_per_image=(2, 4), progress=False)

@@ -29,6 +29,7 @@ nor on the number of DataLoader workers.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -178,8 +179,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict[st
     ``resume``: continue the run in ``<out_dir>/<name>`` from its ``last.pt``. ``overwrite``:
     replace a run already there (without it, an existing run is refused with a
     :class:`ConfigError`). Under torchrun (``WORLD_SIZE`` > 1) joins the process group first
-    and leaves it at the end; every process returns the same summary."""
-    cfg.validate()
+    and leaves it at the end; every process returns the same summary. ``cfg`` itself is left
+    as it is: the run works on a copy (what the data fill in, e.g. ``data.category_ids``, goes
+    to the run's saved config)."""
+    cfg = copy.deepcopy(cfg).validate()
     place, device = distributed.setup(resolve_device(cfg.train.device))
     run_dir = Path(cfg.train.out_dir) / cfg.name
     try:
