@@ -174,14 +174,13 @@ def cell_patches(root: Path, patch: int, seed: int = 0) -> tuple[torch.Tensor, t
     cells, labels, empty = [], [], []
     for record in load_megapixel_mnist(root, "train"):
         image = torch.from_numpy(render_image(record))
+        top, left = torch.from_numpy(record.digit_yx).long().unbind(1)  # (K,) each
         n = record.side // patch
         for i in range(n):
             for j in range(n):
                 y, x = i * patch, j * patch
-                dy = (torch.from_numpy(record.digit_yx[:, 0]) + DIGIT_SIDE).clamp(max=y + patch) \
-                    - torch.from_numpy(record.digit_yx[:, 0]).clamp(min=y)
-                dx = (torch.from_numpy(record.digit_yx[:, 1]) + DIGIT_SIDE).clamp(max=x + patch) \
-                    - torch.from_numpy(record.digit_yx[:, 1]).clamp(min=x)
+                dy = (top + DIGIT_SIDE).clamp(max=y + patch) - top.clamp(min=y)
+                dx = (left + DIGIT_SIDE).clamp(max=x + patch) - left.clamp(min=x)
                 area = dy.clamp(min=0) * dx.clamp(min=0)
                 crop = image[y : y + patch, x : x + patch][None]
                 if int(area.max()) > 0:
@@ -236,6 +235,12 @@ def megapixel_data(n_train: int, side: int) -> Path:
     return data
 
 
+def _from_cells(cfg: Config, data: Path) -> None:
+    """Start ``cfg``'s θ1 from :func:`pretrain_encoder`'s weights for ``data``."""
+    cfg.model.weights = str(pretrain_encoder(data, data / "theta1_cells.pt",
+                                             cfg.method.patch_size, cfg.model.latent_dim))
+
+
 def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
              side: int = 500) -> dict[str, Any]:
     """IPS (the CPU config: M = 16, I = 32, ``tiny_cnn_small``; majority only) with the exact
@@ -246,8 +251,7 @@ def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
     cfg.data.tasks, cfg.data.multilabel = ["majority"], []
     cfg.train.epochs, cfg.train.progress, cfg.train.out_dir = epochs, False, str(runs)
     if pretrained:
-        cfg.model.weights = str(pretrain_encoder(data, data / "theta1_cells.pt",
-                                                 cfg.method.patch_size, cfg.model.latent_dim))
+        _from_cells(cfg, data)
     out = policy_runs(cfg.validate(), "ips", n_train, IPS_POLICIES)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     return out
@@ -258,8 +262,7 @@ def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = Fal
     data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     if pretrained:
-        cfg.model.weights = str(pretrain_encoder(data, data / "theta1_cells.pt",
-                                                 cfg.method.patch_size, cfg.model.latent_dim))
+        _from_cells(cfg, data)
     out = policy_runs(cfg, "megapixel", n_train)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     return out
@@ -295,7 +298,7 @@ def table(results: dict[str, Any]) -> list[str]:
                      f"16, {a['n_train']} training images, θ1 "
                      + ("pretrained on training cells)" if a.get("pretrained") else
                         "from scratch)"))
-        lines += ["", f"{title}, {a['epochs']} epochs:", "", "| z_cache | held-out accuracy "
+        lines += ["", f"{title}, {a['epochs']} epochs:", "", "| policy | held-out accuracy "
                   "per epoch | time (training only) |", "|---|---|---|"]
         for name in ("none", "refresh"):
             acc = ", ".join(f"{v:.3f}" for v in a[name]["accuracy"])

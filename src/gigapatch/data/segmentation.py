@@ -75,9 +75,10 @@ class SegmentationDataset(Dataset):
         self._paths = [p for p, _ in pairs]
         self._masks = [m for _, m in pairs]
         wrong = []
-        for i, (image, mask) in enumerate(pairs):  # headers only
+        for image, mask in pairs:  # headers only
             full = open_image(image)
-            sizes = {tuple(full.shape[:2]), tuple(self.reader(i).shape[:2])}
+            sizes = {tuple(full.shape[:2]),
+                     tuple(at_resolution(full, self.level, self.mpp).shape[:2])}
             mask_shape = MaskReader(mask, num_classes).shape
             if tuple(mask_shape) not in sizes:
                 wrong.append(f"{mask} is {mask_shape[0]}×{mask_shape[1]} but {image.name} is "
