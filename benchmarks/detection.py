@@ -39,7 +39,7 @@ from gigapatch.engine.loop import train
 from gigapatch.memory.budget import measure_method_peak
 from gigapatch.synth.detection import generate_detection
 
-from bench_data import generated_with  # benchmarks/: run as scripts
+from bench_data import generated_with, with_overrides  # benchmarks/: run as scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "detection"
@@ -50,8 +50,10 @@ PATCH = 128
 METRICS = ("map", "map_50", "map_75", "map_small")
 
 
-def base_config(data_dir: Path, runs: Path, epochs: int) -> Config:
-    """What every method shares: data, backbone, optimizer, epochs, budget."""
+def base_config(data_dir: Path, runs: Path, epochs: int, val_every: int = 1) -> Config:
+    """What every method shares: data, backbone, optimizer, epochs, budget (priced as a GPU
+    would hold it: PatchGD's host-resident maps Z do not count; their host cost is reported
+    apart)."""
     cfg = Config(seed=0)
     cfg.task.kind = "detect"
     cfg.data.kind, cfg.data.skip_background = "lazy_csv", True
@@ -60,12 +62,15 @@ def base_config(data_dir: Path, runs: Path, epochs: int) -> Config:
     cfg.model.encoder = "fcos_tiny"
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = epochs, 4, 2e-3
     cfg.train.warmup_epochs, cfg.train.progress = 0.5, False
-    cfg.train.memory_budget = BUDGET
-    cfg.train.out_dir = str(runs)
+    cfg.train.memory_budget, cfg.train.budget_counts_host_maps = BUDGET, False
+    cfg.train.out_dir, cfg.train.val_every = str(runs), val_every
     return cfg
 
 
-def method_configs(base: Config, inner_steps: int = 4) -> list[Config]:
+def method_configs(base: Config, inner_steps: int = 4,
+                   patchgd_set: list[str] | None = None) -> list[Config]:
+    """The three methods on ``base``; ``patchgd_set``: ``key=value`` overrides of PatchGD's
+    config alone (e.g. ``method.z_cache=refresh``)."""
     full = copy.deepcopy(base)
     full.name, full.method.name = "det_full", "full"
     tiled = copy.deepcopy(base)
@@ -76,6 +81,7 @@ def method_configs(base: Config, inner_steps: int = 4) -> list[Config]:
     pgd.method.patch_size, pgd.method.sample_fraction = PATCH, 0.25
     pgd.method.inner_steps, pgd.method.fill_chunk = inner_steps, 8
     pgd.method.global_context = "add"
+    pgd = with_overrides(pgd, patchgd_set, "--patchgd-set")
     return [full.validate(), tiled.validate(), pgd.validate()]
 
 
@@ -113,9 +119,11 @@ def _overlay(summary: dict[str, Any], data_dir: Path) -> str:
 
 
 def accuracy_runs(data_dir: Path, runs: Path, methods: list[str], epochs: int,
-                  inner_steps: int) -> list[dict[str, Any]]:
+                  inner_steps: int, val_every: int = 1,
+                  patchgd_set: list[str] | None = None) -> list[dict[str, Any]]:
     out = []
-    for cfg in method_configs(base_config(data_dir, runs, epochs), inner_steps):
+    base = base_config(data_dir, runs, epochs, val_every)
+    for cfg in method_configs(base, inner_steps, patchgd_set):
         if cfg.method.name not in methods:
             continue
         start = time.perf_counter()
@@ -173,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--inner-steps", type=int, default=2, help="PatchGD-det's J")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--val-every", type=int, default=1,
+                   help="validate every N epochs and after the last (tiled's held-out pass "
+                        "at 2,048² costs several training epochs)")
+    p.add_argument("--patchgd-set", action="append", metavar="KEY=VALUE",
+                   help="override PatchGD-det's config alone, e.g. method.z_cache=refresh")
     p.add_argument("--methods", nargs="+", default=["full", "tiled", "patchgd"],
                    help="train only these (run the others in another process, then --collect)")
     p.add_argument("--collect", nargs="+", type=Path, metavar="RUNS_DIR",
@@ -190,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     saved = OUT / name  # parts not rerun keep their last results
     results: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
     results.update({"data": data, "budget": BUDGET, "epochs": args.epochs,
-                    "inner_steps": args.inner_steps})
+                    "inner_steps": args.inner_steps, "val_every": args.val_every,
+                    "patchgd_set": args.patchgd_set or []})
     if not args.no_memory:
         results["memory"] = memory_rows()
     if args.collect:
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if not generated_with(args.data_dir, data):
             generate_detection(args.data_dir, **data)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.methods, args.epochs,
-                                        args.inner_steps)
+                                        args.inner_steps, args.val_every, args.patchgd_set)
     (OUT / name).write_text(json.dumps(results, indent=2, default=str))
     lines = table(results)
     (OUT / name.replace(".json", ".md")).write_text("\n".join(lines) + "\n")

@@ -31,14 +31,14 @@ from typing import Any
 
 import torch
 
-from gigapatch.config import Config, apply_override, config_from_dict
+from gigapatch.config import Config
 from gigapatch.core.units import format_bytes
 from gigapatch.engine.loop import train
 from gigapatch.memory.budget import measure_method_peak
 from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.synth.segmentation import generate_segmentation
 
-from bench_data import generated_with  # benchmarks/: run as scripts
+from bench_data import generated_with, with_overrides  # benchmarks/: run as scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "segmentation"
@@ -78,11 +78,7 @@ def method_configs(base: Config, labeling: str, inner_steps: int = 4,
     pgd.method.patch_size, pgd.method.sample_fraction = 64, 4 / 64
     pgd.method.inner_steps = inner_steps
     pgd.method.z_stride, pgd.method.global_context, pgd.method.fill_chunk = 4, "concat", 16
-    if patchgd_set:
-        raw = pgd.to_dict()
-        for item in patchgd_set:
-            apply_override(raw, item)
-        pgd = config_from_dict(raw, "--patchgd-set")
+    pgd = with_overrides(pgd, patchgd_set, "--patchgd-set")
     return [full.validate(), pw.validate(), pgd.validate()]
 
 

@@ -178,6 +178,17 @@ class TrainConfig:
     ``tensorboard`` (also TensorBoard event files in ``<run>/tensorboard``; the
     ``tensorboard`` extra). ``encoder_lr``: learning rate of θ1 (the encoder) when it should differ from ``lr``
     (θ2 and the heads); ``null``: one rate for all.
+
+    ``memory_budget``: fit the method's settings so that one training step needs at most
+    this much memory of the training device (e.g. ``2GiB``; :mod:`gigapatch.memory.budget`).
+    ``budget_counts_host_maps`` (CPU only): whether PatchGD's host-resident maps Z count in
+    that budget. On CUDA they live in host memory and never do; on a CPU they share the
+    memory with everything else, so they count by default. ``false`` prices a CPU run as a GPU
+    would hold it (to emulate a GPU budget, as the detection benchmark does).
+
+    ``val_every``: validate after every N-th epoch and after the last one (held-out passes
+    over gigapixel images can cost more than an epoch of training); ``best.pt`` is chosen
+    among the validated epochs, and the other epochs' rows have no ``val_*`` values.
     """
 
     epochs: int = 10
@@ -195,10 +206,12 @@ class TrainConfig:
     device: str = "auto"
     out_dir: str = "runs"
     memory_budget: str | None = None
+    budget_counts_host_maps: bool = True
     measure_memory: bool = True
     progress: bool = True
     logger: str = "csv"
     max_train_batches: int | None = None
+    val_every: int = 1
 
 
 @dataclass
@@ -307,6 +320,7 @@ class Config:
         _check(m.iter_size >= 1, "method.iter_size", m.iter_size, "≥ 1 (IPS's I)")
         t = self.train
         _check(t.epochs >= 1, "train.epochs", t.epochs, "≥ 1")
+        _check(t.val_every >= 1, "train.val_every", t.val_every, "≥ 1 (1: every epoch)")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "≥ 1")
         _check(t.lr > 0, "train.lr", t.lr, "> 0")
         _choice("train.logger", t.logger, ("csv", "tensorboard"))

@@ -13,6 +13,27 @@ from gigapatch.engine.loop import train
 from gigapatch.step import StepContext, lr_factor, make_optimizer
 
 
+def test_val_every_validates_every_nth_and_the_last_epoch(tiny_config, monkeypatch):
+    tiny_config.train.epochs, tiny_config.train.val_every = 5, 2
+    calls = []
+    real = gigapatch.engine.loop.evaluate
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gigapatch.engine.loop, "evaluate", spy)
+    summary = train(tiny_config)
+    assert len(calls) == 3  # epochs 2, 4 and 5
+    rows = list(csv.DictReader(open(f"{tiny_config.train.out_dir}/tiny/metrics.csv")))
+    checked = [int(r["epoch"]) for r in rows if r["val_accuracy"]]
+    assert checked == [2, 4, 5] and all(r["val_loss"] == "" for r in rows[::2][:2])
+    assert summary["best_epoch"] in checked
+    best = max(float(r["val_accuracy"]) for r in rows if r["val_accuracy"])
+    assert summary["val_accuracy"] == best
+    assert summary["final_val_accuracy"] == float(rows[-1]["val_accuracy"])
+
+
 @pytest.mark.parametrize("method", ["patchgd", "full"])
 def test_a_few_steps_drive_the_training_loss_down(tiny_config, method):
     torch.manual_seed(0)

@@ -1,8 +1,11 @@
 import copy
 
+import torch
+
 import pytest
 
-from gigapatch.memory.budget import fit_to_budget, measure_method_peak
+from gigapatch.memory import budget as budget_module
+from gigapatch.memory.budget import fit_to_budget, measure_method_peak, measure_method_peaks
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 
@@ -114,7 +117,70 @@ def test_fitting_falls_back_to_measuring_when_estimates_fail(monkeypatch):
     shape = (1, 64, 64)  # 16 patches, configured k = 8
     cfg = _pgd_cfg(fill_chunk=4)
     budget = measure_method_peak(_with(cfg, sample_fraction=3 / 16, fill_chunk=1), shape) + 64
-    monkeypatch.setattr(estimates.StepEstimator, "peak", refuse)
+    monkeypatch.setattr(estimates.StepEstimator, "estimate", refuse)
     fit_to_budget(cfg, shape, budget, "cpu")
     assert round(cfg.method.sample_fraction * 16) == 3
     assert measure_method_peak(cfg, shape) <= budget
+
+
+def _dense_cfg(method: str, kind: str, sample_fraction: float = 3 / 36) -> Config:
+    cfg = Config(seed=0)
+    cfg.task.kind = kind
+    cfg.data.num_classes, cfg.data.in_chans = 3, 1
+    cfg.model.encoder = "fcos_tiny" if kind == "detect" else "tiny_unet"
+    cfg.method.name = method
+    cfg.method.patch_size, cfg.method.sample_fraction = 64, sample_fraction
+    cfg.method.fill_chunk, cfg.method.inner_steps = 4, 2
+    cfg.train.batch_size = 2
+    return cfg.validate()
+
+
+@pytest.mark.parametrize("method,kind", [("patchgd", "detect"), ("tiled", "detect"),
+                                         ("patchgd", "segment")])
+def test_real_steps_on_the_proxy_canvas_price_the_real_image(method, kind):
+    """Methods whose device memory does not grow with the image are measured on a small
+    canvas with the same k; host maps scaled to the real grid's cells. Both peaks agree with
+    the step on the real 384² image (6 × 6 patches, k = 3; the proxy is 2 × 2 patches)."""
+    cfg, shape = _dense_cfg(method, kind), (1, 384, 384)
+    real = measure_method_peaks(cfg, shape)
+    pricer = budget_module._Pricer(cfg, shape, torch.device("cpu"))
+    proxy = pricer.measure({})
+    for got, want in [(proxy.total, real.total), (proxy.device, real.device),
+                      (proxy.host_maps, real.host_maps)]:
+        assert abs(got - want) <= 0.002 * want  # random boxes differ a little
+    assert (real.host_maps > 0) == (method == "patchgd")
+
+
+def test_detection_budget_fit_measures_only_small_canvases(monkeypatch):
+    shape = (1, 512, 512)  # 64 patches of 64²; k = 8 configured
+    cfg = _dense_cfg("patchgd", "detect", sample_fraction=8 / 64)
+    cfg.train.budget_counts_host_maps = False
+    pricer = budget_module._Pricer(cfg, shape, torch.device("cpu"))
+    at = {"sample_fraction": 2 / 64, "fill_chunk": 1}
+    budget = pricer.measure(at).device + 64  # the device peak at k = 2
+    assert pricer.measure({**at, "sample_fraction": 3 / 64}).device > budget
+    seen = []
+    real = budget_module.measure_method_peaks
+
+    def spy(trial, image_shape, device="cpu"):
+        seen.append(image_shape)
+        return real(trial, image_shape, device)
+
+    monkeypatch.setattr(budget_module, "measure_method_peaks", spy)
+    fit_to_budget(cfg, shape, budget, "cpu")
+    assert round(cfg.method.sample_fraction * 64) == 2
+    assert seen and all(s[1] * s[2] <= 256 * 256 for s in seen)  # k ≤ 4: 2 × 2 patches
+
+
+def test_host_maps_count_in_a_cpu_budget_unless_told_otherwise():
+    shape = (1, 384, 384)
+    cfg = _dense_cfg("patchgd", "segment", sample_fraction=4 / 36)
+    peaks = measure_method_peaks(cfg, shape)
+    budget = peaks.device + 64  # k = 4 fits without Z, not with it
+    counted = copy.deepcopy(cfg)
+    fit_to_budget(counted, shape, budget, "cpu")
+    assert round(counted.method.sample_fraction * 36) < 4
+    assert measure_method_peaks(counted, shape).total <= budget
+    cfg.train.budget_counts_host_maps = False
+    fit_to_budget(cfg, shape, budget, "cpu")
+    assert round(cfg.method.sample_fraction * 36) == 4

@@ -328,12 +328,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
         train_seconds += epoch_train_seconds
         images_seen += int(n_images)
 
+        validated = (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs
         val = evaluate(method, task, val_loader, precision=cfg.train.precision,
-                       progress=progress)
+                       progress=progress) if validated else {}
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(1.0, n_batches),
-            "val_loss": val["loss"],
+            **({"val_loss": val["loss"]} if validated else {}),
             "lr": optimizer.param_groups[0]["lr"],
             **({"encoder_lr": optimizer.param_groups[1]["lr"]}
                if len(optimizer.param_groups) > 1 else {}),
@@ -342,14 +343,19 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             **{f"val_{k}": v for k, v in val.items() if k != "loss"},
         }
         history.append(row)
-        log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_%s %.4f  (%.1fs)",
-            epoch + 1, cfg.train.epochs, row["train_loss"], row["val_loss"], task.monitor,
-            val[task.monitor], row["epoch_seconds"],
-        )
+        if validated:
+            log.info(
+                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_%s %.4f  (%.1fs)",
+                epoch + 1, cfg.train.epochs, row["train_loss"], row["val_loss"], task.monitor,
+                val[task.monitor], row["epoch_seconds"],
+            )
+        else:
+            log.info("epoch %d/%d  train_loss %.4f  (%.1fs; validated every %d epochs)",
+                     epoch + 1, cfg.train.epochs, row["train_loss"], row["epoch_seconds"],
+                     cfg.train.val_every)
         if not all(bool(torch.isfinite(p).all()) for p in method.parameters()):
             raise _diverged(cfg, run_dir, epoch, steps_per_epoch - 1, "a parameter is not finite")
-        improved = task.better(val[task.monitor], best_value)
+        improved = validated and task.better(val[task.monitor], best_value)
         if improved:
             best_value, best_epoch = val[task.monitor], epoch + 1
         if place.main:

@@ -19,9 +19,10 @@ METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "lr", "epoch_seconds"]
 
 
 def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
-    """One row per epoch: :data:`METRIC_FIELDS`, then every other key of the rows."""
+    """One row per epoch: :data:`METRIC_FIELDS`, then every other key of the rows (empty
+    where a row lacks it, e.g. the ``val_*`` of epochs not validated)."""
     buf = io.StringIO()
-    extra = [k for k in history[0] if k not in METRIC_FIELDS] if history else []
+    extra = list(dict.fromkeys(k for r in history for k in r if k not in METRIC_FIELDS))
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + extra)
     writer.writeheader()
     writer.writerows(history)
@@ -29,18 +30,22 @@ def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str, monitor: str) -> None:
-    """Loss curves (train, validation) and the monitored validation metric per epoch."""
+    """Loss curves (train, validation) and the monitored validation metric per epoch (the
+    validated epochs only, with ``train.val_every`` > 1)."""
     epochs = [r["epoch"] for r in history]
+    checked = [r for r in history if "val_loss" in r]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     a1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    a1.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation")
+    a1.plot([r["epoch"] for r in checked], [r["val_loss"] for r in checked], "s-",
+            label="validation")
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss")
     a1.legend()
     key = f"val_{monitor}"
-    values = [r.get(key) for r in history]
+    values = [r.get(key) for r in checked]
     percent = monitor.startswith("accuracy")
-    a2.plot(epochs, [100 * v if percent else v for v in values], "o-", color="C2")
+    a2.plot([r["epoch"] for r in checked], [100 * v if percent else v for v in values], "o-",
+            color="C2")
     a2.set_xlabel("epoch")
     a2.set_ylabel(f"validation {monitor}" + (" (%)" if percent else ""))
     if percent:

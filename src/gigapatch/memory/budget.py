@@ -17,8 +17,16 @@ the method names the settings it can shrink (:attr:`~gigapatch.methods.base.Meth
 
 Candidates are priced with fake-tensor estimates (:class:`gigapatch.memory.estimates.StepEstimator`,
 no memory allocated, byte-equal to the CPU measurement), falling back to real measurements for
-steps fake tensors cannot run. On CUDA the estimate does not see cuDNN/cuBLAS workspaces or
-allocator fragmentation, so :data:`CUDA_HEADROOM` of the budget is kept free.
+steps fake tensors cannot run (detection: FCOS's target assignment has data-dependent shapes).
+Where the method says its step's device memory does not grow with the image
+(:meth:`~gigapatch.methods.base.Method.step_proxy`: PatchGD-seg/-det, ``tiled``), the real
+steps run on a small proxy canvas with the same k, and the host-resident maps Z are scaled to
+the real grid's cells, so fitting costs seconds, not a real step per candidate on the whole
+image. On CUDA the estimate does not see cuDNN/cuBLAS workspaces or allocator fragmentation,
+so :data:`CUDA_HEADROOM` of the budget is kept free.
+
+On the CPU, PatchGD's host maps Z count in the budget unless ``train.budget_counts_host_maps``
+is off (then the budget is priced as a GPU would hold the step; on CUDA Z never counts).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.units import format_bytes
-from gigapatch.memory.tracker import measure_step_peak
+from gigapatch.memory.tracker import StepPeaks, measure_step_peaks
 from gigapatch.core.grid import PatchGrid
 from gigapatch.memory.estimates import EstimateError, StepEstimator
 from gigapatch.methods import METHODS, create_method
@@ -50,16 +58,14 @@ _MIN_SIDE = 16
 CUDA_HEADROOM = 0.10
 
 
-def measure_method_peak(
-    cfg: Config, image_shape: tuple[int, int, int], device: torch.device | str = "cpu",
-    exclude_host_maps: bool = False,
-) -> int:
-    """Peak bytes of one training step of ``cfg``'s method on images ``(C, H, W)``.
+def measure_method_peaks(
+    cfg: Config, image_shape: tuple[int, int, int], device: torch.device | str = "cpu"
+) -> StepPeaks:
+    """Peaks of one training step of ``cfg``'s method on images ``(C, H, W)``: in all,
+    without the host-resident maps, and of those maps (:class:`~gigapatch.memory.tracker.StepPeaks`).
 
     A batch of ``cfg.train.batch_size`` random images is used; the first step (which creates
-    the optimizer state) is not measured, the second is. ``exclude_host_maps`` (CPU): without
-    PatchGD's host-resident Z (what a GPU would hold; see
-    :func:`~gigapatch.memory.tracker.measure_step_peak`).
+    the optimizer state) is not measured, the second is.
     """
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -75,14 +81,21 @@ def measure_method_peak(
         images = method.host_transform(images)
         targets = task.random_targets(b, tuple(image_shape[1:]))
         method.train_step(images, targets, ctx)
-        peak = measure_step_peak(
-            lambda: method.train_step(images, targets, ctx),
-            model=method,
-            optimizer=optimizer,
-            device=device,
-            exclude_host_maps=exclude_host_maps,
-        )
-    return peak
+        return measure_step_peaks(lambda: method.train_step(images, targets, ctx),
+                                  model=method, optimizer=optimizer, device=device)
+
+
+def measure_method_peak(
+    cfg: Config, image_shape: tuple[int, int, int], device: torch.device | str = "cpu",
+    exclude_host_maps: bool = False,
+) -> int:
+    """Peak bytes of one training step of ``cfg``'s method on images ``(C, H, W)`` (see
+    :func:`measure_method_peaks`). ``exclude_host_maps`` (CPU): without PatchGD's
+    host-resident Z (what a GPU would hold; see
+    :func:`~gigapatch.memory.tracker.measure_step_peak`).
+    """
+    peaks = measure_method_peaks(cfg, image_shape, device)
+    return peaks.device if exclude_host_maps else peaks.total
 
 
 def fit_to_budget(
@@ -114,12 +127,16 @@ def fit_to_budget(
 
 
 class _Pricer:
-    """Peak bytes of ``cfg``'s step under changed method settings: estimated, else measured."""
+    """Peak bytes of ``cfg``'s step under changed method settings: estimated, else measured
+    (on the method's proxy canvas where it has one)."""
 
     def __init__(self, cfg: Config, image_shape: tuple[int, int, int], device: torch.device):
         self.cfg, self.shape, self.device = cfg, image_shape, device
+        #: Price without the host maps (CPU with ``train.budget_counts_host_maps`` off).
+        self.device_only = not cfg.train.budget_counts_host_maps
         self._estimator = None
         self._measure = False
+        self._told_proxy = False
         self.cache: dict[tuple[tuple[str, Any], ...], int] = {}
 
     def __call__(self, **settings: Any) -> int:
@@ -133,14 +150,33 @@ class _Pricer:
             try:
                 if self._estimator is None:
                     self._estimator = StepEstimator(self.cfg, self.device)
-                return self._estimator.peak(self.shape, **settings)
+                est = self._estimator.estimate(self.shape, **settings)
+                return est.device_peak if self.device_only else est.peak
             except EstimateError as err:
                 log.info("memory budget: %s; measuring real steps instead", err)
                 self._measure = True
+        peaks = self.measure(settings)
+        return peaks.device if self.device_only else peaks.total
+
+    def measure(self, settings: dict[str, Any]) -> StepPeaks:
+        """Real peaks with ``settings``: on the method's proxy canvas (host maps scaled to
+        the real grid), else on the real image shape."""
         trial = copy.deepcopy(self.cfg)
         for key, value in settings.items():
             setattr(trial.method, key, value)
-        return measure_method_peak(trial, self.shape, self.device)
+        proxy = METHODS.get(trial.method.name).step_proxy(trial, self.shape)
+        if proxy is None:
+            return measure_method_peaks(trial, self.shape, self.device)
+        if not self._told_proxy:
+            log.info("memory budget: %s's device memory does not grow with the image; "
+                     "measuring its steps on a %d×%d canvas with the same k (host maps "
+                     "scaled ×%.4g to the real grid)", trial.method.name, proxy.shape[1],
+                     proxy.shape[2], proxy.cell_ratio)
+            self._told_proxy = True
+        for key, value in proxy.settings.items():
+            setattr(trial.method, key, value)
+        peaks = measure_method_peaks(trial, proxy.shape, self.device)
+        return peaks.with_host_maps_scaled(proxy.cell_ratio)
 
 
 def _largest(lo: int, hi: int, fits: Any) -> int:

@@ -64,7 +64,8 @@ from tqdm.auto import tqdm
 from gigapatch.config import Config
 from gigapatch.core.grid import PatchGrid
 from gigapatch.core.errors import ConfigError
-from gigapatch.memory.tracker import TensorMemoryTracker, _state_tensors
+from gigapatch.core.hostmaps import allocating_host_maps
+from gigapatch.memory.tracker import HOST_MAPS, TensorMemoryTracker, _state_tensors
 from gigapatch.methods import abridged_loops, create_method
 from gigapatch.step import StepContext, make_optimizer
 from gigapatch.tasks import create_task
@@ -96,12 +97,15 @@ class StepEstimate:
             measured step (part of ``peak``).
         input_bytes: the ``uint8`` input batch on the host (not part of ``peak``).
         seconds: wall time the estimate took.
+        device_peak: ``peak`` without PatchGD's host-resident maps Z (on the CPU; on CUDA
+            they are not counted in ``peak`` either): what a GPU would hold.
     """
 
     peak: int
     persistent: int
     input_bytes: int
     seconds: float
+    device_peak: int = 0
 
 
 def _storages(obj: Any, out: list[tuple[torch.UntypedStorage, torch.Tensor]]) -> None:
@@ -148,7 +152,7 @@ class _FakeMemoryTracker(TensorMemoryTracker):
         return self._tracked_current - before
 
     def _track(self, storage: torch.UntypedStorage, device: torch.device) -> None:
-        key, dev = id(storage), str(device)
+        key, dev = id(storage), HOST_MAPS if allocating_host_maps() else str(device)
         with self._lock:
             if key in self._live:
                 return
@@ -345,6 +349,7 @@ class _FakeTrainer:
             persistent=int(persistent),
             input_bytes=b * c * h * w,
             seconds=time.perf_counter() - start,
+            device_peak=int(tracker.device_peak if self.count_key is None else peak),
         )
 
 

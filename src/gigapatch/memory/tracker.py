@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,14 +27,41 @@ from gigapatch.core.hostmaps import allocating_host_maps
 
 __all__ = [
     "HOST_MAPS",
+    "StepPeaks",
     "TensorMemoryTracker",
     "measure_step_peak",
+    "measure_step_peaks",
     "persistent_bytes",
 ]
 
 #: The device key under which :class:`TensorMemoryTracker` counts storages allocated inside
 #: :func:`gigapatch.core.hostmaps.host_maps` (PatchGD's Z: host memory on CUDA too).
 HOST_MAPS = "host-maps"
+
+
+@dataclass(frozen=True)
+class StepPeaks:
+    """Peaks of one training step (bytes).
+
+    Attributes:
+        total: everything counted (:attr:`TensorMemoryTracker.peak`; on CUDA the allocator's
+            peak).
+        device: without the host-resident maps (:attr:`TensorMemoryTracker.device_peak`):
+            what a GPU would hold. Equals ``total`` on CUDA.
+        host_maps: the peak of the host-resident maps alone (0 on CUDA, where they are not
+            counted).
+    """
+
+    total: int
+    device: int
+    host_maps: int
+
+    def with_host_maps_scaled(self, ratio: float) -> StepPeaks:
+        """The peaks had the host maps been ``ratio`` times as large (a grid with ``ratio``
+        times the cells: Z is proportional to the cells). Exact when the maps are alive at the
+        peak, as PatchGD's are from the fill on; an upper bound otherwise."""
+        extra = round(self.host_maps * (ratio - 1))
+        return StepPeaks(self.total + extra, self.device, self.host_maps + extra)
 
 
 def _storage_of(obj: object) -> torch.UntypedStorage | None:
@@ -212,15 +240,15 @@ def persistent_bytes(
     return sum(sizes.values())
 
 
-def measure_step_peak(
+def measure_step_peaks(
     step_fn: Callable[[], Any],
     *,
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | str = "cpu",
-    exclude_host_maps: bool = False,
-) -> int:
-    """Peak bytes of memory used while ``step_fn()`` runs one training step.
+) -> StepPeaks:
+    """Peaks of memory used while ``step_fn()`` runs one training step: in all, without the
+    host-resident maps, and of those maps alone (:class:`StepPeaks`).
 
     On CUDA this is ``torch.cuda.max_memory_allocated`` over the step, which already includes
     everything allocated beforehand. On other devices it is the persistent state existing at
@@ -228,8 +256,7 @@ def measure_step_peak(
     the step, as counted by :class:`TensorMemoryTracker`. Persistent tensors freed during the
     step (e.g. by ``optimizer.zero_grad()``) stop counting when freed. Tensors created before
     the call and not reachable from ``model``/``optimizer`` (such as the input batch) are not
-    counted unless ``step_fn`` creates them. ``exclude_host_maps`` (CPU): leave out the
-    host-resident maps (:data:`HOST_MAPS`), i.e. the peak a GPU would hold.
+    counted unless ``step_fn`` creates them.
 
     Raises:
         ConfigError: ``device`` is not a valid torch device.
@@ -245,9 +272,29 @@ def measure_step_peak(
         torch.cuda.reset_peak_memory_stats(device)
         step_fn()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
+        peak = int(torch.cuda.max_memory_allocated(device))
+        return StepPeaks(peak, peak, 0)
     tracker = TensorMemoryTracker()
     tracker.adopt(_state_tensors(model, optimizer))
     with tracker:
         step_fn()
-    return tracker.device_peak if exclude_host_maps else tracker.peak
+    return StepPeaks(tracker.peak, tracker.device_peak, tracker.peak_by_device.get(HOST_MAPS, 0))
+
+
+def measure_step_peak(
+    step_fn: Callable[[], Any],
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: torch.device | str = "cpu",
+    exclude_host_maps: bool = False,
+) -> int:
+    """Peak bytes of memory used while ``step_fn()`` runs one training step (see
+    :func:`measure_step_peaks`). ``exclude_host_maps`` (CPU): leave out the host-resident
+    maps (:data:`HOST_MAPS`), i.e. the peak a GPU would hold.
+
+    Raises:
+        ConfigError: ``device`` is not a valid torch device.
+    """
+    peaks = measure_step_peaks(step_fn, model=model, optimizer=optimizer, device=device)
+    return peaks.device if exclude_host_maps else peaks.total

@@ -14,9 +14,11 @@ Images arrive as they come from the data loader: ``(B, C, H, W)`` ``uint8`` (or 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -25,6 +27,7 @@ import torch.nn as nn
 
 from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
+from gigapatch.core.grid import PatchGrid
 from gigapatch.core.registry import Registry
 from gigapatch.models.weights import output_layer_prefix
 from gigapatch.tasks import Logits, Targets, Task, create_task
@@ -69,6 +72,43 @@ def abridged_loops(head: int) -> Iterator[None]:
         _LOOP_HEAD.reset(token)
 
 
+@dataclass(frozen=True)
+class StepProxy:
+    """A smaller image on which a training step holds the device memory it holds on the real
+    one (see :meth:`Method.step_proxy`): the memory budget measures real steps there.
+
+    Attributes:
+        shape: the proxy image ``(C, h, w)``.
+        settings: ``cfg.method`` settings for the proxy (the same k per step).
+        cell_ratio: cells of the real grid / cells of the proxy's; the host-resident maps
+            (PatchGD's Z) are proportional to the cells.
+    """
+
+    shape: tuple[int, int, int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    cell_ratio: float = 1.0
+
+
+def grid_proxy(cfg: Config, image_shape: tuple[int, int, int]) -> StepProxy | None:
+    """The square proxy for a method whose step encodes k of the cells of a stride-free
+    ``method.patch_size`` grid (``k = round(sample_fraction · N)``) and whose device memory
+    depends on k, not on N: the smallest ``g × g`` grid (g ≥ 2) holding k cells, with
+    ``sample_fraction`` set to keep k and at most 2 inner steps (J changes time, not the
+    peak). ``None`` when that grid is not smaller than the real one."""
+    c, h, w = image_shape
+    m = cfg.method
+    n = PatchGrid(h, w, m.patch_size).num_patches
+    k = max(1, min(n, round(m.sample_fraction * n)))
+    g = max(2, math.isqrt(k - 1) + 1)
+    side = g * m.patch_size
+    small = g * g
+    if small >= n:
+        return None
+    steps = m.inner_steps if m.inner_steps is not None else math.ceil(1 / m.sample_fraction)
+    return StepProxy((c, side, side), {"sample_fraction": k / small,
+                                       "inner_steps": min(steps, 2)}, n / small)
+
+
 class Method(nn.Module):
     """Base class: shared input preparation; subclasses implement the training step."""
 
@@ -86,6 +126,14 @@ class Method(nn.Module):
     encoder_attr: ClassVar[str] = "encoder"
     #: Whether the method trains detectors (``task.kind: detect``).
     detects: ClassVar[bool] = False
+
+    @classmethod
+    def step_proxy(cls, cfg: Config, image_shape: tuple[int, int, int]) -> StepProxy | None:
+        """A smaller image whose training step holds the same device memory as one on
+        ``image_shape`` ``(C, H, W)`` (host maps scaled by :attr:`StepProxy.cell_ratio`), for
+        the memory budget's real measurements; ``None`` (the default): the step's memory
+        grows with the image, measure it there."""
+        return None
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__()

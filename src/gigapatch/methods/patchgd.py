@@ -60,7 +60,7 @@ from gigapatch.core.units import parse_bytes
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, LazyBatch, first_image, one_image, read_chunks
 from gigapatch.explain import draw_saliency, occlusion_explain
-from gigapatch.methods.base import METHODS, Context, Method, repeated
+from gigapatch.methods.base import METHODS, Context, Method, StepProxy, grid_proxy, repeated
 from gigapatch.methods.frozen_cache import ZCache, image_keys
 from gigapatch.methods.latent_levels import block_anchors, crop_blocks, level_geometries, per_image
 from gigapatch.methods.latent_map import (
@@ -123,6 +123,14 @@ class PatchGD(Method):
     k_means = "patches per inner step"
     has_inner_steps = True
     detects = True
+
+    @classmethod
+    def step_proxy(cls, cfg: Config, image_shape: tuple[int, int, int]) -> StepProxy | None:
+        """Segmentation and detection: the device holds the k windows of Z around the
+        re-encoded patches, never Z (host memory), so a small canvas with the same k holds
+        the same device memory (:func:`~gigapatch.methods.base.grid_proxy`). Classification:
+        θ2 runs on the whole Z on the device; ``None``."""
+        return grid_proxy(cfg, image_shape) if cfg.task.kind in ("segment", "detect") else None
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)

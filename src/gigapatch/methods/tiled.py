@@ -28,7 +28,7 @@ from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images
-from gigapatch.methods.base import METHODS, Context, Method, repeated
+from gigapatch.methods.base import METHODS, Context, Method, StepProxy, grid_proxy, repeated
 from gigapatch.models.detection import create_detector, merge_detections
 from gigapatch.tasks import Task
 
@@ -76,6 +76,12 @@ class Tiled(Method):
         mc = cfg.model
         self.net = create_detector(mc.encoder, self.num_classes, self.in_chans, mc.pretrained,
                                    mc.weights)
+
+    @classmethod
+    def step_proxy(cls, cfg: Config, image_shape: tuple[int, int, int]) -> StepProxy | None:
+        """Training encodes k tiles of the stride-free grid: the memory does not grow with the
+        image (:func:`~gigapatch.methods.base.grid_proxy`)."""
+        return grid_proxy(cfg, image_shape)
 
     def grid(self, images: Images, stride: int | None = None) -> PatchGrid:
         h, w = images.shape[-2:]
