@@ -184,3 +184,17 @@ def test_host_maps_count_in_a_cpu_budget_unless_told_otherwise():
     cfg.train.budget_counts_host_maps = False
     fit_to_budget(cfg, shape, budget, "cpu")
     assert round(cfg.method.sample_fraction * 36) == 4
+
+
+def test_tiled_fit_counts_the_stride_free_training_grid(caplog):
+    """``method.stride`` is tiled's prediction overlap; training samples k of the stride-free
+    grid (36 tiles of 64² at 384²), and the fitted k and its message are of that grid."""
+    shape = (1, 384, 384)
+    cfg = _dense_cfg("tiled", "detect", sample_fraction=6 / 36)
+    cfg.method.stride = 32  # 11 × 11 prediction windows
+    budget = budget_module._Pricer(cfg, shape, torch.device("cpu")).measure(
+        {"sample_fraction": 2 / 36, "fill_chunk": 4}).total + 64
+    with caplog.at_level("INFO", logger="gigapatch"):
+        fit_to_budget(cfg, shape, budget, "cpu")
+    assert cfg.method.sample_fraction == pytest.approx(2 / 36)
+    assert "(36 patches) uses k=2 tiles per image per step" in caplog.text

@@ -165,6 +165,11 @@ class _Pricer:
         for key, value in settings.items():
             setattr(trial.method, key, value)
         proxy = METHODS.get(trial.method.name).step_proxy(trial, self.shape)
+        shape = self.shape if proxy is None else proxy.shape
+        told = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in settings.items())
+        log.info("memory budget: measuring one %s step (%s) on a %d×%d canvas",
+                 trial.method.name, told or "as configured", shape[1], shape[2])
         if proxy is None:
             return measure_method_peaks(trial, self.shape, self.device)
         if not self._told_proxy:
@@ -232,7 +237,8 @@ def _fit_k_and_chunk(
 ) -> None:
     h, w = image_shape[1:]
     m, name = cfg.method, cfg.method.name
-    n = PatchGrid(h, w, m.patch_size, m.stride).num_patches
+    kind = METHODS.get(name)
+    n = PatchGrid(h, w, m.patch_size, None if kind.trains_stride_free else m.stride).num_patches
     k_max = max(1, min(n, round(m.sample_fraction * n)))
     chunk_max = max(1, m.fill_chunk)
 
@@ -242,7 +248,6 @@ def _fit_k_and_chunk(
     def peak(k: int, chunk: int) -> int:
         return price(sample_fraction=frac(k), fill_chunk=chunk)
 
-    kind = METHODS.get(name)
     wanted = peak(k_max, chunk_max)
     if wanted <= usable:
         log.info(

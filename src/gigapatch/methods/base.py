@@ -126,6 +126,9 @@ class Method(nn.Module):
     encoder_attr: ClassVar[str] = "encoder"
     #: Whether the method trains detectors (``task.kind: detect``).
     detects: ClassVar[bool] = False
+    #: Whether training samples its k cells from the stride-free grid even when
+    #: ``method.stride`` is set (``tiled``: the stride is prediction's overlap).
+    trains_stride_free: ClassVar[bool] = False
 
     @classmethod
     def step_proxy(cls, cfg: Config, image_shape: tuple[int, int, int]) -> StepProxy | None:

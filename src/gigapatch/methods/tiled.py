@@ -67,6 +67,7 @@ class Tiled(Method):
     k_means = "tiles per image per step"
     encoder_attr = "net"
     detects = True
+    trains_stride_free = True
 
     def __init__(self, cfg: Config, task: Task) -> None:
         super().__init__(cfg, task)
