@@ -63,6 +63,7 @@ def test_run_writes_its_files(tiny_config):
         assert key in summary
     assert summary["image_size"] == 64 and summary["epochs"] == 2
     assert summary["peak_memory_bytes"] > 0
+    assert 0 < summary["peak_device_memory_bytes"] <= summary["peak_memory_bytes"]
     rows = list(csv.DictReader(open(f"{run}/metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert summary["val_accuracy"] == max(float(r["val_accuracy"]) for r in rows)

@@ -32,6 +32,27 @@ def test_full_gets_the_largest_side_that_fits():
     assert measure_method_peak(bigger, shape) > budget
 
 
+def test_full_never_prices_sides_far_above_the_one_that_fits(monkeypatch):
+    """Sides are priced doubling from the smallest, then bisected: a budget that fits 48 px
+    of a 1,024² image never prices full resolution or anything above 2 × 48 + 4 px."""
+    cfg = _full_cfg()
+    shape = (1, 1024, 1024)
+    at48 = copy.deepcopy(cfg)
+    at48.method.downsample_to = 48
+    budget = measure_method_peak(at48, (1, 128, 128)) + 1000
+    priced = []
+    real = budget_module._Pricer._price
+
+    def spy(self, settings):
+        priced.append(settings["downsample_to"])
+        return real(self, settings)
+
+    monkeypatch.setattr(budget_module._Pricer, "_price", spy)
+    fit_to_budget(cfg, shape, budget, "cpu")
+    assert cfg.method.downsample_to == 48
+    assert None not in priced and max(priced) <= 2 * 48 + 4, priced
+
+
 def test_full_resolution_kept_when_it_fits():
     cfg = _full_cfg()
     fit_to_budget(cfg, (1, 64, 64), 2**30, "cpu")

@@ -10,7 +10,9 @@ task's metrics, and keeps everything in ``<out_dir>/<name>/``:
   ``last.pt`` and gives the same result as an uninterrupted run); ``best.pt`` is the epoch
   with the best ``task.monitor``;
 - ``summary.json`` — method, task, sizes, best/final metrics, measured peak memory of one
-  training step, time, throughput and ``world_size``; ``train.log`` — the log.
+  training step (``peak_memory``, and ``peak_device_memory`` without PatchGD's
+  host-resident maps Z: what a GPU would hold), time, throughput and ``world_size``;
+  ``train.log`` — the log.
 
 A run directory that already holds a run (``last.pt``, ``best.pt``, ``metrics.csv`` or
 ``summary.json``) is never overwritten by accident: ``train`` refuses unless it resumes that
@@ -53,7 +55,7 @@ from gigapatch.engine.checkpoint import load_checkpoint, save_checkpoint
 from gigapatch.engine.reporting import TensorBoardLog, plot_curves, write_metrics
 from gigapatch.io.readers import ImageReader
 from gigapatch.memory.budget import fit_to_budget
-from gigapatch.memory.tracker import measure_step_peak
+from gigapatch.memory.tracker import measure_step_peaks
 from gigapatch.methods import Method, create_method
 from gigapatch.step import StepContext, autocast, make_optimizer, make_scheduler
 from gigapatch.tasks import Task, create_task
@@ -256,6 +258,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
     history: list[dict[str, Any]] = []
     start_epoch, best_value, best_epoch = 0, None, -1
     peak_memory: int | None = None
+    peak_device: int | None = None  # without the host-resident maps Z (what a GPU holds)
     train_seconds, images_seen = 0.0, 0
     if state is not None:
         method.load_state_dict(state["model"])
@@ -267,6 +270,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
         best_value, best_epoch = state["best_value"], state["best_epoch"]
         history = state["history"]
         peak_memory = state["peak_memory_bytes"]
+        peak_device = state.get("peak_device_memory_bytes", peak_memory)
         train_seconds, images_seen = state["train_seconds"], state["images_seen"]
         best_value, best_epoch = _best_on_disk(run_dir, best_value, best_epoch)
         log.info("resumed %s from epoch %d", run_dir / "last.pt", start_epoch)
@@ -304,11 +308,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
                     def step() -> None:
                         out["loss"] = method.train_step(images, targets, ctx)
 
-                    peak_memory = measure_step_peak(
+                    peaks = measure_step_peaks(
                         step, model=method, optimizer=optimizer, device=device
                     )
+                    peak_memory, peak_device = peaks.total, peaks.device
                     loss = out["loss"]
-                    log.info("peak memory of one training step: %s", format_bytes(peak_memory))
+                    log.info("peak memory of one training step: %s%s", format_bytes(peak_memory),
+                             f" ({format_bytes(peak_device)} without the host-resident maps Z)"
+                             if peaks.host_maps else "")
                 else:
                     loss = method.train_step(images, targets, ctx)
             except TrainingDiverged as err:
@@ -370,6 +377,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
                 "history": history,
                 "config": cfg.to_dict(),
                 "peak_memory_bytes": peak_memory,
+                "peak_device_memory_bytes": peak_device,
                 "train_seconds": train_seconds,
                 "images_seen": images_seen,
             }
@@ -392,6 +400,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
     summary.update({
         "peak_memory_bytes": peak_memory,
         "peak_memory": format_bytes(peak_memory) if peak_memory is not None else None,
+        "peak_device_memory_bytes": peak_device,
+        "peak_device_memory": format_bytes(peak_device) if peak_device is not None else None,
         "memory_budget": cfg.train.memory_budget,
         "precision": cfg.train.precision,
         "train_seconds": round(train_seconds, 3),

@@ -200,18 +200,15 @@ def _largest(lo: int, hi: int, fits: Any) -> int:
 def _fit_input_side(
     cfg: Config, image_shape: tuple[int, int, int], budget: int, usable: int, price: _Pricer
 ) -> None:
+    """The largest input side that fits. Measured steps are priced from the smallest side
+    up, doubling, then bisected: a step on the full-resolution image (what the budget is
+    there to avoid) is only run when every smaller doubling fits."""
     h, w = image_shape[1:]
     longest, unit = max(h, w), _SIDE_STEP
 
     def peak_at(side: int) -> int:
         return price(downsample_to=side if side < longest else None)
 
-    if peak_at(longest) <= usable:
-        log.info(
-            "memory budget %s: full-image training at full resolution %d×%d needs %s, fits",
-            format_bytes(budget), h, w, format_bytes(peak_at(longest)),
-        )
-        return
     smallest = peak_at(_MIN_SIDE)
     if smallest > usable:
         raise ConfigError(
@@ -221,14 +218,29 @@ def _fit_input_side(
             "train.batch_size or use a smaller encoder."
         )
     top = -(-longest // unit) - 1  # in units of 4 px, below full resolution
-    units = _largest(_MIN_SIDE // unit, top, lambda u: peak_at(unit * u) <= usable)
+    lo, hi = _MIN_SIDE // unit, None  # lo fits; hi (when found) does not
+    while hi is None and lo < top:
+        trial = min(2 * lo, top)
+        if peak_at(unit * trial) <= usable:
+            lo = trial
+        else:
+            hi = trial
+    if hi is None:  # every side below full resolution fits
+        if peak_at(longest) <= usable:
+            log.info(
+                "memory budget %s: full-image training at full resolution %d×%d needs %s, fits",
+                format_bytes(budget), h, w, format_bytes(peak_at(longest)),
+            )
+            return
+        hi = top + 1
+    units = _largest(lo, hi - 1, lambda u: peak_at(unit * u) <= usable) if hi - lo > 1 else lo
     side = unit * units
     cfg.method.downsample_to = side
     log.info(
-        "memory budget %s: full-image training downsampled to longer side %d px (%s per step); "
-        "%d px would need %s, full resolution %d px %s",
+        "memory budget %s: full-image training downsampled to longer side %d px (%s per step);"
+        " %d px would need %s (full resolution: %d px)",
         format_bytes(budget), side, format_bytes(peak_at(side)), side + unit,
-        format_bytes(peak_at(side + unit)), longest, format_bytes(peak_at(longest)),
+        format_bytes(peak_at(side + unit)), longest,
     )
 
 
