@@ -14,6 +14,7 @@ from gigapatch.engine.loop import train
 from gigapatch.methods.base import create_method
 from gigapatch.methods.frozen_cache import ZCache
 from gigapatch.methods.patchgd import PatchGD
+from gigapatch.memory.tracker import measure_step_peaks
 from gigapatch.step import StepContext
 
 
@@ -219,3 +220,27 @@ def test_a_resumed_run_with_a_cache_gives_the_uninterrupted_weights(tiny_config,
     for name, value in want["model"].items():
         torch.testing.assert_close(got["model"][name], value, rtol=0, atol=0, msg=name)
     assert "method_state" not in load_checkpoint(Path(cfg.train.out_dir) / cfg.name / "best.pt")
+
+
+@pytest.mark.parametrize("kind", ["segment", "detect"])
+def test_the_cache_is_host_memory_not_device_memory(kind):
+    """The cached maps live on the host (on CUDA too): the CPU tracker books them with the
+    host maps, so a cached step's device peak is no larger than the exact step's."""
+    torch.manual_seed(0)
+    big = {"segment": {"z_stride": 1, "sample_fraction": 1 / 256}, "detect": {
+        "sample_fraction": 1 / 64}}[kind]  # maps large next to one patch's activations
+    exact = create_method(_dense_cfg(kind, inner_steps=1, **big))
+    cached = copy.deepcopy(exact)
+    cached.cfg = _dense_cfg(kind, z_cache="refresh", z_refresh=0.25, inner_steps=1, **big)
+    images = torch.randint(0, 256, (2, 1, 256, 256), dtype=torch.uint8)
+    targets = _dense_targets(exact, images)
+    peaks = {}
+    for name, method in [("exact", exact), ("cached", cached)]:
+        opt = torch.optim.SGD(method.parameters(), lr=0.01)
+        ctx = StepContext(method, opt)
+        method.train_step(images, targets, ctx)  # fills the cache
+        peaks[name] = measure_step_peaks(lambda: method.train_step(images, targets, ctx),
+                                         model=method, optimizer=opt)
+    z_bytes = sum(z.nelement() * z.element_size() for _, (z, _) in cached.z_cache.entries())
+    assert peaks["cached"].host_maps >= z_bytes > 2**20  # (the cells' ages: a few KiB)
+    assert peaks["cached"].device <= peaks["exact"].device + 2**14, peaks

@@ -368,9 +368,11 @@ class PatchGD(Method):
                           clock + (0 if self.cfg.method.accumulate else j))
 
     def _cache_maps(self, keys: list[Any], zs: list[torch.Tensor], ages: torch.Tensor) -> None:
-        """Each image's maps (flattened level after level) and ages back to the cache."""
-        for i, key in enumerate(keys):
-            self.z_cache.put(key, torch.cat([z[i].flatten() for z in zs]), ages[i].clone())
+        """Each image's maps (flattened level after level) and ages back to the cache (host
+        memory, on CUDA too)."""
+        with host_maps():
+            for i, key in enumerate(keys):
+                self.z_cache.put(key, torch.cat([z[i].flatten() for z in zs]), ages[i].clone())
 
     def window_logits(self, zwin: torch.Tensor, g: torch.Tensor | None, pool: torch.Tensor,
                       image: list[int], cells: list[int], geo: MapGeometry) -> torch.Tensor:
@@ -649,9 +651,10 @@ class PatchGD(Method):
                                  lambda idx, emb, where: z.scatter_(1, where, emb.detach()))
         if cached:  # Z, with the re-encoded cells, back to the cache with their ages
             self._age_sampled(ages, order, k, steps, clock)
-            host = z.cpu()
-            for i, key in enumerate(keys):
-                self.z_cache.put(key, host[i].clone(), ages[i].clone())
+            with host_maps():  # the cache is host memory, on CUDA too
+                host = z.cpu()
+                for i, key in enumerate(keys):
+                    self.z_cache.put(key, host[i].clone(), ages[i].clone())
         return loss
 
     def _stale(self, ages: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -679,7 +682,8 @@ class PatchGD(Method):
         never encoded, background)."""
         b, n, c = images.shape[0], grid.num_patches, self.latent_dim
         dtype = self.compute_dtype()
-        old = torch.zeros(b, n, c, dtype=dtype)
+        with host_maps():  # the cached Z is host memory, on CUDA too
+            old = torch.zeros(b, n, c, dtype=dtype)
         ages = torch.full((b, n), -1, dtype=torch.int64)
         todo = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.clone()
         for i, key in enumerate(keys):
