@@ -233,7 +233,7 @@ def _fit_input_side(
             )
             return
         hi = top + 1
-    units = _largest(lo, hi - 1, lambda u: peak_at(unit * u) <= usable) if hi - lo > 1 else lo
+    units = _largest(lo, hi - 1, lambda u: peak_at(unit * u) <= usable)
     side = unit * units
     cfg.method.downsample_to = side
     log.info(
