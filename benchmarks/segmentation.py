@@ -60,6 +60,7 @@ def base_config(data_dir: Path, labeling: str, runs: Path) -> Config:
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 8, 4, 3e-3
     cfg.train.warmup_epochs, cfg.train.progress = 0.5, False
     cfg.train.memory_budget = BUDGET
+    cfg.train.budget_counts_host_maps = False  # price a CPU step as a GPU holds it (Z on the host)
     cfg.train.out_dir = str(runs)
     return cfg
 

@@ -62,7 +62,12 @@ def _whole_map_logits(method, images):
         g = F.interpolate(method.encode_map(method.global_patch(images)), size=(hz, wz),
                           mode="bilinear", align_corners=False)
         parts = [z + g] if mode == "add" else [z, g]
-    parts.append(z.mean(dim=(2, 3), keepdim=True).expand_as(z))
+    if method.cfg.method.z_pool == "gated":  # Σ σ(a·z + c) z / Σ σ(a·z + c) over the map
+        w = torch.sigmoid(method.z_pool.gate(z))
+        pooled = (w * z).sum(dim=(2, 3), keepdim=True) / w.sum(dim=(2, 3), keepdim=True)
+    else:
+        pooled = z.mean(dim=(2, 3), keepdim=True)
+    parts.append(pooled.expand_as(z))
     h = method.head.halo
     out = method.head(F.pad(torch.cat(parts, dim=1), (h, h, h, h)))
     s = method.cfg.method.z_stride
@@ -70,13 +75,16 @@ def _whole_map_logits(method, images):
     return out[..., : images.shape[-2], : images.shape[-1]]
 
 
-@pytest.mark.parametrize("global_context", ["none", "add", "concat"])
-def test_full_sampling_equals_autograd_through_the_whole_map(global_context):
+@pytest.mark.parametrize("global_context,z_pool", [("none", "mean"), ("add", "mean"),
+                                                    ("concat", "mean"), ("concat", "gated")])
+def test_full_sampling_equals_autograd_through_the_whole_map(global_context, z_pool):
     """k = N, J = 1: window by window, PatchGD-seg's gradients equal autograd through θ2 over
-    the stitched θ1(patches) of the whole (padded) image (float64)."""
+    the stitched θ1(patches) of the whole (padded) image (float64), the gate included."""
     torch.manual_seed(0)
     method = create_method(_cfg(sample_fraction=1.0, inner_steps=1,
-                                global_context=global_context)).double()
+                                global_context=global_context, z_pool=z_pool)).double()
+    if z_pool == "gated":  # away from its zero start, so that the gate's gradient is tested
+        torch.nn.init.normal_(method.z_pool.gate.weight)
     reference = copy.deepcopy(method)
     images = torch.randint(0, 256, (2, 1, 40, 52), dtype=torch.uint8)  # 3×4 grid, padded
     masks = method.task.random_targets(2, (40, 52))
@@ -86,9 +94,12 @@ def test_full_sampling_equals_autograd_through_the_whole_map(global_context):
         torch.testing.assert_close(got[name], p.grad, rtol=1e-6, atol=1e-10, msg=name)
 
 
-def test_stitched_z_and_prediction_equal_the_whole_map():
+@pytest.mark.parametrize("z_pool", ["mean", "gated"])
+def test_stitched_z_and_prediction_equal_the_whole_map(z_pool):
     torch.manual_seed(1)
-    method = create_method(_cfg(global_context="concat")).double().eval()
+    method = create_method(_cfg(global_context="concat", z_pool=z_pool)).double().eval()
+    if z_pool == "gated":
+        torch.nn.init.normal_(method.z_pool.gate.weight)
     images = torch.randint(0, 256, (2, 1, 40, 52), dtype=torch.uint8)
     with torch.no_grad():
         geo = method.geometry(images)

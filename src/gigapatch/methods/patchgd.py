@@ -71,6 +71,7 @@ from gigapatch.methods.latent_map import (
     valid,
     windows_of,
 )
+from gigapatch.methods.latent_pool import MapPool
 from gigapatch.models.dense import create_dense_net
 from gigapatch.models.detection import create_detector, merge_detections
 from gigapatch.models.encoders import create_encoder
@@ -97,17 +98,6 @@ def _write_blocks(z: torch.Tensor, geo: MapGeometry, image: list[int], cells: li
     for bi, cell, block in zip(image, cells, blocks.to("cpu", z.dtype)):
         y, x = geo.origin(cell)
         z[bi, :, y : y + q, x : x + q] = block
-
-
-def _block_sums(z: torch.Tensor, geo: MapGeometry, image: list[int], cells: list[int], b: int
-                ) -> torch.Tensor:
-    """``(B, C)`` float64: per image, the sum of ``z`` over the blocks of ``cells``."""
-    q = geo.q
-    out = torch.zeros(b, z.shape[1], dtype=torch.float64)
-    for bi, cell in zip(image, cells):
-        y, x = geo.origin(cell)
-        out[bi] += z[bi, :, y : y + q, x : x + q].sum(dim=(1, 2), dtype=torch.float64)
-    return out
 
 
 def _flat_reader(take: Take, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -164,6 +154,7 @@ class PatchGD(Method):
         c = mc.latent_dim
         width = (2 * c if m.global_context == "concat" else c) + c  # [Z, (G,) pooled Z]
         self.head = DenseHead(width, self.num_classes, mc.head_width, mc.head_layers)
+        self.z_pool = MapPool(c, m.z_pool)  # the summary P of Z (part of θ2)
 
     def _init_detect(self, cfg: Config) -> None:
         m, mc = cfg.method, cfg.model
@@ -403,8 +394,7 @@ class PatchGD(Method):
         with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
             (z,), ages, keys = self._step_maps(images, [geo], lambda x: [self.encode_map(x)],
                                                take)  # (B, C, Hz, Wz) on the host
-        area = geo.size[0] * geo.size[1]
-        z_sum = z.sum(dim=(2, 3), dtype=torch.float64)  # (B, C), for the pooled map
+        sums = self.z_pool.map_sums(z)  # (B,), (B, C) float64: the summary P's running sums
         mask = self.foreground(images, grid)  # data.skip_background: content cells first
         order = sample_cells(b, grid.num_patches, k * steps, mask=mask)  # (B, k·J), host
         image = [i for i in range(b) for _ in range(k)]  # the image of each window
@@ -414,8 +404,8 @@ class PatchGD(Method):
             new = self.encode_map(grid.gather_with(take, idx).flatten(0, 1))  # (B·k, C, q, q)
             zwin = paste(windows_of(z, image, cells, geo, new.device, new.dtype),
                          image, cells, new, image, cells, geo)
-            rest = (z_sum - _block_sums(z, geo, image, cells, b)).to(new.device, new.dtype)
-            pool = (rest + new.sum(dim=(2, 3)).view(b, k, -1).sum(1)) / area  # (B, C)
+            old = self.z_pool.block_sums(z, geo, image, cells)
+            pool = self.z_pool.summary((sums[0] - old[0], sums[1] - old[1]), new, b, k)  # (B, C)
             g = self.encode_map(gpatch) if use_global else None
             logits = self.window_logits(zwin, g, pool, image, cells, geo)
             window = (image, grid.boxes()[idx.flatten()])
@@ -424,9 +414,11 @@ class PatchGD(Method):
         def keep(idx: torch.Tensor, new: torch.Tensor) -> None:
             with torch.no_grad():  # the re-encoded blocks stay in Z for the later steps
                 cells = idx.flatten().tolist()
-                z_sum.sub_(_block_sums(z, geo, image, cells, b))
+                old = self.z_pool.block_sums(z, geo, image, cells)
                 _write_blocks(z, geo, image, cells, new.detach())
-                z_sum.add_(_block_sums(z, geo, image, cells, b))
+                now = self.z_pool.block_sums(z, geo, image, cells)
+                for total, before, after in zip(sums, old, now):
+                    total.sub_(before).add_(after)
 
         loss = self._inner_steps(ctx, order, k, steps, inner, keep)
         if keys:
@@ -439,7 +431,7 @@ class PatchGD(Method):
         grid, p = geo.grid, self.cfg.method.patch_size
         b, n = images.shape[0], grid.num_patches
         z = self.fill_map(images, geo)
-        pool = z.float().mean(dim=(2, 3)).to(self.device)
+        pool = self.z_pool.whole(z, self.device)
         g = self.encode_map(self.global_patch(images)) \
             if self.cfg.method.global_context != "none" else None
         ph, pw = grid.padded_size
@@ -466,7 +458,7 @@ class PatchGD(Method):
         grid, p = geo.grid, self.cfg.method.patch_size
         h, w = first.shape[-2:]
         z = self.fill_map(first, geo)
-        pool = z.float().mean(dim=(2, 3)).to(self.device)
+        pool = self.z_pool.whole(z, self.device)
         g = self.encode_map(self.global_patch(first)) \
             if self.cfg.method.global_context != "none" else None
 

@@ -1,0 +1,109 @@
+"""The global summary ``P`` of dense PatchGD's latent map Z, kept as running sums.
+
+θ2 sees, at every map pixel, a summary of the whole map (``method.z_pool``):
+
+- ``mean``: ``P = Σ_i z_i / n`` over the map's ``n`` pixels;
+- ``gated``: ``P = Σ_i w_i z_i / Σ_i w_i`` with ``w_i = σ(a·z_i + c)``, a learnt 1×1 gate
+  (part of θ2). On a sparse image (0.1 % of the pixels on objects) the plain mean is almost
+  all background, so what θ2 needs from far away (which objects there are, and how many)
+  reaches it scaled down by the background's share; the gate learns to weigh the pixels
+  that matter, and the normalised sum keeps their proportions (counts), not just presence.
+  The gate starts at ``σ(0) = ½`` everywhere, i.e. at the plain mean.
+
+Z lives on the host and only the re-encoded blocks carry gradients, so a step keeps the
+whole map's sums ``(W (B,), WZ (B, C))`` in float64 and, per inner step, swaps the sampled
+blocks' terms for their re-encoded ones (differentiable). The rest of the map is weighed with
+the gate as it is when its terms are computed; with all cells re-encoded (k = N) the summary
+is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gigapatch.core.hostmaps import host_maps
+from gigapatch.methods.latent_map import MapGeometry
+
+__all__ = ["MapPool", "PoolSums"]
+
+#: Map rows per band when summing a whole host map (bounds the float64 temporaries).
+_BAND_ROWS = 64
+
+PoolSums = tuple[torch.Tensor, torch.Tensor]  # (W (B,), WZ (B, C))
+
+
+class MapPool(nn.Module):
+    """``method.z_pool``: the summary ``P`` ``(B, C)`` of a dense map from its sums."""
+
+    def __init__(self, channels: int, kind: str = "mean") -> None:
+        super().__init__()
+        self.kind = kind
+        self.gate = nn.Conv2d(channels, 1, 1) if kind == "gated" else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    def weights(self, z: torch.Tensor) -> torch.Tensor:
+        """``(P, C, h, w)`` → pixel weights ``(P, 1, h, w)`` (ones for ``mean``), on ``z``'s
+        device and in its dtype; differentiable in ``z`` and the gate."""
+        if self.gate is None:
+            return torch.ones_like(z[:, :1])
+        weight, bias = self.gate.weight, self.gate.bias
+        return torch.sigmoid(F.conv2d(z, weight.to(z.device, z.dtype), bias.to(z.device, z.dtype)))
+
+    def terms(self, z: torch.Tensor) -> PoolSums:
+        """Per map ``(P, C, h, w)``: ``(Σ w (P,), Σ w·z (P, C))``, differentiable."""
+        if self.gate is None:
+            count = torch.full(z.shape[:1], z.shape[2] * z.shape[3], dtype=z.dtype,
+                               device=z.device)
+            return count, z.sum(dim=(2, 3))
+        w = self.weights(z)
+        return w.sum(dim=(1, 2, 3)), (w * z).sum(dim=(2, 3))
+
+    @torch.no_grad()
+    def map_sums(self, z: torch.Tensor) -> PoolSums:
+        """The whole host map ``(B, C, Hz, Wz)``'s sums in float64, band by band (the bands'
+        temporaries are host memory, booked as such: :func:`~gigapatch.core.hostmaps.host_maps`)."""
+        b, c, hz, _ = z.shape
+        w_sum = torch.zeros(b, dtype=torch.float64)
+        wz_sum = torch.zeros(b, c, dtype=torch.float64)
+        if self.gate is None:
+            return w_sum + z.shape[2] * z.shape[3], z.sum(dim=(2, 3), dtype=torch.float64)
+        with host_maps():
+            for top in range(0, hz, _BAND_ROWS):
+                w, wz = self.terms(z[:, :, top : top + _BAND_ROWS].to(torch.float64))
+                w_sum += w
+                wz_sum += wz
+        return w_sum, wz_sum
+
+    @torch.no_grad()
+    def block_sums(self, z: torch.Tensor, geo: MapGeometry, image: list[int], cells: list[int]
+                   ) -> PoolSums:
+        """The sums over the blocks of ``cells`` of images ``image`` of host map ``z``,
+        per image: ``(B,)``, ``(B, C)`` float64."""
+        q = geo.q
+        w_sum = torch.zeros(z.shape[0], dtype=torch.float64)
+        wz_sum = torch.zeros(z.shape[0], z.shape[1], dtype=torch.float64)
+        for bi, cell in zip(image, cells):
+            y, x = geo.origin(cell)
+            w, wz = self.terms(z[bi : bi + 1, :, y : y + q, x : x + q].to(torch.float64))
+            w_sum[bi] += w[0]
+            wz_sum[bi] += wz[0]
+        return w_sum, wz_sum
+
+    def summary(self, rest: PoolSums, new: torch.Tensor, b: int, k: int) -> torch.Tensor:
+        """``P`` ``(B, C)`` from the sums of the map without the sampled blocks (``rest``,
+        host float64) and the ``b·k`` re-encoded blocks ``new`` ``(B·k, C, q, q)`` (image
+        after image, with gradients)."""
+        w_new, wz_new = self.terms(new)
+        w = rest[0].to(new.device, new.dtype) + w_new.view(b, k).sum(1)
+        wz = rest[1].to(new.device, new.dtype) + wz_new.view(b, k, -1).sum(1)
+        return wz / w[:, None]
+
+    @torch.no_grad()
+    def whole(self, z: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``P`` ``(B, C)`` float32 of a whole host map ``(B, C, Hz, Wz)``, on ``device``."""
+        w, wz = self.map_sums(z)
+        return (wz / w[:, None]).float().to(device)

@@ -1,0 +1,58 @@
+"""The summary P of dense PatchGD's map from running sums equals P of the whole map."""
+
+import pytest
+import torch
+
+from gigapatch.core.grid import PatchGrid
+from gigapatch.methods.latent_map import MapGeometry
+from gigapatch.methods.latent_pool import MapPool
+
+
+def _reference(pool: MapPool, z: torch.Tensor) -> torch.Tensor:
+    if pool.kind == "mean":
+        return z.mean(dim=(2, 3))
+    w = torch.sigmoid(pool.gate(z))
+    return (w * z).sum(dim=(2, 3)) / w.sum(dim=(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["mean", "gated"])
+def test_swapping_blocks_gives_the_summary_of_the_updated_map(kind):
+    torch.manual_seed(0)
+    geo = MapGeometry(PatchGrid(48, 64, 16), s=4, halo=1)  # 3×4 cells of 4×4 map pixels
+    pool = MapPool(5, kind).double()
+    if kind == "gated":
+        torch.nn.init.normal_(pool.gate.weight)
+    z = torch.randn(2, 5, *geo.size, dtype=torch.float64)
+    total = pool.map_sums(z)
+    torch.testing.assert_close(pool.whole(z, torch.device("cpu")), _reference(pool, z).float())
+    image, cells = [0, 0, 1, 1], [1, 6, 0, 11]  # k = 2 per image
+    new = torch.randn(4, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    old = pool.block_sums(z, geo, image, cells)
+    got = pool.summary((total[0] - old[0], total[1] - old[1]), new, b=2, k=2)
+    pasted = z.clone()
+    for bi, cell, block in zip(image, cells, new.detach()):
+        y, x = geo.origin(cell)
+        pasted[bi, :, y : y + 4, x : x + 4] = block
+    torch.testing.assert_close(got, _reference(pool, pasted))
+    got.sum().backward()  # differentiable in the re-encoded blocks
+    assert new.grad is not None and new.grad.abs().sum() > 0
+
+
+def test_the_gate_starts_at_the_plain_mean():
+    z = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    gated = MapPool(3, "gated").double()
+    torch.testing.assert_close(gated.whole(z, torch.device("cpu")),
+                               z.mean(dim=(2, 3)).float())
+
+
+def test_a_learnt_gate_weighs_the_sparse_pixels():
+    """One object pixel among 4,095 of background: the plain mean barely sees it, a gate
+    open on it and shut elsewhere gives (almost) its features."""
+    z = torch.zeros(1, 2, 64, 64, dtype=torch.float64)
+    z[0, 0] = -1.0  # background: channel 0 low
+    z[0, :, 10, 20] = torch.tensor([1.0, 5.0])  # the object
+    gated = MapPool(2, "gated").double()
+    with torch.no_grad():
+        gated.gate.weight[:] = torch.tensor([20.0, 0.0]).view(1, 2, 1, 1)
+    assert MapPool(2).whole(z, torch.device("cpu"))[0, 1] < 0.01
+    assert gated.whole(z, torch.device("cpu"))[0, 1] > 4.9
