@@ -7,7 +7,8 @@ more than the windows θ2 works on.
 
 θ2's input at a map pixel is ``[Z, G, P]`` (with global context ``concat``; ``add`` uses
 ``Z + G`` and ``P``): ``G`` the global patch's map upsampled (bilinear) to Z's size, ``P`` the
-summary of the whole map (:mod:`~gigapatch.methods.latent_pool`), broadcast; zero outside the map (the zero padding of θ2's convs).
+summary of the whole map (:mod:`~gigapatch.methods.latent_pool`), broadcast; zero outside
+the map (the zero padding of θ2's convs).
 A *window* is one patch's block plus θ2's halo ``h`` and one more pixel (for the bilinear
 upsampling of θ2's output to pixels): side ``q + 2(h + 1)``. Everything here builds those
 windows exactly as cropping the whole map would, so the loss and the gradient of a window are
