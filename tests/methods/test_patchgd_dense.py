@@ -132,9 +132,10 @@ def test_loss_windows_are_the_re_encoded_patches_and_their_halo():
     assert encoded[-2:] == [4, 4]  # the inner steps re-encode k patches each
 
 
-def test_device_memory_stays_flat_as_the_image_grows():
+@pytest.mark.parametrize("z_pool", ["mean", "gated"])
+def test_device_memory_stays_flat_as_the_image_grows(z_pool):
     """Z lives on the host: the device holds θ's state and the k windows, not the map."""
-    cfg = _cfg(sample_fraction=4 / 64, inner_steps=2, fill_chunk=16)
+    cfg = _cfg(sample_fraction=4 / 64, inner_steps=2, fill_chunk=16, z_pool=z_pool)
     cfg.method.patch_size, cfg.train.batch_size = 32, 1
     small = estimate_step_peak(cfg, (1, 256, 256), device="cuda")  # N = 64
     big = copy.deepcopy(cfg)
@@ -175,10 +176,11 @@ def test_z_on_disk_gives_the_same_map():
         torch.testing.assert_close(on_disk.predict(images), method.predict(images))
 
 
-def test_the_cpu_estimate_prices_the_step_within_a_fraction_of_a_percent():
+@pytest.mark.parametrize("z_pool", ["mean", "gated"])
+def test_the_cpu_estimate_prices_the_step_within_a_fraction_of_a_percent(z_pool):
     """Fake tensors cannot see which cells were sampled nor the boxes' values; the windows
     have known shapes, so the estimate stays within 0.5 % of the measurement, never below."""
-    cfg = _cfg(sample_fraction=4 / 16, inner_steps=2, global_context="concat")
+    cfg = _cfg(sample_fraction=4 / 16, inner_steps=2, global_context="concat", z_pool=z_pool)
     cfg.train.batch_size = 2
     measured = measure_method_peak(cfg, (1, 64, 64))
     estimated = estimate_step_peak(cfg, (1, 64, 64))
