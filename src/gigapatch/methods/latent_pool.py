@@ -98,7 +98,7 @@ class MapPool(nn.Module):
         host float64) and the ``b·k`` re-encoded blocks ``new`` ``(B·k, C, q, q)`` (image
         after image, with gradients), in float32 at least."""
         w_new, wz_new = self.terms(new)
-        dtype = torch.promote_types(new.dtype, torch.float32)  # bf16 keeps 3 digits of a map-wide sum
+        dtype = torch.promote_types(new.dtype, torch.float32)  # bf16: 3 digits of a map-wide sum
         w = rest[0].to(new.device, dtype) + w_new.to(dtype).view(b, k).sum(1)
         wz = rest[1].to(new.device, dtype) + wz_new.to(dtype).view(b, k, -1).sum(1)
         return wz / w[:, None]
