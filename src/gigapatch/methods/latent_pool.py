@@ -65,7 +65,8 @@ class MapPool(nn.Module):
     @torch.no_grad()
     def map_sums(self, z: torch.Tensor) -> PoolSums:
         """The whole host map ``(B, C, Hz, Wz)``'s sums in float64, band by band (the bands'
-        temporaries are host memory, booked as such: :func:`~gigapatch.core.hostmaps.host_maps`)."""
+        temporaries are host memory, booked as such:
+        :func:`~gigapatch.core.hostmaps.host_maps`)."""
         b, c, hz, _ = z.shape
         w_sum = torch.zeros(b, dtype=torch.float64)
         wz_sum = torch.zeros(b, c, dtype=torch.float64)
