@@ -45,21 +45,15 @@ class MapPool(nn.Module):
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
 
-    def weights(self, z: torch.Tensor) -> torch.Tensor:
-        """``(P, C, h, w)`` → pixel weights ``(P, 1, h, w)`` (ones for ``mean``), on ``z``'s
-        device and in its dtype; differentiable in ``z`` and the gate."""
-        if self.gate is None:
-            return torch.ones_like(z[:, :1])
-        weight, bias = self.gate.weight, self.gate.bias
-        return torch.sigmoid(F.conv2d(z, weight.to(z.device, z.dtype), bias.to(z.device, z.dtype)))
-
     def terms(self, z: torch.Tensor) -> PoolSums:
-        """Per map ``(P, C, h, w)``: ``(Σ w (P,), Σ w·z (P, C))``, differentiable."""
+        """Per map ``(P, C, h, w)``: ``(Σ w (P,), Σ w·z (P, C))`` (``w = 1`` for ``mean``),
+        on ``z``'s device and in its dtype; differentiable in ``z`` and the gate."""
         if self.gate is None:
             count = torch.full(z.shape[:1], z.shape[2] * z.shape[3], dtype=z.dtype,
                                device=z.device)
             return count, z.sum(dim=(2, 3))
-        w = self.weights(z)
+        weight, bias = self.gate.weight, self.gate.bias
+        w = torch.sigmoid(F.conv2d(z, weight.to(z.device, z.dtype), bias.to(z.device, z.dtype)))
         return w.sum(dim=(1, 2, 3)), (w * z).sum(dim=(2, 3))
 
     @torch.no_grad()
