@@ -38,6 +38,7 @@ from gigapatch.engine.inference import load_for_predict
 from gigapatch.engine.loop import train
 from gigapatch.memory.budget import measure_method_peak
 from gigapatch.memory.estimates import estimate_step_peak
+from gigapatch.models.dense import create_dense_net
 from gigapatch.synth.segmentation import generate_segmentation
 from gigapatch.tasks.segment import fit_to
 
@@ -139,13 +140,74 @@ def marked_shares(run_dir: Path, data_dir: Path, n_images: int = 20) -> dict[str
     return {f"marked_{k}": hits[k] / max(totals[k], 1) for k in hits}
 
 
+def digit_windows(data_dir: Path, split: str, patch: int = 64, per_image: int = 8, seed: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of ``split``'s canvases centred on random stroke pixels, with their ``digits``
+    masks (0 = background, digit + 1): ``float (P, 1, patch, patch)`` in [0, 1] and ``int64
+    (P, patch, patch)``; ``per_image`` windows per canvas. Only ``split``'s own files are read."""
+    gen = torch.Generator().manual_seed(seed)
+    images, masks = [], []
+    for path in sorted((data_dir / split / "images").glob("*.png")):
+        image = load_for_predict(path, 1)[0]                                  # (1, H, W)
+        mask = load_for_predict(data_dir / split / "masks_digits" / path.name, 1)[0, 0].long()
+        h, w = mask.shape
+        ys, xs = torch.nonzero(mask > 0, as_tuple=True)
+        for i in torch.randint(len(ys), (per_image,), generator=gen).tolist():
+            y = int(ys[i].clamp(patch // 2, h - patch // 2)) - patch // 2
+            x = int(xs[i].clamp(patch // 2, w - patch // 2)) - patch // 2
+            images.append(image[:, y : y + patch, x : x + patch])
+            masks.append(mask[y : y + patch, x : x + patch])
+    return torch.stack(images).float() / 255, torch.stack(masks)
+
+
+def pretrain_theta1(data_dir: Path, out: Path, epochs: int = 10) -> dict[str, Any]:
+    """``tiny_unet`` trained to tell the digits' classes apart, pixel by pixel (cross-entropy
+    over 11 classes) on :func:`digit_windows` of the *training* canvases and their ``digits``
+    masks (the other labeling of the same images), saved as a state dict for
+    ``model.weights``: the encoder a user would start from. Returns the held-out windows'
+    stroke-pixel class accuracy (a majority model needs each digit's class in Z). Written once:
+    an existing ``out`` (with its ``.json`` report) is reused."""
+    report = out.with_suffix(".json")
+    if out.is_file() and report.is_file():
+        return json.loads(report.read_text())
+    torch.manual_seed(0)
+    x, y = digit_windows(data_dir, "train")
+    tx, ty = digit_windows(data_dir, "test", per_image=4)
+    net = create_dense_net("tiny_unet", 11, 1)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
+    weight = torch.ones(11)
+    weight[0] = 0.2  # strokes are a few % of a window's pixels
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(y)).split(32):
+            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx], weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.inference_mode():
+            pred = torch.cat([net(tx[i : i + 64]).argmax(1) for i in range(0, len(tx), 64)])
+        stroke = ty > 0
+        acc = float((pred[stroke] == ty[stroke]).float().mean())
+        print(f"θ1 on digit classes, epoch {epoch + 1}: held-out stroke-pixel class accuracy "
+              f"{acc:.3f}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out)
+    result = {"windows": len(y), "epochs": epochs, "stroke_class_accuracy": acc,
+              "seconds": round(time.perf_counter() - start, 1)}
+    report.write_text(json.dumps(result))
+    return result
+
+
 def accuracy_runs(data_dir: Path, runs: Path, labelings: list[str], methods: list[str],
-                  inner_steps: int = 4, epochs: int = 8, patchgd_set: list[str] | None = None
-                  ) -> list[dict[str, Any]]:
+                  inner_steps: int = 4, epochs: int = 8, patchgd_set: list[str] | None = None,
+                  weights: Path | None = None) -> list[dict[str, Any]]:
+    """Train ``methods`` on each labeling; ``weights``: every method's network starts from
+    this file (``model.weights``; its output layer is new)."""
     out = []
     for labeling in labelings:
         base = base_config(data_dir, labeling, runs)
         base.train.epochs = epochs
+        base.model.weights = str(weights) if weights else None
         for cfg in method_configs(base, labeling, inner_steps, patchgd_set):
             if cfg.method.name not in methods:
                 continue
@@ -213,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--patchgd-set", action="append", metavar="KEY=VALUE",
                    help="override PatchGD-seg's config alone, e.g. method.z_cache=refresh")
+    p.add_argument("--theta1-digits", type=int, default=0, metavar="EPOCHS",
+                   help="start every method's network from a tiny_unet pretrained for EPOCHS "
+                        "epochs on the training canvases' digit classes (the digits masks)")
     p.add_argument("--collect", nargs="+", type=Path, metavar="RUNS_DIR",
                    help="train nothing: tabulate the finished runs found in these folders")
     args = p.parse_args(argv)
@@ -237,8 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.memory_only:
         if not generated_with(args.data_dir, DATA):
             generate_segmentation(args.data_dir, **DATA)
+        weights = None
+        if args.theta1_digits:
+            weights = args.runs / f"theta1_digits_e{args.theta1_digits}.pt"
+            results["theta1_digits"] = pretrain_theta1(args.data_dir, weights, args.theta1_digits)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.labelings, args.methods,
-                                        args.inner_steps, args.epochs, args.patchgd_set)
+                                        args.inner_steps, args.epochs, args.patchgd_set, weights)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
     lines = table(results)
     (OUT / "results.md").write_text("\n".join(lines) + "\n")

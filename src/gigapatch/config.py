@@ -166,6 +166,7 @@ class MethodConfig:
     z_on_disk: bool = False
     z_cache_budget: str = "4GiB"
     z_cache: str = "none"
+    z_cache_checkpoint: str = "2GiB"
     z_max_age: int | None = None
     z_refresh: float | None = None
     selection_refresh: float | None = None
@@ -299,6 +300,11 @@ class Config:
                "≥ 0 optimizer steps or null")
         _check(m.z_refresh is None or 0 < m.z_refresh <= 1, "method.z_refresh", m.z_refresh,
                "in (0, 1] (the share of cached cells re-encoded per step, oldest first) or null")
+        for key in ("z_cache_budget", "z_cache_checkpoint"):
+            try:
+                parse_bytes(getattr(m, key))
+            except ConfigError as err:
+                raise ConfigError(f"method.{key}: {err}") from None
         if m.z_cache != "none" and m.name != "patchgd":
             raise ConfigError(f"method.z_cache = {m.z_cache} caches PatchGD's latent grid; "
                               f"method {m.name!r} has none (leave method.z_cache: none).")

@@ -244,3 +244,26 @@ def test_the_cache_is_host_memory_not_device_memory(kind):
     z_bytes = sum(z.nelement() * z.element_size() for _, (z, _) in cached.z_cache.entries())
     assert peaks["cached"].host_maps >= z_bytes > 2**20  # (the cells' ages: a few KiB)
     assert peaks["cached"].device <= peaks["exact"].device + 2**14, peaks
+
+
+def test_a_cache_larger_than_z_cache_checkpoint_stays_out_of_last_pt(tiny_config, caplog):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.method.z_cache, cfg.method.z_refresh = "refresh", 0.25
+    cfg.method.z_cache_checkpoint = "0"
+    with caplog.at_level("INFO", logger="gigapatch"):
+        train(copy.deepcopy(cfg))
+    state = load_checkpoint(Path(cfg.train.out_dir) / cfg.name / "last.pt")["method_state"]
+    assert "z_cache" not in state and state["z_clock"] > 0
+    assert "larger than method.z_cache_checkpoint" in caplog.text
+    resumed = copy.deepcopy(cfg)
+    resumed.train.epochs += 1  # a resume without the cache re-encodes each image, and trains
+    train(resumed, resume=True)
+    assert load_checkpoint(Path(cfg.train.out_dir) / cfg.name / "last.pt")["epoch"] == \
+        resumed.train.epochs - 1
+
+
+def test_z_cache_checkpoint_must_be_a_size(tiny_config):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.method.z_cache_checkpoint = "lots"
+    with pytest.raises(ConfigError, match="method.z_cache_checkpoint"):
+        cfg.validate()

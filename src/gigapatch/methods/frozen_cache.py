@@ -94,15 +94,15 @@ class ZCache:
         if key is None:
             return
         self.on_disk.pop(key, None)
-        size = self._size((z, g))
+        size = self.entry_bytes((z, g))
         if key in self.items:
-            self.bytes -= self._size(self.items.pop(key))
+            self.bytes -= self.entry_bytes(self.items.pop(key))
         if size > self.budget:
             self._spill(key, (z, g))
             return
         while self.items and self.bytes + size > self.budget:
             old_key, old = self.items.popitem(last=False)
-            self.bytes -= self._size(old)
+            self.bytes -= self.entry_bytes(old)
             self._spill(old_key, old)
         self.items[key] = (z, g)
         self.bytes += size
@@ -129,7 +129,8 @@ class ZCache:
         self.on_disk[key] = mapped  # type: ignore[assignment]
 
     @staticmethod
-    def _size(item: tuple[torch.Tensor, Any]) -> int:
+    def entry_bytes(item: tuple[torch.Tensor, Any]) -> int:
+        """Bytes of one entry ``(Z, extra or None)``."""
         return _nbytes(item[0]) + (_nbytes(item[1]) if item[1] is not None else 0)
 
 

@@ -42,6 +42,7 @@ the host image; the image itself never moves to the device.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterator
@@ -56,7 +57,7 @@ from gigapatch.config import Config
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.grid import PatchGrid, Take
 from gigapatch.core.hostmaps import host_maps
-from gigapatch.core.units import parse_bytes
+from gigapatch.core.units import format_bytes, parse_bytes
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, LazyBatch, first_image, one_image, read_chunks
 from gigapatch.explain import draw_saliency, occlusion_explain
@@ -78,6 +79,7 @@ from gigapatch.models.encoders import create_encoder
 from gigapatch.models.heads import DenseHead, create_head
 from gigapatch.tasks import Task
 
+log = logging.getLogger("gigapatch")
 
 def _map_storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> torch.Tensor:
     """An uninitialised host tensor for Z; ``on_disk``: backed by a memory-mapped temporary
@@ -128,6 +130,7 @@ class PatchGD(Method):
         self.latent_dim = mc.latent_dim
         #: Z per image when θ1 is frozen (classification; :mod:`.frozen_cache`).
         self.z_cache = ZCache(parse_bytes(m.z_cache_budget))
+        self._cache_skip_logged = False
         #: Optimizer steps taken (the cells' ages of ``method.z_cache`` count in these).
         self.z_clock = 0
         if task.detects:
@@ -693,11 +696,24 @@ class PatchGD(Method):
 
     def training_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights: the Z cache (``method.z_cache``) and
-        its clock; empty without a cache."""
+        its clock; empty without a cache. A cache larger than ``method.z_cache_checkpoint``
+        is left out (rewriting it with every ``last.pt`` would cost more than a rebuild): a
+        resumed run then re-encodes each image on its first visit, so it is not bit-identical
+        to an uninterrupted one."""
         if self.cfg.method.z_cache == "none":
             return {}
+        entries = self.z_cache.entries()
+        size = sum(ZCache.entry_bytes(entry) for _, entry in entries)
+        cap = parse_bytes(self.cfg.method.z_cache_checkpoint)
+        if size > cap:
+            if not self._cache_skip_logged:
+                log.info("the Z cache (%s) is larger than method.z_cache_checkpoint (%s): "
+                         "last.pt leaves it out, and a resumed run re-encodes it",
+                         format_bytes(size), format_bytes(cap))
+                self._cache_skip_logged = True
+            return {"z_clock": self.z_clock}
         return {"z_clock": self.z_clock,
-                "z_cache": [(key, z, extra) for key, (z, extra) in self.z_cache.entries()]}
+                "z_cache": [(key, z, extra) for key, (z, extra) in entries]}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.z_clock = int(state.get("z_clock", 0))
