@@ -12,6 +12,12 @@
    sample cells with content: 0.1 % of the pixels are majority strokes); reports held-out Dice (foreground mean, over all pixels), the input
    each method saw, peak step memory and time, with training curves and an overlay per method.
 
+``--theta1-digits EPOCHS`` starts every method's network from a ``tiny_unet`` pretrained on
+the training canvases' digit classes (windows centred on strokes, their ``digits`` masks; the
+held-out windows' stroke-pixel class accuracy is reported), as a user starts from an encoder
+that knows the objects: the test of whether PatchGD-seg's context pays once Z holds each
+digit's class.
+
 Writes ``benchmarks/results/segmentation/{results.json,results.md}`` (+ overlays).
 
     python benchmarks/segmentation.py --memory-only     # ~1 min

@@ -16,7 +16,9 @@
    gigapixel scale. The same two measures as 2. ``--mm-side`` sets the canvas (N = (side /
    50)², noise at the paper's density), ``--mm-pretrained`` starts θ1 from an encoder trained
    on the training images' grid cells (digit or none; :func:`pretrain_encoder`), as users start
-   from pretrained weights, instead of from scratch.
+   from pretrained weights, instead of from scratch. ``--mm-encoder-lr`` gives θ1 its own
+   learning rate (a slowly moving θ1 keeps the cache fresh), ``--mm-z-refresh`` the cached
+   policy's share, ``--tag`` keeps the results apart (``megapixel_<tag>``).
 4. **IPS selection reuse** (``--ips``): IPS's CPU config (M = 16, I = 32; majority only) on the
    same data, the exact scan vs ``method.selection_refresh: 0.2`` (each image's previous top-M
    plus a fifth of the other cells), the same two measures.
