@@ -146,6 +146,52 @@ def marked_shares(run_dir: Path, data_dir: Path, n_images: int = 20) -> dict[str
     return {f"marked_{k}": hits[k] / max(totals[k], 1) for k in hits}
 
 
+def _z_strokes(method: Any, cfg: Config, data_dir: Path, split: str, n_images: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PatchGD-seg's Z at the map pixels over digit strokes of ``split``'s first ``n_images``
+    canvases: ``(P, C)`` float and the digit under each ``(P,)`` (0..9: the ``digits`` mask's
+    most frequent stroke class in the pixel's s × s block, blocks with ≥ s stroke pixels)."""
+    s = cfg.method.z_stride
+    feats, labels = [], []
+    for i in range(n_images):
+        name = f"{i:06d}.png"
+        image = load_for_predict(data_dir / split / "images" / name, cfg.data.in_chans)
+        mask = load_for_predict(data_dir / split / "masks_digits" / name, 1)[0, 0].long()
+        with torch.inference_mode():
+            z = method.fill_map(image, method.geometry(image))[0].float()    # (C, Hz, Wz)
+        hz, wz = z.shape[-2:]
+        blocks = mask[: hz * s, : wz * s].reshape(hz, s, wz, s).permute(0, 2, 1, 3)
+        blocks = blocks.reshape(hz, wz, s * s)
+        counts = torch.stack([(blocks == c).sum(-1) for c in range(1, 11)], -1)  # (Hz, Wz, 10)
+        keep = counts.sum(-1) >= s
+        feats.append(z.permute(1, 2, 0)[keep])
+        labels.append(counts[keep].argmax(-1))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def class_probe(run_dir: Path, data_dir: Path, n_images: int = 40) -> float:
+    """Whether Z holds each digit's class: a linear probe (softmax regression on Z's C
+    channels, standardised) fitted on the stroke pixels of ``n_images`` training canvases,
+    its accuracy on those of ``n_images`` held-out ones (chance ≈ 0.1). A majority model can
+    only use the summary of Z if this is high."""
+    method, _, cfg = load_method(Path(run_dir) / "best.pt")
+    method.eval()
+    x, y = _z_strokes(method, cfg, data_dir, "train", n_images)
+    tx, ty = _z_strokes(method, cfg, data_dir, "test", n_images)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, tx = (x - mean) / std, (tx - mean) / std
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x.shape[1], 10)
+    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(probe(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((probe(tx).argmax(1) == ty).float().mean())
+
+
 def digit_windows(data_dir: Path, split: str, patch: int = 64, per_image: int = 8, seed: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of ``split``'s canvases centred on random stroke pixels, with their ``digits``
