@@ -270,6 +270,8 @@ def accuracy_runs(data_dir: Path, runs: Path, labelings: list[str], methods: lis
             summary["overlay"] = _overlay(summary, data_dir)
             if labeling == "majority":
                 summary.update(marked_shares(Path(summary["run_dir"]), data_dir))
+            if cfg.method.name == "patchgd":
+                summary["z_class_probe"] = class_probe(Path(summary["run_dir"]), data_dir)
             out.append(summary)
             print(f"{labeling:9s} {cfg.method.name:10s} dice {summary['final_val_dice']:.3f} "
                   f"(best {summary['val_dice']:.3f}) peak {summary['peak_memory']} "
@@ -300,15 +302,17 @@ def table(results: dict[str, Any]) -> list[str]:
               f"{format_bytes(m['z_host_65536']['bf16'])} (bf16)."]
     if results.get("runs"):
         lines += ["", "| labeling | method | input seen | held-out Dice (last / best epoch) | "
-                  "IoU | strokes marked: majority / other digits | peak step memory | train time |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "IoU | strokes marked: majority / other digits | digit class in Z (probe) | "
+                  "peak step memory | train time |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in results["runs"]:
             seen = r["input_size"]
             seen = f"{seen}² px" if isinstance(seen, int) else f"{seen[0]}×{seen[1]} px"
+            probe = f"{r['z_class_probe']:.2f}" if "z_class_probe" in r else "–"
             lines.append(f"| {r['labeling']} | {r['method']} | {seen} | "
                          f"{r['final_val_dice']:.3f} / {r['val_dice']:.3f} | "
-                         f"{r['final_val_iou']:.3f} | {_marked(r)} | {r['peak_memory']} | "
-                         f"{r['train_seconds']:.0f} s |")
+                         f"{r['final_val_iou']:.3f} | {_marked(r)} | {probe} | "
+                         f"{r['peak_memory']} | {r['train_seconds']:.0f} s |")
     return lines
 
 
@@ -348,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                         summary["overlay"] = _overlay(summary, args.data_dir)
                         if labeling == "majority":
                             summary.update(marked_shares(path.parent, args.data_dir))
+                        if method == "patchgd":
+                            summary["z_class_probe"] = class_probe(path.parent, args.data_dir)
                         found.append(summary)
                         break
         results["runs"] = found
