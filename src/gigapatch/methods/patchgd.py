@@ -81,6 +81,7 @@ from gigapatch.tasks import Task
 
 log = logging.getLogger("gigapatch")
 
+
 def _map_storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> torch.Tensor:
     """An uninitialised host tensor for Z; ``on_disk``: backed by a memory-mapped temporary
     file (deleted at once: the mapping keeps it until Z is freed), so the OS pages it."""
