@@ -204,6 +204,8 @@ def digit_windows(data_dir: Path, split: str, patch: int = 64, per_image: int = 
         mask = load_for_predict(data_dir / split / "masks_digits" / path.name, 1)[0, 0].long()
         h, w = mask.shape
         ys, xs = torch.nonzero(mask > 0, as_tuple=True)
+        if len(ys) == 0:  # a canvas without strokes has no window to offer
+            continue
         for i in torch.randint(len(ys), (per_image,), generator=gen).tolist():
             y = int(ys[i].clamp(patch // 2, h - patch // 2)) - patch // 2
             x = int(xs[i].clamp(patch // 2, w - patch // 2)) - patch // 2
