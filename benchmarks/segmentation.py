@@ -252,6 +252,16 @@ def pretrain_theta1(data_dir: Path, out: Path, epochs: int = 10) -> dict[str, An
     return result
 
 
+def _diagnose(summary: dict[str, Any], run_dir: Path, data_dir: Path) -> None:
+    """Add to a finished run's ``summary`` (with its ``labeling``) the overlay, the marked
+    shares (``majority``) and Z's class probe (PatchGD)."""
+    summary["overlay"] = _overlay(summary, data_dir)
+    if summary["labeling"] == "majority":
+        summary.update(marked_shares(run_dir, data_dir))
+    if summary["method"] == "patchgd":
+        summary["z_class_probe"] = class_probe(run_dir, data_dir)
+
+
 def accuracy_runs(data_dir: Path, runs: Path, labelings: list[str], methods: list[str],
                   inner_steps: int = 4, epochs: int = 8, patchgd_set: list[str] | None = None,
                   weights: Path | None = None) -> list[dict[str, Any]]:
@@ -269,11 +279,7 @@ def accuracy_runs(data_dir: Path, runs: Path, labelings: list[str], methods: lis
             summary = train(cfg, overwrite=True)  # the benchmark owns its run directories
             summary["wall_seconds"] = round(time.perf_counter() - start, 1)
             summary["labeling"] = labeling
-            summary["overlay"] = _overlay(summary, data_dir)
-            if labeling == "majority":
-                summary.update(marked_shares(Path(summary["run_dir"]), data_dir))
-            if cfg.method.name == "patchgd":
-                summary["z_class_probe"] = class_probe(Path(summary["run_dir"]), data_dir)
+            _diagnose(summary, Path(summary["run_dir"]), data_dir)
             out.append(summary)
             print(f"{labeling:9s} {cfg.method.name:10s} dice {summary['final_val_dice']:.3f} "
                   f"(best {summary['val_dice']:.3f}) peak {summary['peak_memory']} "
@@ -351,11 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                     if path.is_file():
                         summary = json.loads(path.read_text())
                         summary["labeling"] = labeling
-                        summary["overlay"] = _overlay(summary, args.data_dir)
-                        if labeling == "majority":
-                            summary.update(marked_shares(path.parent, args.data_dir))
-                        if method == "patchgd":
-                            summary["z_class_probe"] = class_probe(path.parent, args.data_dir)
+                        _diagnose(summary, path.parent, args.data_dir)
                         found.append(summary)
                         break
         results["runs"] = found

@@ -270,7 +270,7 @@ def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = Fal
     cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
     if pretrained:
         _from_cells(cfg, data)
-    policies = {"none": {}, "refresh": {"z_cache": "refresh", "z_refresh": z_refresh}}
+    policies = {**POLICIES, "refresh": {**POLICIES["refresh"], "z_refresh": z_refresh}}
     out = policy_runs(cfg, "megapixel", n_train, policies)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     out["encoder_lr"], out["z_refresh"], out["seed"] = encoder_lr, z_refresh, seed
