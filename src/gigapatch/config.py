@@ -118,6 +118,11 @@ class ModelConfig:
     :mod:`gigapatch.models.weights`). ``freeze_encoder: true`` keeps θ1 fixed (no gradients,
     eval mode): only θ2 and the heads learn.
 
+    Dense PatchGD's θ2: ``head_layers`` 3×3 convs of ``head_width`` channels; ``head_film:
+    true`` also modulates each of them by the global summary of Z (FiLM: ``h·(1 + γ(P)) +
+    β(P)``), so that a pixel's label can depend on how its features compare with the whole
+    image's (see :class:`~gigapatch.models.heads.DenseHead`).
+
     Speed of PatchGD's no-gradient fill: ``channels_last: true`` keeps the networks and the
     patches in the channels-last memory layout (faster convolutions on many CPUs and on
     tensor-core GPUs); ``compile: true`` runs the fill's encoder through ``torch.compile``
@@ -135,6 +140,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
     checkpoint_activations: bool = False
     head_layers: int = 2
+    head_film: bool = False
     weights: str | None = None
     freeze_encoder: bool = False
     channels_last: bool = False

@@ -69,22 +69,28 @@ def _whole_map_logits(method, images):
         pooled = z.mean(dim=(2, 3), keepdim=True)
     parts.append(pooled.expand_as(z))
     h = method.head.halo
-    out = method.head(F.pad(torch.cat(parts, dim=1), (h, h, h, h)))
+    out = method.head(F.pad(torch.cat(parts, dim=1), (h, h, h, h)), pooled.flatten(1))
     s = method.cfg.method.z_stride
     out = F.interpolate(out, size=(hz * s, wz * s), mode="bilinear", align_corners=False)
     return out[..., : images.shape[-2], : images.shape[-1]]
 
 
-@pytest.mark.parametrize("global_context,z_pool", [("none", "mean"), ("add", "mean"),
-                                                    ("concat", "mean"), ("concat", "gated")])
-def test_full_sampling_equals_autograd_through_the_whole_map(global_context, z_pool):
+@pytest.mark.parametrize("global_context,z_pool,film", [
+    ("none", "mean", False), ("add", "mean", False), ("concat", "mean", False),
+    ("concat", "gated", False), ("concat", "gated", True)])
+def test_full_sampling_equals_autograd_through_the_whole_map(global_context, z_pool, film):
     """k = N, J = 1: window by window, PatchGD-seg's gradients equal autograd through θ2 over
-    the stitched θ1(patches) of the whole (padded) image (float64), the gate included."""
+    the stitched θ1(patches) of the whole (padded) image (float64), the gate and the FiLM
+    modulation included."""
     torch.manual_seed(0)
-    method = create_method(_cfg(sample_fraction=1.0, inner_steps=1,
-                                global_context=global_context, z_pool=z_pool)).double()
+    cfg = _cfg(sample_fraction=1.0, inner_steps=1, global_context=global_context, z_pool=z_pool)
+    cfg.model.head_film = film
+    method = create_method(cfg).double()
     if z_pool == "gated":  # away from its zero start, so that the gate's gradient is tested
         torch.nn.init.normal_(method.z_pool.gate.weight)
+    if film:  # likewise away from the identity
+        torch.nn.init.normal_(method.head.film.weight, std=0.3)
+        torch.nn.init.normal_(method.head.film.bias, std=0.3)
     reference = copy.deepcopy(method)
     images = torch.randint(0, 256, (2, 1, 40, 52), dtype=torch.uint8)  # 3×4 grid, padded
     masks = method.task.random_targets(2, (40, 52))
@@ -94,12 +100,16 @@ def test_full_sampling_equals_autograd_through_the_whole_map(global_context, z_p
         torch.testing.assert_close(got[name], p.grad, rtol=1e-6, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("z_pool", ["mean", "gated"])
-def test_stitched_z_and_prediction_equal_the_whole_map(z_pool):
+@pytest.mark.parametrize("z_pool,film", [("mean", False), ("gated", False), ("gated", True)])
+def test_stitched_z_and_prediction_equal_the_whole_map(z_pool, film):
     torch.manual_seed(1)
-    method = create_method(_cfg(global_context="concat", z_pool=z_pool)).double().eval()
+    cfg = _cfg(global_context="concat", z_pool=z_pool)
+    cfg.model.head_film = film
+    method = create_method(cfg).double().eval()
     if z_pool == "gated":
         torch.nn.init.normal_(method.z_pool.gate.weight)
+    if film:
+        torch.nn.init.normal_(method.head.film.weight, std=0.3)
     images = torch.randint(0, 256, (2, 1, 40, 52), dtype=torch.uint8)
     with torch.no_grad():
         geo = method.geometry(images)

@@ -157,7 +157,8 @@ class PatchGD(Method):
                                         mc.weights)
         c = mc.latent_dim
         width = (2 * c if m.global_context == "concat" else c) + c  # [Z, (G,) pooled Z]
-        self.head = DenseHead(width, self.num_classes, mc.head_width, mc.head_layers)
+        self.head = DenseHead(width, self.num_classes, mc.head_width, mc.head_layers,
+                              cond_chans=c if mc.head_film else 0)  # FiLM by the summary P
         self.z_pool = MapPool(c, m.z_pool)  # the summary P of Z (part of θ2)
 
     def _init_detect(self, cfg: Config) -> None:
@@ -384,7 +385,7 @@ class PatchGD(Method):
                 parts.append(gwin)
         per_window = torch.stack([pool[i] for i in image]).to(zwin.dtype)  # (P, C)
         parts.append(per_window[:, :, None, None] * inside)
-        return pixel_logits(self.head(torch.cat(parts, dim=1)), image, cells, geo)
+        return pixel_logits(self.head(torch.cat(parts, dim=1), per_window), image, cells, geo)
 
     def _dense_step(self, images: Images, targets: Any, ctx: Context) -> float:
         geo = self.geometry(images)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gigapatch.core.errors import ConfigError
 from gigapatch.core.registry import Registry
@@ -93,9 +94,17 @@ class DenseHead(nn.Module):
     within :attr:`halo` = ``layers`` pixels of it, so applied to a window plus that halo it
     gives exactly what it gives on the whole (zero-padded) map there. No normalisation layer:
     a GroupNorm's statistics would span the window and break that locality.
+
+    With ``cond_chans > 0`` (``model.head_film``) every conv's output is modulated by a
+    per-window vector ``cond`` ``(P, cond_chans)`` (FiLM, Perez et al. 2018): ``h ← h·(1 + γ) +
+    β`` before the ReLU, ``(γ, β)`` a linear map of ``cond``, zero at the start (the plain
+    head). The modulation is the same at every pixel of a window, so the halo is unchanged;
+    it lets θ2 *multiply* local features by global ones (e.g. "my digit's class" by "the
+    image's most frequent class"), which concatenating ``cond`` as channels cannot do.
     """
 
-    def __init__(self, in_chans: int, out_channels: int, width: int = 32, layers: int = 2) -> None:
+    def __init__(self, in_chans: int, out_channels: int, width: int = 32, layers: int = 2,
+                 cond_chans: int = 0) -> None:
         super().__init__()
         if layers < 0:
             raise ConfigError(f"model.head_layers = {layers} must be ≥ 0.")
@@ -104,7 +113,20 @@ class DenseHead(nn.Module):
             body += [nn.Conv2d(in_chans if i == 0 else width, width, 3), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*body)
         self.out = nn.Conv2d(width if layers else in_chans, out_channels, 1)
-        self.halo = layers
+        self.halo, self.width = layers, width
+        self.film = nn.Linear(cond_chans, 2 * width * layers) if cond_chans and layers else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x))
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(P, in, h, w)``, ``cond`` ``(P, cond_chans)`` (with FiLM only)."""
+        if self.film is None:
+            return self.out(self.body(x))
+        if cond is None:
+            raise ValueError("this DenseHead is conditioned (FiLM): pass cond (P, cond_chans).")
+        gb = self.film(cond.to(x.dtype)).view(x.shape[0], self.halo, 2, self.width, 1, 1)
+        convs = [m for m in self.body if isinstance(m, nn.Conv2d)]
+        for i, conv in enumerate(convs):
+            x = F.relu(conv(x) * (1 + gb[:, i, 0]) + gb[:, i, 1])
+        return self.out(x)
