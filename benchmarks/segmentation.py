@@ -194,9 +194,11 @@ def class_probe(run_dir: Path, data_dir: Path, n_images: int = 40) -> float:
 
 def digit_windows(data_dir: Path, split: str, patch: int = 64, per_image: int = 8, seed: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of ``split``'s canvases centred on random stroke pixels, with their ``digits``
-    masks (0 = background, digit + 1): ``float (P, 1, patch, patch)`` in [0, 1] and ``int64
-    (P, patch, patch)``; ``per_image`` windows per canvas. Only ``split``'s own files are read."""
+    """Windows of ``split``'s canvases that hold a random stroke pixel at a uniformly random
+    place, as the grid patch around it holds it (so digits are cut by the window's edges as
+    often as by the grid's), with their ``digits`` masks (0 = background, digit + 1):
+    ``float (P, 1, patch, patch)`` in [0, 1] and ``int64 (P, patch, patch)``; ``per_image``
+    windows per canvas. Only ``split``'s own files are read."""
     gen = torch.Generator().manual_seed(seed)
     images, masks = [], []
     for path in sorted((data_dir / split / "images").glob("*.png")):
@@ -207,8 +209,9 @@ def digit_windows(data_dir: Path, split: str, patch: int = 64, per_image: int = 
         if len(ys) == 0:  # a canvas without strokes has no window to offer
             continue
         for i in torch.randint(len(ys), (per_image,), generator=gen).tolist():
-            y = int(ys[i].clamp(patch // 2, h - patch // 2)) - patch // 2
-            x = int(xs[i].clamp(patch // 2, w - patch // 2)) - patch // 2
+            dy, dx = torch.randint(patch, (2,), generator=gen).tolist()
+            y = min(max(int(ys[i]) - dy, 0), h - patch)
+            x = min(max(int(xs[i]) - dx, 0), w - patch)
             images.append(image[:, y : y + patch, x : x + patch])
             masks.append(mask[y : y + patch, x : x + patch])
     return torch.stack(images).float() / 255, torch.stack(masks)
@@ -218,17 +221,20 @@ def pretrain_theta1(data_dir: Path, out: Path, epochs: int = 10) -> dict[str, An
     """``tiny_unet`` trained to tell the digits' classes apart, pixel by pixel (cross-entropy
     over 11 classes) on :func:`digit_windows` of the *training* canvases and their ``digits``
     masks (the other labeling of the same images), saved as a state dict for
-    ``model.weights``: the encoder a user would start from. Returns the held-out windows'
+    ``model.weights``: the encoder a user would start from (AdamW, cosine-decayed from
+    3e-3, 16 windows per training canvas). Returns the held-out windows'
     stroke-pixel class accuracy (a majority model needs each digit's class in Z). Written once:
     an existing ``out`` (with its ``.json`` report) is reused."""
     report = out.with_suffix(".json")
     if out.is_file() and report.is_file():
         return json.loads(report.read_text())
     torch.manual_seed(0)
-    x, y = digit_windows(data_dir, "train")
+    x, y = digit_windows(data_dir, "train", per_image=16)
     tx, ty = digit_windows(data_dir, "test", per_image=4)
     net = create_dense_net("tiny_unet", 11, 1)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
+    steps = epochs * -(-len(y) // 32)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     weight = torch.ones(11)
     weight[0] = 0.2  # strokes are a few % of a window's pixels
     start = time.perf_counter()
@@ -238,6 +244,7 @@ def pretrain_theta1(data_dir: Path, out: Path, epochs: int = 10) -> dict[str, An
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
         with torch.inference_mode():
             pred = torch.cat([net(tx[i : i + 64]).argmax(1) for i in range(0, len(tx), 64)])
         stroke = ty > 0

@@ -300,7 +300,7 @@ class Config:
         _check(0 < m.hard_fraction <= 1, "method.hard_fraction", m.hard_fraction,
                "in (0, 1] (the share of the sampled patches with the highest loss trained on)")
         _choice("method.pool", m.pool, ("mean", "max", "logsumexp"))
-        _choice("method.z_pool", m.z_pool, ("mean", "gated"))
+        _choice("method.z_pool", m.z_pool, ("mean", "gated", "share"))
         _choice("method.z_cache", m.z_cache, ("none", "epoch", "refresh"))
         _check(m.z_max_age is None or m.z_max_age >= 0, "method.z_max_age", m.z_max_age,
                "≥ 0 optimizer steps or null")

@@ -11,11 +11,14 @@ from gigapatch.methods.latent_pool import MapPool
 def _reference(pool: MapPool, z: torch.Tensor) -> torch.Tensor:
     if pool.kind == "mean":
         return z.mean(dim=(2, 3))
+    if pool.kind == "share":
+        logs = torch.softmax(z, dim=1).mean(dim=(2, 3)).log()
+        return logs - logs.mean(dim=1, keepdim=True)
     w = torch.sigmoid(pool.gate(z))
     return (w * z).sum(dim=(2, 3)) / w.sum(dim=(2, 3))
 
 
-@pytest.mark.parametrize("kind", ["mean", "gated"])
+@pytest.mark.parametrize("kind", ["mean", "gated", "share"])
 def test_swapping_blocks_gives_the_summary_of_the_updated_map(kind):
     torch.manual_seed(0)
     geo = MapGeometry(PatchGrid(48, 64, 16), s=4, halo=1)  # 3×4 cells of 4×4 map pixels
@@ -34,7 +37,7 @@ def test_swapping_blocks_gives_the_summary_of_the_updated_map(kind):
         y, x = geo.origin(cell)
         pasted[bi, :, y : y + 4, x : x + 4] = block
     torch.testing.assert_close(got, _reference(pool, pasted))
-    got.sum().backward()  # differentiable in the re-encoded blocks
+    (got * torch.randn_like(got)).sum().backward()  # differentiable in the re-encoded blocks
     assert new.grad is not None and new.grad.abs().sum() > 0
 
 
@@ -56,3 +59,23 @@ def test_a_learnt_gate_weighs_the_sparse_pixels():
         gated.gate.weight[:] = torch.tensor([20.0, 0.0]).view(1, 2, 1, 1)
     assert MapPool(2).whole(z, torch.device("cpu"))[0, 1] < 0.01
     assert gated.whole(z, torch.device("cpu"))[0, 1] > 4.9
+
+
+def test_class_shares_count_the_objects_of_each_class():
+    """Class scores: 3 objects of class 1 and one of class 2 on background (class 0). The
+    share summary gives class 1 a log share about log 3 above class 2's, whatever the
+    background's size (a confident background leaks little into the classes' shares); the
+    plain mean of the scores barely tells them apart."""
+    def canvas(side):
+        z = torch.zeros(1, 3, side, side, dtype=torch.float64)
+        z[0, 0] = 12.0  # background is confidently class 0
+        for y, c in [(2, 1), (6, 1), (10, 1), (14, 2)]:
+            z[0, :, y : y + 2, 3:5] = 0.0
+            z[0, c, y : y + 2, 3:5] = 12.0
+        return z
+    share = MapPool(3, "share").double()
+    for side in (16, 64):
+        p = share.whole(canvas(side), torch.device("cpu"))[0]
+        assert abs((p[1] - p[2]).item() - torch.log(torch.tensor(3.0)).item()) < 0.01
+    mean = MapPool(3).whole(canvas(64), torch.device("cpu"))[0]
+    assert (mean[1] - mean[2]).item() < 0.1

@@ -65,6 +65,9 @@ def _whole_map_logits(method, images):
     if method.cfg.method.z_pool == "gated":  # Σ σ(a·z + c) z / Σ σ(a·z + c) over the map
         w = torch.sigmoid(method.z_pool.gate(z))
         pooled = (w * z).sum(dim=(2, 3), keepdim=True) / w.sum(dim=(2, 3), keepdim=True)
+    elif method.cfg.method.z_pool == "share":  # centred log of mean softmax(z) per channel
+        logs = torch.softmax(z, dim=1).mean(dim=(2, 3), keepdim=True).log()
+        pooled = logs - logs.mean(dim=1, keepdim=True)
     else:
         pooled = z.mean(dim=(2, 3), keepdim=True)
     parts.append(pooled.expand_as(z))
@@ -77,7 +80,7 @@ def _whole_map_logits(method, images):
 
 @pytest.mark.parametrize("global_context,z_pool,film", [
     ("none", "mean", False), ("add", "mean", False), ("concat", "mean", False),
-    ("concat", "gated", False), ("concat", "gated", True)])
+    ("concat", "gated", False), ("concat", "gated", True), ("concat", "share", True)])
 def test_full_sampling_equals_autograd_through_the_whole_map(global_context, z_pool, film):
     """k = N, J = 1: window by window, PatchGD-seg's gradients equal autograd through θ2 over
     the stitched θ1(patches) of the whole (padded) image (float64), the gate and the FiLM
@@ -100,7 +103,8 @@ def test_full_sampling_equals_autograd_through_the_whole_map(global_context, z_p
         torch.testing.assert_close(got[name], p.grad, rtol=1e-6, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("z_pool,film", [("mean", False), ("gated", False), ("gated", True)])
+@pytest.mark.parametrize("z_pool,film", [("mean", False), ("gated", False), ("gated", True),
+                                         ("share", True)])
 def test_stitched_z_and_prediction_equal_the_whole_map(z_pool, film):
     torch.manual_seed(1)
     cfg = _cfg(global_context="concat", z_pool=z_pool)

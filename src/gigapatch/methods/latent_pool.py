@@ -8,7 +8,12 @@
   all background, so what θ2 needs from far away (which objects there are, and how many)
   reaches it scaled down by the background's share; the gate learns to weigh the pixels
   that matter, and the normalised sum keeps their proportions (counts), not just presence.
-  The gate starts at ``σ(0) = ½`` everywhere, i.e. at the plain mean.
+  The gate starts at ``σ(0) = ½`` everywhere, i.e. at the plain mean;
+- ``share``: for a map whose channels are class scores (a frozen θ1 pretrained to segment
+  classes, ``model.latent_dim`` = its number of classes), each class's share of the map,
+  ``s_c = Σ_i softmax(z_i)_c / n``, as centred logs, ``P_c = log s_c − mean_c' log s_c'``.
+  Nothing to learn, and it counts: three objects of one class give that class about three
+  times the share of one, while the background's share cancels out of the differences.
 
 Z lives on the host and only the re-encoded blocks carry gradients, so a step keeps the
 whole map's sums ``(W (B,), WZ (B, C))`` in float64 and, per inner step, swaps the sampled
@@ -31,6 +36,9 @@ __all__ = ["MapPool", "PoolSums"]
 #: Map rows per band when summing a whole host map (bounds the float64 temporaries).
 _BAND_ROWS = 64
 
+#: ``share``: the smallest class share taken into the log (a class absent from the map).
+_SHARE_FLOOR = 1e-12
+
 PoolSums = tuple[torch.Tensor, torch.Tensor]  # (W (B,), WZ (B, C))
 
 
@@ -46,12 +54,14 @@ class MapPool(nn.Module):
             nn.init.zeros_(self.gate.bias)
 
     def terms(self, z: torch.Tensor) -> PoolSums:
-        """Per map ``(P, C, h, w)``: ``(Σ w (P,), Σ w·z (P, C))`` (``w = 1`` for ``mean``),
+        """Per map ``(P, C, h, w)``: ``(Σ w (P,), Σ w·z (P, C))`` (``w = 1`` for ``mean``;
+        ``share`` sums ``softmax(z)`` over the channels instead of ``z``),
         on ``z``'s device and in its dtype; differentiable in ``z`` and the gate."""
         if self.gate is None:
             count = torch.full(z.shape[:1], z.shape[2] * z.shape[3], dtype=z.dtype,
                                device=z.device)
-            return count, z.sum(dim=(2, 3))
+            scores = torch.softmax(z, dim=1) if self.kind == "share" else z
+            return count, scores.sum(dim=(2, 3))
         weight, bias = self.gate.weight, self.gate.bias
         w = torch.sigmoid(F.conv2d(z, weight.to(z.device, z.dtype), bias.to(z.device, z.dtype)))
         return w.sum(dim=(1, 2, 3)), (w * z).sum(dim=(2, 3))
@@ -64,7 +74,7 @@ class MapPool(nn.Module):
         b, c, hz, _ = z.shape
         w_sum = torch.zeros(b, dtype=torch.float64)
         wz_sum = torch.zeros(b, c, dtype=torch.float64)
-        if self.gate is None:
+        if self.kind == "mean":
             return w_sum + z.shape[2] * z.shape[3], z.sum(dim=(2, 3), dtype=torch.float64)
         with host_maps():
             for top in range(0, hz, _BAND_ROWS):
@@ -96,10 +106,19 @@ class MapPool(nn.Module):
         dtype = torch.promote_types(new.dtype, torch.float32)  # bf16: 3 digits of a map-wide sum
         w = rest[0].to(new.device, dtype) + w_new.to(dtype).view(b, k).sum(1)
         wz = rest[1].to(new.device, dtype) + wz_new.to(dtype).view(b, k, -1).sum(1)
-        return wz / w[:, None]
+        return self.finish(w, wz)
+
+    def finish(self, w: torch.Tensor, wz: torch.Tensor) -> torch.Tensor:
+        """``P`` ``(B, C)`` from the sums ``w`` ``(B,)`` and ``wz`` ``(B, C)``: their ratio,
+        or for ``share`` its centred log."""
+        ratio = wz / w[:, None]
+        if self.kind != "share":
+            return ratio
+        logs = ratio.clamp_min(_SHARE_FLOOR).log()
+        return logs - logs.mean(dim=1, keepdim=True)
 
     @torch.no_grad()
     def whole(self, z: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``P`` ``(B, C)`` float32 of a whole host map ``(B, C, Hz, Wz)``, on ``device``."""
         w, wz = self.map_sums(z)
-        return (wz / w[:, None]).float().to(device)
+        return self.finish(w, wz).float().to(device)
