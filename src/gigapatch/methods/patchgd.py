@@ -72,7 +72,7 @@ from gigapatch.methods.latent_map import (
     valid,
     windows_of,
 )
-from gigapatch.methods.latent_pool import MapPool
+from gigapatch.methods.latent_pool import MapPool, PoolSums
 from gigapatch.models.dense import create_dense_net
 from gigapatch.models.detection import create_detector, merge_detections
 from gigapatch.models.encoders import create_encoder
@@ -404,7 +404,7 @@ class PatchGD(Method):
         order = sample_cells(b, grid.num_patches, k * steps, mask=mask)  # (B, k·J), host
         image = [i for i in range(b) for _ in range(k)]  # the image of each window
 
-        def inner(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def inner(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PoolSums]:
             cells = idx.flatten().tolist()
             new = self.encode_map(grid.gather_with(take, idx).flatten(0, 1))  # (B·k, C, q, q)
             zwin = paste(windows_of(z, image, cells, geo, new.device, new.dtype),
@@ -414,12 +414,11 @@ class PatchGD(Method):
             g = self.encode_map(gpatch) if use_global else None
             logits = self.window_logits(zwin, g, pool, image, cells, geo)
             window = (image, grid.boxes()[idx.flatten()])
-            return self.task.loss(logits, targets, window), new
+            return self.task.loss(logits, targets, window), new, old
 
-        def keep(idx: torch.Tensor, new: torch.Tensor) -> None:
+        def keep(idx: torch.Tensor, new: torch.Tensor, old: PoolSums) -> None:
             with torch.no_grad():  # the re-encoded blocks stay in Z for the later steps
                 cells = idx.flatten().tolist()
-                old = self.z_pool.block_sums(z, geo, image, cells)
                 _write_blocks(z, geo, image, cells, new.detach())
                 now = self.z_pool.block_sums(z, geo, image, cells)
                 for total, before, after in zip(sums, old, now):
