@@ -13,7 +13,8 @@ def _reference(pool: MapPool, z: torch.Tensor) -> torch.Tensor:
         return z.mean(dim=(2, 3))
     if pool.kind == "share":
         logs = torch.softmax(z, dim=1).mean(dim=(2, 3)).log()
-        return logs - logs.mean(dim=1, keepdim=True)
+        return torch.cat([logs[:, :1], logs[:, 1:] - logs[:, 1:].max(dim=1, keepdim=True).values],
+                         dim=1)
     w = torch.sigmoid(pool.gate(z))
     return (w * z).sum(dim=(2, 3)) / w.sum(dim=(2, 3))
 
@@ -63,9 +64,10 @@ def test_a_learnt_gate_weighs_the_sparse_pixels():
 
 def test_class_shares_count_the_objects_of_each_class():
     """Class scores: 3 objects of class 1 and one of class 2 on background (class 0). The
-    share summary gives class 1 a log share about log 3 above class 2's, whatever the
+    share summary gives class 1 (the most common) 0 and class 2 about −log 3, whatever the
     background's size (a confident background leaks little into the classes' shares); the
-    plain mean of the scores barely tells them apart."""
+    plain mean of the scores barely tells them apart. Each pixel's agreement channel is its
+    class's entry: ≈ 0 on class 1's objects, ≈ −log 3 on class 2's."""
     def canvas(side):
         z = torch.zeros(1, 3, side, side, dtype=torch.float64)
         z[0, 0] = 12.0  # background is confidently class 0
@@ -74,8 +76,20 @@ def test_class_shares_count_the_objects_of_each_class():
             z[0, c, y : y + 2, 3:5] = 12.0
         return z
     share = MapPool(3, "share").double()
+    log3 = torch.log(torch.tensor(3.0)).item()
     for side in (16, 64):
-        p = share.whole(canvas(side), torch.device("cpu"))[0]
-        assert abs((p[1] - p[2]).item() - torch.log(torch.tensor(3.0)).item()) < 0.01
+        z = canvas(side)
+        p = share.whole(z, torch.device("cpu"))[0]
+        assert p[1].item() == 0.0 and abs(p[2].item() + log3) < 0.01
+        agree = share.pixel_features(z, p[None].double())[0, 0]
+        assert abs(agree[2, 3].item()) < 0.01 and abs(agree[14, 3].item() + log3) < 0.01
     mean = MapPool(3).whole(canvas(64), torch.device("cpu"))[0]
     assert (mean[1] - mean[2]).item() < 0.1
+
+
+def test_only_share_adds_pixel_features():
+    z = torch.randn(2, 4, 6, 6)
+    for kind in ("mean", "gated"):
+        pool = MapPool(4, kind)
+        assert pool.pixel_channels == 0 and pool.pixel_features(z, torch.zeros(2, 4)) is None
+    assert MapPool(4, "share").pixel_channels == 1

@@ -65,12 +65,14 @@ def _whole_map_logits(method, images):
     if method.cfg.method.z_pool == "gated":  # Σ σ(a·z + c) z / Σ σ(a·z + c) over the map
         w = torch.sigmoid(method.z_pool.gate(z))
         pooled = (w * z).sum(dim=(2, 3), keepdim=True) / w.sum(dim=(2, 3), keepdim=True)
-    elif method.cfg.method.z_pool == "share":  # centred log of mean softmax(z) per channel
+    elif method.cfg.method.z_pool == "share":  # log shares, objects' relative to the top one
         logs = torch.softmax(z, dim=1).mean(dim=(2, 3), keepdim=True).log()
-        pooled = logs - logs.mean(dim=1, keepdim=True)
+        pooled = torch.cat([logs[:, :1], logs[:, 1:] - logs[:, 1:].amax(dim=1, keepdim=True)], 1)
     else:
         pooled = z.mean(dim=(2, 3), keepdim=True)
     parts.append(pooled.expand_as(z))
+    if method.cfg.method.z_pool == "share":  # each pixel's agreement with the summary
+        parts.append((torch.softmax(z, dim=1)[:, 1:] * pooled[:, 1:]).sum(dim=1, keepdim=True))
     h = method.head.halo
     out = method.head(F.pad(torch.cat(parts, dim=1), (h, h, h, h)), pooled.flatten(1))
     s = method.cfg.method.z_stride

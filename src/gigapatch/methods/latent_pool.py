@@ -9,11 +9,17 @@
   reaches it scaled down by the background's share; the gate learns to weigh the pixels
   that matter, and the normalised sum keeps their proportions (counts), not just presence.
   The gate starts at ``σ(0) = ½`` everywhere, i.e. at the plain mean;
-- ``share``: for a map whose channels are class scores (a frozen θ1 pretrained to segment
-  classes, ``model.latent_dim`` = its number of classes), each class's share of the map,
-  ``s_c = Σ_i softmax(z_i)_c / n``, as centred logs, ``P_c = log s_c − mean_c' log s_c'``.
-  Nothing to learn, and it counts: three objects of one class give that class about three
-  times the share of one, while the background's share cancels out of the differences.
+- ``share``: for a map whose channels are class scores with channel 0 the background (a
+  frozen θ1 pretrained to segment classes, gigapatch's mask convention; ``model.latent_dim``
+  = its number of classes). With ``s_c = Σ_i softmax(z_i)_c / n`` each class's share of the
+  map, ``P_0 = log s_0`` (how much of the map is background) and, for the object classes
+  ``c ≥ 1``, ``P_c = log s_c − max_{c' ≥ 1} log s_c'``: 0 for the most common object class,
+  ``−log 3`` for a class with a third of its area. Nothing to learn, and it counts objects
+  per class, whatever the background's size. θ2 also gets one channel per map pixel,
+  :meth:`MapPool.pixel_features`: ``a_i = Σ_{c ≥ 1} softmax(z_i)_c P_c``, how common the
+  pixel's own class is (0 on the most common class's objects and on background, negative on
+  rarer objects). Without it a small θ2 learns that comparison from a few thousand steps
+  only weakly; with it, a threshold does.
 
 Z lives on the host and only the re-encoded blocks carry gradients, so a step keeps the
 whole map's sums ``(W (B,), WZ (B, C))`` in float64 and, per inner step, swaps the sampled
@@ -110,12 +116,28 @@ class MapPool(nn.Module):
 
     def finish(self, w: torch.Tensor, wz: torch.Tensor) -> torch.Tensor:
         """``P`` ``(B, C)`` from the sums ``w`` ``(B,)`` and ``wz`` ``(B, C)``: their ratio,
-        or for ``share`` its centred log."""
+        or for ``share`` the log shares (background absolute, object classes relative to the
+        most common one)."""
         ratio = wz / w[:, None]
         if self.kind != "share":
             return ratio
         logs = ratio.clamp_min(_SHARE_FLOOR).log()
-        return logs - logs.mean(dim=1, keepdim=True)
+        objects = logs[:, 1:] - logs[:, 1:].max(dim=1, keepdim=True).values
+        return torch.cat([logs[:, :1], objects], dim=1)
+
+    @property
+    def pixel_channels(self) -> int:
+        """How many channels :meth:`pixel_features` adds to θ2's input (1 for ``share``)."""
+        return 1 if self.kind == "share" else 0
+
+    def pixel_features(self, z: torch.Tensor, pool: torch.Tensor) -> torch.Tensor | None:
+        """``share``: the agreement of each pixel of ``z`` ``(P, C, h, w)`` with its map's
+        summary ``pool`` ``(P, C)``, ``Σ_{c ≥ 1} softmax(z)_c · P_c`` ``(P, 1, h, w)``; ``None``
+        for the other kinds. Pixel-local: a window gives what the whole map gives there."""
+        if self.kind != "share":
+            return None
+        prob = torch.softmax(z, dim=1)[:, 1:]
+        return (prob * pool[:, 1:, None, None].to(z.dtype)).sum(dim=1, keepdim=True)
 
     @torch.no_grad()
     def whole(self, z: torch.Tensor, device: torch.device) -> torch.Tensor:

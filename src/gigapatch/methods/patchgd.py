@@ -156,10 +156,11 @@ class PatchGD(Method):
         self.encoder = create_dense_net(mc.encoder, mc.latent_dim, self.in_chans, mc.pretrained,
                                         mc.weights)
         c = mc.latent_dim
+        self.z_pool = MapPool(c, m.z_pool)  # the summary P of Z (part of θ2)
         width = (2 * c if m.global_context == "concat" else c) + c  # [Z, (G,) pooled Z]
+        width += self.z_pool.pixel_channels  # share: each pixel's agreement with P
         self.head = DenseHead(width, self.num_classes, mc.head_width, mc.head_layers,
                               cond_chans=c if mc.head_film else 0)  # FiLM by the summary P
-        self.z_pool = MapPool(c, m.z_pool)  # the summary P of Z (part of θ2)
 
     def _init_detect(self, cfg: Config) -> None:
         m, mc = cfg.method, cfg.model
@@ -385,6 +386,9 @@ class PatchGD(Method):
                 parts.append(gwin)
         per_window = torch.stack([pool[i] for i in image]).to(zwin.dtype)  # (P, C)
         parts.append(per_window[:, :, None, None] * inside)
+        agreement = self.z_pool.pixel_features(zwin, per_window)
+        if agreement is not None:  # zero outside the map, as the whole map's zero padding
+            parts.append(agreement * inside)
         return pixel_logits(self.head(torch.cat(parts, dim=1), per_window), image, cells, geo)
 
     def _dense_step(self, images: Images, targets: Any, ctx: Context) -> float:
