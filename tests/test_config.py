@@ -39,6 +39,7 @@ def test_overrides_parse_yaml_values(tmp_path):
         ({"method": {"sample_fraction": 1.5}}, "sample_fraction"),
         ({"train": {"memory_budget": "2 GiBs"}}, "2 GiBs"),
         ({"train": {"optimizer": "adamm"}}, "adamw"),
+        ({"method": {"z_pool": "share"}, "model": {"latent_dim": 1}}, "latent_dim = 1.*share"),
     ],
 )
 def test_typos_and_bad_values_are_named(raw, match):

@@ -301,6 +301,9 @@ class Config:
                "in (0, 1] (the share of the sampled patches with the highest loss trained on)")
         _choice("method.pool", m.pool, ("mean", "max", "logsumexp"))
         _choice("method.z_pool", m.z_pool, ("mean", "gated", "share"))
+        _check(m.z_pool != "share" or self.model.latent_dim >= 2, "model.latent_dim",
+               self.model.latent_dim, "≥ 2 with method.z_pool: share (Z's channels are class "
+               "scores: the background and at least one class)")
         _choice("method.z_cache", m.z_cache, ("none", "epoch", "refresh"))
         _check(m.z_max_age is None or m.z_max_age >= 0, "method.z_max_age", m.z_max_age,
                "≥ 0 optimizer steps or null")
