@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -260,9 +261,15 @@ def pretrain_theta1(data_dir: Path, out: Path, epochs: int = 10) -> dict[str, An
 
 
 def _diagnose(summary: dict[str, Any], run_dir: Path, data_dir: Path) -> None:
-    """Add to a finished run's ``summary`` (with its ``labeling``) the overlay, the marked
-    shares (``majority``) and Z's class probe (PatchGD)."""
+    """Add to a finished run's ``summary`` (with its ``labeling``) the overlay, the training
+    curve (copied beside the overlay), the marked shares (``majority``) and Z's class probe
+    (PatchGD)."""
     summary["overlay"] = _overlay(summary, data_dir)
+    curve = run_dir / "training_curve.png"
+    if curve.is_file():
+        dest = OUT / f"curve_{summary['labeling']}_{summary['method']}.png"
+        shutil.copyfile(curve, dest)
+        summary["training_curve"] = str(dest.relative_to(ROOT))
     if summary["labeling"] == "majority":
         summary.update(marked_shares(run_dir, data_dir))
     if summary["method"] == "patchgd":
@@ -300,6 +307,13 @@ def _marked(run: dict[str, Any]) -> str:
     return f"{run['marked_majority']:.0%} / {run['marked_other']:.0%}"
 
 
+def _peaks(run: dict[str, Any]) -> str:
+    """The run's measured peak step memory: what a device holds (the budget's price) and,
+    for PatchGD, with its host maps Z as well (one memory on the CPU)."""
+    device = run.get("peak_device_memory", run["peak_memory"])
+    return device if device == run["peak_memory"] else f"{device} / {run['peak_memory']}"
+
+
 def table(results: dict[str, Any]) -> list[str]:
     m = results["memory"]
     lines = [
@@ -318,7 +332,7 @@ def table(results: dict[str, Any]) -> list[str]:
     if results.get("runs"):
         lines += ["", "| labeling | method | input seen | held-out Dice (last / best epoch) | "
                   "IoU | strokes marked: majority / other digits | digit class in Z (probe) | "
-                  "peak step memory | train time |",
+                  "peak step memory: device (budgeted) / with Z on the host | train time |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in results["runs"]:
             seen = r["input_size"]
@@ -327,7 +341,7 @@ def table(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['labeling']} | {r['method']} | {seen} | "
                          f"{r['final_val_dice']:.3f} / {r['val_dice']:.3f} | "
                          f"{r['final_val_iou']:.3f} | {_marked(r)} | {probe} | "
-                         f"{r['peak_memory']} | {r['train_seconds']:.0f} s |")
+                         f"{_peaks(r)} | {r['train_seconds']:.0f} s |")
     return lines
 
 
