@@ -10,6 +10,10 @@ as slides are; unless present), then, side by side in one run, encodes every pat
 - ``fill, overlapped``: ``PatchGD.fill`` with the thread-pool reads and the next chunk read
   while the current one is encoded (``LazyBatch.take``, ``read_ahead``).
 
+Then, with ``--variants``, the overlapped fill again with ``model.channels_last`` and with
+``model.compile`` (``torch.compile`` of the fill's encoder; the first, compiling pass is the
+warm-up and is not timed): whether they help the no-gradient encoding on this machine.
+
 Reports patches per second and the ratio of each fill to ``bare`` (issue 14's target ≥ 0.9:
 reading hidden behind compute). Writes ``benchmarks/results/fill_speed.{json,md}``.
 
@@ -62,6 +66,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compression", default="jpeg")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "fill-speed")
+    p.add_argument("--variants", nargs="*", default=["channels_last", "compile"],
+                   choices=["channels_last", "compile"],
+                   help="also time the overlapped fill with these model options (none: skip)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     path = args.data_dir / "train" / "000000.tiff"
@@ -70,10 +77,16 @@ def main() -> None:
             and json.loads(meta.read_text()).get("compression") == args.compression):
         generate_gigapixel(args.data_dir, n_train=1, n_test=0, side=args.side,
                            compression=args.compression, progress=False)
-    cfg = Config()
-    cfg.data.in_chans, cfg.model.encoder, cfg.model.latent_dim = 1, args.encoder, 32
-    cfg.method.patch_size, cfg.method.fill_chunk = args.patch, args.chunk
-    method = create_method(cfg.validate()).eval()
+    def make(option: str | None = None) -> Any:
+        cfg = Config()
+        cfg.data.in_chans, cfg.model.encoder, cfg.model.latent_dim = 1, args.encoder, 32
+        cfg.method.patch_size, cfg.method.fill_chunk = args.patch, args.chunk
+        if option is not None:
+            setattr(cfg.model, option, True)
+        torch.manual_seed(0)
+        return create_method(cfg.validate()).eval()
+
+    method = make()
     images = LazyBatch([open_image(path)])
     grid = method.grid(images)
     n = grid.num_patches
@@ -94,6 +107,11 @@ def main() -> None:
         rows["fill, serial"] = _best(fill, args.repeats)
         batch_module.IO_THREADS, batch_module.read_ahead = threads, ahead
         rows["fill, overlapped"] = _best(fill, args.repeats)
+        for option in args.variants:
+            variant = make(option)
+            variant.fill(images, grid)  # warm-up (with compile: the compilation)
+            rows[f"fill, overlapped, {option}"] = _best(
+                lambda v=variant: v.fill(images, grid), args.repeats)
     rate = {k: n / v for k, v in rows.items()}
     md = [f"{n} patches of {args.patch}² from a {args.side}² {args.compression} TIFF, "
           f"{args.encoder}, chunks of {args.chunk}, {args.threads} torch threads, "
