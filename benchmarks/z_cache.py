@@ -21,7 +21,7 @@
    policy's share, ``--tag`` keeps the results apart (``megapixel_<tag>``).
 4. **IPS selection reuse** (``--ips``): IPS's CPU config (M = 16, I = 32; majority only) on the
    same data, the exact scan vs ``method.selection_refresh: 0.2`` (each image's previous top-M
-   plus a fifth of the other cells), the same two measures.
+   plus a fifth of the other cells), the same two measures; ``--mm-side`` and ``--tag`` as in 3.
 
 Writes ``benchmarks/results/z_cache.{json,md}``.
 
@@ -291,13 +291,13 @@ def table(results: dict[str, Any]) -> list[str]:
         lines += ["", f"refresh / none, training, epochs 2+: **{s['ratio']:.3f}** (target ≤ "
                   f"0.2); with the held-out pass (an exact prediction, the same for both): "
                   f"{s['ratio_with_validation']:.3f}."]
-    for key in ("accuracy", *sorted(k for k in results if k.startswith("megapixel")), "ips"):
+    for key in ("accuracy", *sorted(k for k in results if k.startswith(("megapixel", "ips")))):
         a = results.get(key)
         if not a:
             continue
         if key == "accuracy":
             title = "Demo task"
-        elif key == "ips":
+        elif key.startswith("ips"):
             side = a.get("side", 500)
             title = (f"IPS, Megapixel MNIST majority ({side}², M = 16, I = 32, "
                      f"{a['n_train']} training images; refresh = `selection_refresh: 0.2`)")
@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mm-seed", type=int, default=0,
                    help="Megapixel MNIST: the training seed (θ2's start, sampling, order)")
     p.add_argument("--tag", default="",
-                   help="store the Megapixel-MNIST results under megapixel_<tag> (keeps others)")
+                   help="store the Megapixel-MNIST and IPS results under megapixel_<tag> and "
+                        "ips_<tag> (keeps others)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zcache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.mm_side, args.mm_encoder_lr, args.mm_z_refresh,
                                       args.mm_seed)
     if args.ips:
-        results["ips"] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
+        results[f"ips_{args.tag}" if args.tag else "ips"] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                   args.mm_side)
     RESULTS.mkdir(parents=True, exist_ok=True)
     saved = RESULTS / "z_cache.json"  # parts not rerun keep their last results (read now:
