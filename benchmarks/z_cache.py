@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -261,19 +262,24 @@ def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
 
 def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
                    side: int = 500, encoder_lr: float | None = None,
-                   z_refresh: float = 0.1, seed: int = 0) -> dict[str, Any]:
+                   z_refresh: float = 0.1, seed: int = 0,
+                   warmup_epochs: int = 0) -> dict[str, Any]:
     """:func:`megapixel_config` with each policy; ``encoder_lr``: θ1's learning rate
     (``train.encoder_lr``; default the head's 1e-3), ``z_refresh``: the cached policy's share
-    of cells re-encoded per visit."""
+    of cells re-encoded per visit, ``warmup_epochs``: its first epochs fill Z exactly
+    (``method.z_cache_warmup``, one optimizer step per batch)."""
     data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
     if pretrained:
         _from_cells(cfg, data)
-    policies = {**POLICIES, "refresh": {**POLICIES["refresh"], "z_refresh": z_refresh}}
+    warmup = warmup_epochs * math.ceil(n_train / cfg.train.batch_size)
+    policies = {**POLICIES, "refresh": {**POLICIES["refresh"], "z_refresh": z_refresh,
+                                        "z_cache_warmup": warmup}}
     out = policy_runs(cfg, "megapixel", n_train, policies)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     out["encoder_lr"], out["z_refresh"], out["seed"] = encoder_lr, z_refresh, seed
+    out["warmup_epochs"] = warmup_epochs
     return out
 
 
@@ -308,7 +314,10 @@ def table(results: dict[str, Any]) -> list[str]:
                      + ("pretrained on training cells" if a.get("pretrained") else
                         "from scratch")
                      + (f", θ1 learning rate {a['encoder_lr']:g}" if a.get("encoder_lr") else "")
-                     + f", z_refresh {a.get('z_refresh', 0.1):g}, seed {a.get('seed', 0)})")
+                     + f", z_refresh {a.get('z_refresh', 0.1):g}"
+                     + (f", exact fill for the first {a['warmup_epochs']} epochs"
+                        if a.get("warmup_epochs") else "")
+                     + f", seed {a.get('seed', 0)})")
         lines += ["", f"{title}, {a['epochs']} epochs:", "", "| policy | held-out accuracy "
                   "per epoch | time (training only) |", "|---|---|---|"]
         for name in ("none", "refresh"):
@@ -352,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                         "head's 1e-3): a slowly moving θ1 keeps the cache fresh")
     p.add_argument("--mm-z-refresh", type=float, default=0.1,
                    help="Megapixel MNIST: the cached policy's method.z_refresh")
+    p.add_argument("--mm-z-warmup", type=int, default=0, metavar="EPOCHS",
+                   help="Megapixel MNIST: the cached policy fills Z exactly for its first "
+                        "EPOCHS epochs (method.z_cache_warmup), while θ1 moves fastest")
     p.add_argument("--mm-seed", type=int, default=0,
                    help="Megapixel MNIST: the training seed (θ2's start, sampling, order)")
     p.add_argument("--tag", default="",
@@ -369,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         key = f"megapixel_{args.tag}" if args.tag else "megapixel"
         results[key] = megapixel_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                       args.mm_side, args.mm_encoder_lr, args.mm_z_refresh,
-                                      args.mm_seed)
+                                      args.mm_seed, args.mm_z_warmup)
     if args.ips:
         results[f"ips_{args.tag}" if args.tag else "ips"] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                   args.mm_side)

@@ -175,6 +175,7 @@ class MethodConfig:
     z_cache_checkpoint: str = "2GiB"
     z_max_age: int | None = None
     z_refresh: float | None = None
+    z_cache_warmup: int = 0
     selection_refresh: float | None = None
 
 
@@ -307,6 +308,8 @@ class Config:
         _choice("method.z_cache", m.z_cache, ("none", "epoch", "refresh"))
         _check(m.z_max_age is None or m.z_max_age >= 0, "method.z_max_age", m.z_max_age,
                "≥ 0 optimizer steps or null")
+        _check(m.z_cache_warmup >= 0, "method.z_cache_warmup", m.z_cache_warmup,
+               "≥ 0 optimizer steps (the first steps fill Z exactly, every cell re-encoded)")
         _check(m.z_refresh is None or 0 < m.z_refresh <= 1, "method.z_refresh", m.z_refresh,
                "in (0, 1] (the share of cached cells re-encoded per step, oldest first) or null")
         for key in ("z_cache_budget", "z_cache_checkpoint"):

@@ -95,6 +95,28 @@ def test_a_step_encodes_only_the_stale_cells_and_writes_the_re_encoded_ones_back
     assert 4 <= int((ages == 2).sum()) <= 8
 
 
+def test_warmup_steps_fill_exactly_then_the_cache_takes_over(monkeypatch):
+    torch.manual_seed(3)
+    exact = create_method(_cfg())
+    cached = copy.deepcopy(exact)
+    cached.cfg = _cfg(z_cache="epoch", z_cache_warmup=2)
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    _assert_same_weights(exact, cached, images, torch.tensor([0, 2]), n=2)  # the exact fill
+    method = create_method(_cfg(z_cache="refresh", z_refresh=0.25, inner_steps=1,
+                                z_cache_warmup=2))
+    encoded = []
+    real = PatchGD.fill
+    monkeypatch.setattr(PatchGD, "fill", lambda self, im, grid, take=None, mask=None:
+                        encoded.append(None if mask is None else int(mask.sum()))
+                        or real(self, im, grid, take, mask))
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.05))
+    for _ in range(4):
+        method.train_step(images[:1], torch.tensor([1]), ctx)
+    assert encoded == [16, 16, 4, 4]  # the steps at clock 0 and 1 warm up: every cell
+    with pytest.raises(ConfigError, match="method.z_cache_warmup"):
+        _cfg(z_cache="epoch", z_cache_warmup=-1)
+
+
 def test_the_on_disk_cache_round_trips(tmp_path):
     cache = ZCache(budget=3 * 64 * 4 + 64 * 8, spill_dir=tmp_path / "z")
     entries = {f"img{i}": (torch.randn(64, 3), torch.arange(64)) for i in range(4)}

@@ -660,8 +660,11 @@ class PatchGD(Method):
     def _stale(self, ages: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: the cached cells to re-encode now, among ``candidates`` ``(N,)``
         (``method.z_cache``: none for ``epoch``; older than ``z_max_age`` optimizer steps, or
-        the oldest share ``z_refresh``, ties by cell index, for ``refresh``)."""
+        the oldest share ``z_refresh``, ties by cell index, for ``refresh``); every candidate
+        during the first ``method.z_cache_warmup`` optimizer steps, while θ1 moves fastest."""
         m = self.cfg.method
+        if self.z_clock < m.z_cache_warmup:
+            return candidates.clone()
         if m.z_cache == "epoch":
             return torch.zeros_like(candidates)
         if m.z_max_age is not None:
