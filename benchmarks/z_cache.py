@@ -140,7 +140,17 @@ def policy_runs(cfg: Config, label: str, n_train: int,
     return out
 
 
-def accuracy_rows(epochs: int, runs: Path) -> dict[str, Any]:
+def _warm_policies(cfg: Config, n_train: int, warmup_epochs: int,
+                   **refresh: Any) -> dict[str, dict[str, Any]]:
+    """:data:`POLICIES` with the cached one's first ``warmup_epochs`` epochs filled exactly
+    (``method.z_cache_warmup``, in optimizer steps: one per batch)."""
+    steps = warmup_epochs * math.ceil(n_train / cfg.train.batch_size)
+    if not cfg.method.accumulate:
+        steps *= cfg.method.inner_steps
+    return {**POLICIES, "refresh": {**POLICIES["refresh"], **refresh, "z_cache_warmup": steps}}
+
+
+def accuracy_rows(epochs: int, runs: Path, warmup_epochs: int = 0) -> dict[str, Any]:
     settings = DemoSettings(epochs=epochs)
     data = ROOT / "data" / "ultramnist-demo"
     if not (data / "train.csv").is_file():
@@ -150,7 +160,10 @@ def accuracy_rows(epochs: int, runs: Path) -> dict[str, Any]:
                             seed=settings.data_seed)
     pgd = demo_configs(settings, data, runs)[1]
     pgd.name = "zcache_demo"
-    return policy_runs(pgd, "demo", settings.n_train)
+    out = policy_runs(pgd, "demo", settings.n_train,
+                      _warm_policies(pgd, settings.n_train, warmup_epochs))
+    out["warmup_epochs"] = warmup_epochs
+    return out
 
 
 def megapixel_config(data: Path, runs: Path, epochs: int, side: int = 500) -> Config:
@@ -266,16 +279,13 @@ def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = Fal
                    warmup_epochs: int = 0) -> dict[str, Any]:
     """:func:`megapixel_config` with each policy; ``encoder_lr``: θ1's learning rate
     (``train.encoder_lr``; default the head's 1e-3), ``z_refresh``: the cached policy's share
-    of cells re-encoded per visit, ``warmup_epochs``: its first epochs fill Z exactly
-    (``method.z_cache_warmup``, one optimizer step per batch)."""
+    of cells re-encoded per visit, ``warmup_epochs``: its first epochs fill Z exactly."""
     data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
     if pretrained:
         _from_cells(cfg, data)
-    warmup = warmup_epochs * math.ceil(n_train / cfg.train.batch_size)
-    policies = {**POLICIES, "refresh": {**POLICIES["refresh"], "z_refresh": z_refresh,
-                                        "z_cache_warmup": warmup}}
+    policies = _warm_policies(cfg, n_train, warmup_epochs, z_refresh=z_refresh)
     out = policy_runs(cfg, "megapixel", n_train, policies)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     out["encoder_lr"], out["z_refresh"], out["seed"] = encoder_lr, z_refresh, seed
@@ -297,12 +307,13 @@ def table(results: dict[str, Any]) -> list[str]:
         lines += ["", f"refresh / none, training, epochs 2+: **{s['ratio']:.3f}** (target ≤ "
                   f"0.2); with the held-out pass (an exact prediction, the same for both): "
                   f"{s['ratio_with_validation']:.3f}."]
-    for key in ("accuracy", *sorted(k for k in results if k.startswith(("megapixel", "ips")))):
+    for key in sorted(k for k in results if k.startswith(("accuracy", "megapixel", "ips"))):
         a = results.get(key)
         if not a:
             continue
-        if key == "accuracy":
-            title = "Demo task"
+        if key.startswith("accuracy"):
+            title = "Demo task" + (f" (exact fill for the first {a['warmup_epochs']} epochs)"
+                                   if a.get("warmup_epochs") else "")
         elif key.startswith("ips"):
             side = a.get("side", 500)
             title = (f"IPS, Megapixel MNIST majority ({side}², M = 16, I = 32, "
@@ -361,14 +372,15 @@ def main(argv: list[str] | None = None) -> int:
                         "head's 1e-3): a slowly moving θ1 keeps the cache fresh")
     p.add_argument("--mm-z-refresh", type=float, default=0.1,
                    help="Megapixel MNIST: the cached policy's method.z_refresh")
-    p.add_argument("--mm-z-warmup", type=int, default=0, metavar="EPOCHS",
-                   help="Megapixel MNIST: the cached policy fills Z exactly for its first "
-                        "EPOCHS epochs (method.z_cache_warmup), while θ1 moves fastest")
+    p.add_argument("--z-warmup", type=int, default=0, metavar="EPOCHS",
+                   help="demo task and Megapixel MNIST: the cached policy fills Z exactly for "
+                        "its first EPOCHS epochs (method.z_cache_warmup), while θ1 moves "
+                        "fastest")
     p.add_argument("--mm-seed", type=int, default=0,
                    help="Megapixel MNIST: the training seed (θ2's start, sampling, order)")
     p.add_argument("--tag", default="",
-                   help="store the Megapixel-MNIST and IPS results under megapixel_<tag> and "
-                        "ips_<tag> (keeps others)")
+                   help="store the demo, Megapixel-MNIST and IPS results under accuracy_<tag>, "
+                        "megapixel_<tag> and ips_<tag> (keeps others)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zcache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -376,12 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_speed:
         results["speed"] = speed_rows(args.side, args.patch, args.epochs, args.runs)
     if args.accuracy:
-        results["accuracy"] = accuracy_rows(args.epochs, args.runs)
+        key = f"accuracy_{args.tag}" if args.tag else "accuracy"
+        results[key] = accuracy_rows(args.epochs, args.runs, args.z_warmup)
     if args.megapixel:
         key = f"megapixel_{args.tag}" if args.tag else "megapixel"
         results[key] = megapixel_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                       args.mm_side, args.mm_encoder_lr, args.mm_z_refresh,
-                                      args.mm_seed, args.mm_z_warmup)
+                                      args.mm_seed, args.z_warmup)
     if args.ips:
         results[f"ips_{args.tag}" if args.tag else "ips"] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                   args.mm_side)
