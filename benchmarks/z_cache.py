@@ -18,7 +18,9 @@
    on the training images' grid cells (digit or none; :func:`pretrain_encoder`), as users start
    from pretrained weights, instead of from scratch. ``--mm-encoder-lr`` gives θ1 its own
    learning rate (a slowly moving θ1 keeps the cache fresh), ``--mm-z-refresh`` the cached
-   policy's share, ``--tag`` keeps the results apart (``megapixel_<tag>``).
+   policy's share, ``--tag`` keeps the results apart (``megapixel_<tag>``, ``accuracy_<tag>``).
+   ``--z-warmup E`` (2 and 3): the cached run fills exactly for its first E epochs
+   (``method.z_cache_warmup``), while θ1 moves fastest.
 4. **IPS selection reuse** (``--ips``): IPS's CPU config (M = 16, I = 32; majority only) on the
    same data, the exact scan vs ``method.selection_refresh: 0.2`` (each image's previous top-M
    plus a fifth of the other cells), the same two measures; ``--mm-side`` and ``--tag`` as in 3.
