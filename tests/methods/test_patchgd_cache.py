@@ -51,6 +51,16 @@ def _assert_same_weights(exact, cached, images, targets, n: int = 3) -> None:
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
+def _count_fills(monkeypatch) -> list[int | None]:
+    """The cells each :meth:`PatchGD.fill` encodes, in call order (``None``: every cell)."""
+    encoded: list[int | None] = []
+    real = PatchGD.fill
+    monkeypatch.setattr(PatchGD, "fill", lambda self, im, grid, take=None, mask=None:
+                        encoded.append(None if mask is None else int(mask.sum()))
+                        or real(self, im, grid, take, mask))
+    return encoded
+
+
 def test_with_max_age_zero_the_cached_path_is_the_exact_algorithm():
     torch.manual_seed(0)
     exact = create_method(_cfg())
@@ -81,11 +91,7 @@ def test_a_step_encodes_only_the_stale_cells_and_writes_the_re_encoded_ones_back
     images = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
     targets = torch.tensor([1])
     ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.05))
-    encoded = []
-    real = PatchGD.fill
-    monkeypatch.setattr(PatchGD, "fill", lambda self, im, grid, take=None, mask=None:
-                        encoded.append(None if mask is None else int(mask.sum()))
-                        or real(self, im, grid, take, mask))
+    encoded = _count_fills(monkeypatch)
     for _ in range(3):
         method.train_step(images, targets, ctx)
     assert encoded == [16, 4, 4]  # a miss fills all 16 cells; then ⌈0.25·16⌉ = 4 per step
@@ -104,11 +110,7 @@ def test_warmup_steps_fill_exactly_then_the_cache_takes_over(monkeypatch):
     _assert_same_weights(exact, cached, images, torch.tensor([0, 2]), n=2)  # the exact fill
     method = create_method(_cfg(z_cache="refresh", z_refresh=0.25, inner_steps=1,
                                 z_cache_warmup=2))
-    encoded = []
-    real = PatchGD.fill
-    monkeypatch.setattr(PatchGD, "fill", lambda self, im, grid, take=None, mask=None:
-                        encoded.append(None if mask is None else int(mask.sum()))
-                        or real(self, im, grid, take, mask))
+    encoded = _count_fills(monkeypatch)
     ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.05))
     for _ in range(4):
         method.train_step(images[:1], torch.tensor([1]), ctx)
