@@ -119,6 +119,37 @@ def test_warmup_steps_fill_exactly_then_the_cache_takes_over(monkeypatch):
         _cfg(z_cache="epoch", z_cache_warmup=-1)
 
 
+def test_settings_an_epoch_makes_moot_are_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="gigapatch"):
+        create_method(_cfg(z_cache="refresh", z_max_age=9)).set_epoch_length(10)
+        create_method(_cfg(z_cache="refresh", z_max_age=10)).set_epoch_length(10)
+        create_method(_cfg(z_cache="epoch", z_max_age=3)).set_epoch_length(10)  # (no ages)
+    assert caplog.text.count("z_max_age = ") == 1
+    assert "below the 10 steps of an epoch" in caplog.text and "above 10" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gigapatch"):  # J optimizer steps per batch
+        create_method(_cfg(z_cache="refresh", z_max_age=9, accumulate=False)
+                      ).set_epoch_length(5)
+    assert "below the 10 steps of an epoch" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gigapatch"):  # the default run: 10 epochs
+        create_method(_cfg(z_cache="epoch", z_cache_warmup=99)).set_epoch_length(10)
+        create_method(_cfg(z_cache="none", z_max_age=0, z_cache_warmup=500)
+                      ).set_epoch_length(10)
+    assert caplog.text.count("z_cache_warmup = ") == 0
+    with caplog.at_level("WARNING", logger="gigapatch"):
+        create_method(_cfg(z_cache="epoch", z_cache_warmup=100)).set_epoch_length(10)
+    assert "covers all 100 optimizer steps of the run (10 epochs of 10)" in caplog.text
+
+
+def test_the_training_loop_tells_the_method_its_epoch_length(tiny_config, caplog):
+    cfg = copy.deepcopy(tiny_config)
+    cfg.method.z_cache, cfg.method.z_max_age, cfg.train.epochs = "refresh", 0, 1
+    with caplog.at_level("WARNING", logger="gigapatch"):
+        train(cfg)
+    assert "method.z_max_age = 0 optimizer steps is below the" in caplog.text
+
+
 def test_the_on_disk_cache_round_trips(tmp_path):
     cache = ZCache(budget=3 * 64 * 4 + 64 * 8, spill_dir=tmp_path / "z")
     entries = {f"img{i}": (torch.randn(64, 3), torch.arange(64)) for i in range(4)}

@@ -254,6 +254,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
     if cfg.train.max_train_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_train_batches)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    method.set_epoch_length(steps_per_epoch)
 
     history: list[dict[str, Any]] = []
     start_epoch, best_value, best_epoch = 0, None, -1

@@ -256,6 +256,10 @@ class Method(nn.Module):
     def set_run_dir(self, run_dir: Path) -> None:
         """The run directory the method may keep files in (e.g. a cache beyond RAM)."""
 
+    def set_epoch_length(self, batches: int) -> None:
+        """The batches an epoch takes (this process), told once before training: methods
+        check the settings that count in optimizer steps against it (PatchGD's Z cache)."""
+
     def host_transform(self, images: torch.Tensor) -> torch.Tensor:
         """Host-side preprocessing applied by the data pipeline before :meth:`train_step`."""
         return images

@@ -734,6 +734,28 @@ class PatchGD(Method):
         if self.cfg.method.z_cache != "none":
             self.z_cache.spill_dir = Path(run_dir) / "z_cache"
 
+    def set_epoch_length(self, batches: int) -> None:
+        """Warn about Z-cache settings an epoch of ``batches`` batches makes moot: each image
+        comes back about an epoch of optimizer steps later, so a ``z_max_age`` below that
+        re-encodes all of its cells on nearly every visit (the exact fill's cost), and a
+        ``z_cache_warmup`` as long as the run never lets the cache take over."""
+        m = self.cfg.method
+        if m.z_cache == "none" or self.encoder_frozen:
+            return
+        steps = batches * (1 if m.accumulate else m.inner_steps)  # optimizer steps per epoch
+        if m.z_cache == "refresh" and m.z_max_age is not None and m.z_max_age < steps:
+            log.warning("method.z_max_age = %d optimizer steps is below the %d steps of an "
+                        "epoch: an image comes back about an epoch later, so nearly every "
+                        "visit re-encodes all of its cells (the cost of z_cache: none). Raise "
+                        "z_max_age above %d, or set method.z_refresh (a share of the oldest "
+                        "cells per visit) instead.", m.z_max_age, steps, steps)
+        total = steps * self.cfg.train.epochs
+        if m.z_cache_warmup >= total:
+            log.warning("method.z_cache_warmup = %d covers all %d optimizer steps of the run "
+                        "(%d epochs of %d): every step fills Z exactly and the cache never "
+                        "takes over. Lower it (e.g. %d for one epoch).", m.z_cache_warmup,
+                        total, self.cfg.train.epochs, steps, steps)
+
     def _frozen_z(self, images: Images, grid: PatchGrid, mask: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Frozen θ1: Z ``(B, N, C)`` and g ``(B, C)`` (or ``None``) on the device, from the
