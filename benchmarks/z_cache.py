@@ -51,6 +51,7 @@ from gigapatch.config import Config, load_config
 from gigapatch.demo import DemoSettings, demo_configs
 from gigapatch.engine.checkpoint import load_checkpoint
 from gigapatch.engine.loop import train
+from gigapatch.methods.patchgd import optimizer_steps
 from gigapatch.synth.gigapixel import generate_gigapixel
 from gigapatch.models.encoders import create_encoder
 from gigapatch.synth.megapixel_mnist import (DIGIT_SIDE, generate_megapixel_mnist,
@@ -146,9 +147,7 @@ def _warm_policies(cfg: Config, n_train: int, warmup_epochs: int,
                    **refresh: Any) -> dict[str, dict[str, Any]]:
     """:data:`POLICIES` with the cached one's first ``warmup_epochs`` epochs filled exactly
     (``method.z_cache_warmup``, in optimizer steps: one per batch)."""
-    steps = warmup_epochs * math.ceil(n_train / cfg.train.batch_size)
-    if not cfg.method.accumulate:
-        steps *= cfg.method.inner_steps
+    steps = optimizer_steps(cfg, warmup_epochs * math.ceil(n_train / cfg.train.batch_size))
     return {**POLICIES, "refresh": {**POLICIES["refresh"], **refresh, "z_cache_warmup": steps}}
 
 

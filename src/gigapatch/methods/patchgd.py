@@ -108,6 +108,13 @@ def _flat_reader(take: Take, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda flat: take(flat // n, flat % n)
 
 
+def optimizer_steps(cfg: Config, batches: int) -> int:
+    """The optimizer steps PatchGD takes over ``batches`` batches: one per batch with
+    ``method.accumulate`` (the default), else one per inner step (J per batch). The unit of
+    ``method.z_max_age`` and ``method.z_cache_warmup``."""
+    return batches * (1 if cfg.method.accumulate else cfg.method.inner_steps)
+
+
 @METHODS.register("patchgd")
 class PatchGD(Method):
     """PatchGD over a latent grid Z with θ1 = encoder, θ2 = head."""
@@ -742,7 +749,7 @@ class PatchGD(Method):
         m = self.cfg.method
         if m.z_cache == "none" or self.encoder_frozen:
             return
-        steps = batches * (1 if m.accumulate else m.inner_steps)  # optimizer steps per epoch
+        steps = optimizer_steps(self.cfg, batches)
         if m.z_cache == "refresh" and m.z_max_age is not None and m.z_max_age < steps:
             log.warning("method.z_max_age = %d optimizer steps is below the %d steps of an "
                         "epoch: an image comes back about an epoch later, so nearly every "
