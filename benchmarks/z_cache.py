@@ -20,7 +20,10 @@
    learning rate (a slowly moving θ1 keeps the cache fresh), ``--mm-z-refresh`` the cached
    policy's share, ``--tag`` keeps the results apart (``megapixel_<tag>``, ``accuracy_<tag>``).
    ``--z-warmup E`` (2 and 3): the cached run fills exactly for its first E epochs
-   (``method.z_cache_warmup``), while θ1 moves fastest.
+   (``method.z_cache_warmup``), while θ1 moves fastest. ``--z-tolerance T`` (3): the cached
+   run's share re-encoded per visit follows the measured change of the re-encoded cells
+   (``method.z_tolerance``, from every cell down to ``--mm-z-refresh``). The cached run's
+   ``z_staleness`` and ``z_refreshed`` per epoch are kept with its results.
 4. **IPS selection reuse** (``--ips``): IPS's CPU config (M = 16, I = 32; majority only) on the
    same data, the exact scan vs ``method.selection_refresh: 0.2`` (each image's previous top-M
    plus a fifth of the other cells), the same two measures; ``--mm-side`` and ``--tag`` as in 3.
@@ -126,6 +129,8 @@ def policy_runs(cfg: Config, label: str, n_train: int,
         hist = _history(summary)
         training = [n_train / r["images_per_second"] for r in hist]
         out[name] = {"accuracy": [row["val_accuracy"] for row in hist],
+                     "staleness": [row.get("z_staleness") for row in hist],
+                     "refreshed": [row.get("z_refreshed") for row in hist],
                      "elapsed": [sum(r["epoch_seconds"] for r in hist[: i + 1])
                                  for i in range(len(hist))],
                      "training": [sum(training[: i + 1]) for i in range(len(hist))]}
@@ -277,20 +282,22 @@ def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
 def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
                    side: int = 500, encoder_lr: float | None = None,
                    z_refresh: float = 0.1, seed: int = 0,
-                   warmup_epochs: int = 0) -> dict[str, Any]:
+                   warmup_epochs: int = 0, tolerance: float | None = None) -> dict[str, Any]:
     """:func:`megapixel_config` with each policy; ``encoder_lr``: θ1's learning rate
     (``train.encoder_lr``; default the head's 1e-3), ``z_refresh``: the cached policy's share
-    of cells re-encoded per visit, ``warmup_epochs``: its first epochs fill Z exactly."""
+    of cells re-encoded per visit (the least share with ``tolerance``: ``method.z_tolerance``),
+    ``warmup_epochs``: its first epochs fill Z exactly."""
     data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
     if pretrained:
         _from_cells(cfg, data)
-    policies = _warm_policies(cfg, n_train, warmup_epochs, z_refresh=z_refresh)
+    policies = _warm_policies(cfg, n_train, warmup_epochs, z_refresh=z_refresh,
+                              z_tolerance=tolerance)
     out = policy_runs(cfg, "megapixel", n_train, policies)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     out["encoder_lr"], out["z_refresh"], out["seed"] = encoder_lr, z_refresh, seed
-    out["warmup_epochs"] = warmup_epochs
+    out["warmup_epochs"], out["z_tolerance"] = warmup_epochs, tolerance
     return out
 
 
@@ -326,7 +333,9 @@ def table(results: dict[str, Any]) -> list[str]:
                      + ("pretrained on training cells" if a.get("pretrained") else
                         "from scratch")
                      + (f", θ1 learning rate {a['encoder_lr']:g}" if a.get("encoder_lr") else "")
-                     + f", z_refresh {a.get('z_refresh', 0.1):g}"
+                     + (f", z_refresh {a.get('z_refresh', 0.1):g}" if not a.get("z_tolerance")
+                        else f", z_tolerance {a['z_tolerance']:g} (share ≥ z_refresh "
+                             f"{a.get('z_refresh', 0.1):g})")
                      + (f", exact fill for the first {a['warmup_epochs']} epochs"
                         if a.get("warmup_epochs") else "")
                      + f", seed {a.get('seed', 0)})")
@@ -337,6 +346,14 @@ def table(results: dict[str, Any]) -> list[str]:
             train_s = a[name].get("training", [float("nan")])[-1]
             lines.append(f"| {name} | {acc} | {a[name]['elapsed'][-1]:.0f} s "
                          f"({train_s:.0f} s) |")
+
+        if any(v is not None for v in a["refresh"].get("staleness", [])):
+            lines += ["", "refresh, per epoch: Z staleness (mean change of the re-encoded cached "
+                      "cells) " + ", ".join("–" if v is None else f"{v:.3f}"
+                                            for v in a["refresh"]["staleness"])
+                      + "; share of the cached cells re-encoded "
+                      + ", ".join("–" if v is None else f"{v:.2f}"
+                                  for v in a["refresh"]["refreshed"]) + "."]
 
         def share(v: float | None) -> str:
             return f"{v:.2f} of its time" if v is not None else "not reached"
@@ -377,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="demo task and Megapixel MNIST: the cached policy fills Z exactly for "
                         "its first EPOCHS epochs (method.z_cache_warmup), while θ1 moves "
                         "fastest")
+    p.add_argument("--z-tolerance", type=float, default=None, metavar="T",
+                   help="Megapixel MNIST: the cached policy's method.z_tolerance (the share "
+                        "re-encoded per visit follows the measured change, from every cell "
+                        "down to --mm-z-refresh)")
     p.add_argument("--mm-seed", type=int, default=0,
                    help="Megapixel MNIST: the training seed (θ2's start, sampling, order)")
     p.add_argument("--tag", default="",
@@ -395,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         key = f"megapixel_{args.tag}" if args.tag else "megapixel"
         results[key] = megapixel_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                       args.mm_side, args.mm_encoder_lr, args.mm_z_refresh,
-                                      args.mm_seed, args.z_warmup)
+                                      args.mm_seed, args.z_warmup, args.z_tolerance)
     if args.ips:
         results[f"ips_{args.tag}" if args.tag else "ips"] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                   args.mm_side)

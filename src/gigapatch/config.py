@@ -176,6 +176,7 @@ class MethodConfig:
     z_max_age: int | None = None
     z_refresh: float | None = None
     z_cache_warmup: int = 0
+    z_tolerance: float | None = None
     selection_refresh: float | None = None
 
 
@@ -327,6 +328,14 @@ class Config:
         if m.selection_refresh is not None and m.name != "ips":
             raise ConfigError(f"method.selection_refresh is IPS's; method {m.name!r} does not "
                               "select patches (leave it null).")
+        _check(m.z_tolerance is None or m.z_tolerance > 0, "method.z_tolerance",
+               m.z_tolerance, "> 0 (the relative change ‖z_new − z_old‖ / ‖z_new‖ of the "
+               "re-encoded cached cells the refresh share aims at) or null")
+        if m.z_tolerance is not None and (m.z_cache != "refresh" or m.z_refresh is None):
+            raise ConfigError(f"method.z_tolerance = {m.z_tolerance} steers the share of "
+                              "cached cells re-encoded per visit: it needs method.z_cache: "
+                              "refresh with method.z_refresh (the least share), not "
+                              f"z_cache = {m.z_cache}, z_refresh = {m.z_refresh}.")
         if m.z_cache == "refresh" and (m.z_max_age is None) == (m.z_refresh is None):
             raise ConfigError("method.z_cache = refresh re-encodes the cached cells older than "
                               "method.z_max_age optimizer steps, or the oldest share "

@@ -12,8 +12,9 @@ from gigapatch.core.errors import ConfigError
 from gigapatch.engine.checkpoint import load_checkpoint
 from gigapatch.engine.loop import train
 from gigapatch.methods.base import create_method
-from gigapatch.methods.frozen_cache import ZCache
+from gigapatch.methods.frozen_cache import ZCache, image_keys
 from gigapatch.methods.patchgd import PatchGD
+from gigapatch.methods.z_staleness import relative_change
 from gigapatch.memory.tracker import measure_step_peaks
 from gigapatch.step import StepContext
 
@@ -117,6 +118,49 @@ def test_warmup_steps_fill_exactly_then_the_cache_takes_over(monkeypatch):
     assert encoded == [16, 16, 4, 4]  # the steps at clock 0 and 1 warm up: every cell
     with pytest.raises(ConfigError, match="method.z_cache_warmup"):
         _cfg(z_cache="epoch", z_cache_warmup=-1)
+
+
+def test_the_staleness_is_the_re_encoded_cells_change_from_their_cached_values():
+    torch.manual_seed(0)
+    method = create_method(_cfg(z_cache="refresh", z_refresh=0.25))
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)  # 16 cells each
+    targets = torch.tensor([0, 2])
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.5))
+    method.train_step(images, targets, ctx)
+    assert method.epoch_stats() == {}  # a first visit has nothing cached to compare with
+    old, ages = (torch.stack(t) for t in zip(*(method.z_cache.get(k) for k in image_keys(images))))
+    todo = torch.stack([method._stale(a, torch.ones(16, dtype=torch.bool)) for a in ages])
+    with torch.no_grad(), method._fill_mode("train"):
+        fresh = method.fill(images, method.grid(images))  # every cell, with θ1 as it is now
+    want = relative_change(fresh[todo], old[todo])  # the 2 × 4 oldest cells' change
+    assert float(want.min()) > 0  # θ1 moved: a figure that could be zero by accident is not
+    method.train_step(images, targets, ctx)
+    stats = method.epoch_stats()
+    assert stats["z_staleness"] == pytest.approx(float(want.mean()), rel=1e-4)
+    assert stats["z_refreshed"] == 8 / 32
+    assert method.epoch_stats() == {}  # read once: the next epoch counts afresh
+
+
+def test_z_tolerance_steers_the_share_re_encoded_per_visit(monkeypatch):
+    encoded = _count_fills(monkeypatch)
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)  # 16 cells each
+    for tolerance, lr, want in ((10.0, 0.5, [32, 32, 24, 18, 14]),  # below: ×0.75 per visit
+                                (1e-9, 0.5, [32] * 5)):             # above: every cell
+        torch.manual_seed(0)
+        method = create_method(_cfg(z_cache="refresh", z_refresh=0.25, z_tolerance=tolerance))
+        ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=lr))
+        encoded.clear()
+        for _ in range(5):
+            method.train_step(images, torch.tensor([0, 2]), ctx)
+        assert encoded == want, (tolerance, lr)
+        assert method.epoch_stats()["z_share"] == method.z_share.share
+    for _ in range(30):
+        method.z_share.update(0.0)
+    assert method.z_share.share == 0.25  # floor: method.z_refresh
+    with pytest.raises(ConfigError, match="method.z_tolerance"):
+        _cfg(z_cache="refresh", z_max_age=3, z_tolerance=0.05)  # steers a share, not an age
+    with pytest.raises(ConfigError, match="method.z_tolerance"):
+        _cfg(z_cache="refresh", z_refresh=0.25, z_tolerance=0)
 
 
 def test_settings_an_epoch_makes_moot_are_warned_about(caplog):
@@ -223,9 +267,9 @@ def test_dense_and_detection_steps_encode_only_the_stale_cells(kind, monkeypatch
     encoded = []
     real = PatchGD._fill_maps
 
-    def counting(self, im, geos, encode, take=None, todo=None, into=None):
+    def counting(self, im, geos, encode, take=None, todo=None, into=None, **measure):
         encoded.append(n if todo is None else int(todo.sum()))
-        return real(self, im, geos, encode, take, todo, into)
+        return real(self, im, geos, encode, take, todo, into, **measure)
 
     monkeypatch.setattr(PatchGD, "_fill_maps", counting)
     for _ in range(3):
@@ -245,28 +289,54 @@ def test_dense_and_detection_steps_encode_only_the_stale_cells(kind, monkeypatch
     assert torch.equal(torch.cat([m[0].flatten() for m in zs]), z)
 
 
-def test_a_resumed_run_with_a_cache_gives_the_uninterrupted_weights(tiny_config, monkeypatch):
+@pytest.mark.parametrize("kind", ["segment", "detect"])
+def test_dense_and_detection_maps_measure_their_staleness(kind):
+    images = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
+    for lr in (0.0, 0.5):
+        torch.manual_seed(2)
+        method = create_method(_dense_cfg(kind, z_cache="refresh", z_refresh=0.25,
+                                          inner_steps=1))
+        n = (64 // method.cfg.method.patch_size) ** 2
+        ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=lr))
+        for _ in range(2):
+            method.train_step(images, _dense_targets(method, images), ctx)
+        stats = method.epoch_stats()
+        assert stats["z_refreshed"] == -(-n // 4) / n  # the ⌈N/4⌉ oldest cells of N cached
+        if lr == 0:  # θ1 unchanged: a re-encoded block is its cached value
+            assert stats["z_staleness"] < 1e-5
+        else:
+            assert stats["z_staleness"] > 5e-4
+
+
+@pytest.mark.parametrize("tolerance", [None, 10.0])
+def test_a_resumed_run_with_a_cache_gives_the_uninterrupted_weights(tiny_config, monkeypatch,
+                                                                     tolerance):
     cfg = copy.deepcopy(tiny_config)
     cfg.method.z_cache, cfg.method.z_refresh, cfg.method.z_cache_budget = "refresh", 0.25, "1KiB"
+    cfg.method.z_tolerance, cfg.train.epochs = tolerance, 3
     whole = copy.deepcopy(cfg)
     whole.name = "whole"
     train(whole)
     want = load_checkpoint(Path(cfg.train.out_dir) / "whole" / "last.pt")
     assert len(want["method_state"]["z_cache"]) > 0  # the cache is saved with last.pt …
     assert list((Path(cfg.train.out_dir) / "whole" / "z_cache").glob("*.bin"))  # … and spilled
+    assert "z_staleness" not in want["history"][0]  # epoch 1 found nothing cached
+    assert want["history"][1]["z_refreshed"] > 0 and want["history"][1]["z_staleness"] > 0
+    if tolerance is not None:  # the steered share, saved and restored with the cache
+        assert want["method_state"]["z_share"]["share"] < 1
 
     calls = []
     real = PatchGD.train_step
 
-    def crash_in_epoch_2(self, images, targets, ctx):
+    def crash_in_epoch_3(self, images, targets, ctx):
         calls.append(1)
-        if len(calls) == steps_per_epoch + 1:
+        if len(calls) == 2 * steps_per_epoch + 1:
             raise KeyboardInterrupt
         return real(self, images, targets, ctx)
 
     rows = len(Path(cfg.data.train_csv).read_text().splitlines()) - 1
     steps_per_epoch = -(-rows // cfg.train.batch_size)
-    monkeypatch.setattr(PatchGD, "train_step", crash_in_epoch_2)
+    monkeypatch.setattr(PatchGD, "train_step", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train(copy.deepcopy(cfg))
     monkeypatch.setattr(PatchGD, "train_step", real)

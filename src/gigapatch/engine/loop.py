@@ -350,6 +350,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             "images_per_second": n_images / epoch_train_seconds if epoch_train_seconds else 0.0,
             **{f"val_{k}": v for k, v in val.items() if k != "loss"},
         }
+        stats = method.epoch_stats()
+        row.update(stats)
         history.append(row)
         if validated:
             log.info(
@@ -361,6 +363,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             log.info("epoch %d/%d  train_loss %.4f  (%.1fs; validated every %d epochs)",
                      epoch + 1, cfg.train.epochs, row["train_loss"], row["epoch_seconds"],
                      cfg.train.val_every)
+        if stats:
+            log.info("epoch %d/%d  %s", epoch + 1, cfg.train.epochs,
+                     "  ".join(f"{k} {v:.4g}" for k, v in stats.items()))
         if not all(bool(torch.isfinite(p).all()) for p in method.parameters()):
             raise _diverged(cfg, run_dir, epoch, steps_per_epoch - 1, "a parameter is not finite")
         improved = validated and task.better(val[task.monitor], best_value)

@@ -260,6 +260,11 @@ class Method(nn.Module):
         """The batches an epoch takes (this process), told once before training: methods
         check the settings that count in optimizer steps against it (PatchGD's Z cache)."""
 
+    def epoch_stats(self) -> dict[str, float]:
+        """Figures of the epoch just trained for its history row (e.g. PatchGD's Z-cache
+        staleness); the loop reads them once per epoch, which starts the next epoch's count."""
+        return {}
+
     def host_transform(self, images: torch.Tensor) -> torch.Tensor:
         """Host-side preprocessing applied by the data pipeline before :meth:`train_step`."""
         return images

@@ -73,6 +73,7 @@ from gigapatch.methods.latent_map import (
     windows_of,
 )
 from gigapatch.methods.latent_pool import MapPool, PoolSums
+from gigapatch.methods.z_staleness import AdaptiveShare, Staleness, relative_change
 from gigapatch.models.dense import create_dense_net
 from gigapatch.models.detection import create_detector, merge_detections
 from gigapatch.models.encoders import create_encoder
@@ -101,6 +102,25 @@ def _write_blocks(z: torch.Tensor, geo: MapGeometry, image: list[int], cells: li
     for bi, cell, block in zip(image, cells, blocks.to("cpu", z.dtype)):
         y, x = geo.origin(cell)
         z[bi, :, y : y + q, x : x + q] = block
+
+
+def _block_changes(zs: list[torch.Tensor], geos: list[MapGeometry], image: list[int],
+                   cells: list[int], maps: list[torch.Tensor], seen: torch.Tensor
+                   ) -> torch.Tensor:
+    """The change ``(S,)`` of the ``seen`` ``(B, N)`` cells among ``cells`` of ``image`` from
+    their blocks in the host maps ``zs`` ``[(B, C_l, Hz_l, Wz_l)]`` to their new blocks
+    ``maps`` ``[(P, C_l, q_l, q_l)]``: one :func:`relative_change` over all levels."""
+    pick = [i for i, (bi, cell) in enumerate(zip(image, cells)) if seen[bi, cell]]
+    if not pick:
+        return torch.zeros(0)
+    olds, news = [], []
+    for z, geo, blocks in zip(zs, geos, maps):
+        q = geo.q
+        with host_maps():  # a copy of the cached blocks: booked with the maps they came from
+            olds.append(torch.stack([z[image[i], :, y : y + q, x : x + q].flatten()
+                                     for i, (y, x) in ((i, geo.origin(cells[i])) for i in pick)]))
+        news.append(blocks[pick].flatten(1))
+    return relative_change(torch.cat(news, 1), torch.cat(olds, 1)).cpu()
 
 
 def _flat_reader(take: Take, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -141,6 +161,11 @@ class PatchGD(Method):
         self._cache_skip_logged = False
         #: Optimizer steps taken (the cells' ages of ``method.z_cache`` count in these).
         self.z_clock = 0
+        #: The re-encoded cached cells' changes this epoch (``z_staleness`` in the history).
+        self.staleness = Staleness()
+        #: ``method.z_tolerance``: the share re-encoded per visit, steered by those changes.
+        self.z_share = (AdaptiveShare(m.z_refresh, m.z_tolerance)
+                        if m.z_tolerance is not None and m.z_refresh is not None else None)
         if task.detects:
             self._init_detect(cfg)
             return
@@ -308,12 +333,16 @@ class PatchGD(Method):
     def _fill_maps(self, images: Images, geos: list[MapGeometry],
                    encode: Callable[[torch.Tensor], list[torch.Tensor]],
                    take: Take | None = None, todo: torch.Tensor | None = None,
-                   into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                   into: list[torch.Tensor] | None = None, seen: torch.Tensor | None = None,
+                   changes: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Host maps ``[(B, C_l, Hz_l, Wz_l)]``, one per geometry, from ``encode(patches)`` →
         one block per patch and geometry ``[(P, C_l, q_l, q_l)]`` (dense map; FPN levels).
 
         ``todo`` ``(B, N)`` bool: encode only those cells, into the maps ``into`` (whose
-        other blocks are kept; ``method.z_cache``); default every cell, into new maps."""
+        other blocks are kept; ``method.z_cache``); default every cell, into new maps.
+        ``seen`` ``(B, N)`` bool: the cells whose blocks in ``into`` are cached values; each
+        one's change (:func:`relative_change`, over all levels) is appended to ``changes``
+        chunk by chunk before its new blocks overwrite the old."""
         b, grid = images.shape[0], geos[0].grid
         take = take or grid.taker(images)
         n, chunk = grid.num_patches, self.cfg.method.fill_chunk
@@ -328,6 +357,8 @@ class PatchGD(Method):
                                    self.cfg.method.z_on_disk) for m, geo in zip(maps, geos)]
             flat_list = flat.tolist()
             image, cells = [f // n for f in flat_list], [f % n for f in flat_list]
+            if seen is not None and changes is not None:
+                changes.append(_block_changes(zs, geos, image, cells, maps, seen))
             for z, geo, blocks in zip(zs, geos, maps):
                 _write_blocks(z, geo, image, cells, blocks)
         return zs
@@ -359,9 +390,19 @@ class PatchGD(Method):
                 z[i] = part.view(shape)
             ages[i] = found[1]
             todo[i] = self._stale(ages[i], todo[i])
-        self._fill_maps(images, geos, encode, take, todo=todo, into=zs)
+        changes: list[torch.Tensor] = []
+        self._fill_maps(images, geos, encode, take, todo=todo, into=zs,
+                        seen=todo & (ages >= 0), changes=changes)
+        self._observe(torch.cat(changes) if changes else torch.zeros(0), int((ages >= 0).sum()))
         ages[todo] = self.z_clock
         return zs, ages, keys
+
+    def _observe(self, change: torch.Tensor, cached: int) -> None:
+        """Count a fill's re-encoded cached cells' changes ``(P,)`` (of ``cached`` cached
+        cells) in :attr:`staleness`, and steer :attr:`z_share` by their mean."""
+        self.staleness.add(change, cached)
+        if self.z_share is not None and change.numel():
+            self.z_share.update(float(change.mean()))
 
     def _age_sampled(self, ages: torch.Tensor, order: torch.Tensor, k: int, steps: int,
                      clock: int) -> None:
@@ -667,8 +708,9 @@ class PatchGD(Method):
     def _stale(self, ages: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: the cached cells to re-encode now, among ``candidates`` ``(N,)``
         (``method.z_cache``: none for ``epoch``; older than ``z_max_age`` optimizer steps, or
-        the oldest share ``z_refresh``, ties by cell index, for ``refresh``); every candidate
-        during the first ``method.z_cache_warmup`` optimizer steps, while θ1 moves fastest."""
+        the oldest share ``z_refresh``, ties by cell index, for ``refresh``; with
+        ``z_tolerance``, the share :attr:`z_share` steers); every candidate during the first
+        ``method.z_cache_warmup`` optimizer steps, while θ1 moves fastest."""
         m = self.cfg.method
         if self.z_clock < m.z_cache_warmup:
             return candidates.clone()
@@ -677,7 +719,8 @@ class PatchGD(Method):
         if m.z_max_age is not None:
             return candidates & (self.z_clock - ages > m.z_max_age)
         pool = candidates.nonzero().flatten()
-        count = math.ceil(m.z_refresh * len(pool))
+        share = m.z_refresh if self.z_share is None else self.z_share.share
+        count = math.ceil(share * len(pool))
         oldest = pool[torch.sort(ages[pool], stable=True).indices[:count]]
         out = torch.zeros_like(candidates)
         out[oldest] = True
@@ -705,6 +748,9 @@ class PatchGD(Method):
             old[i], ages[i] = found[0], found[1]
             todo[i] = self._stale(ages[i], todo[i])
         fresh = self.fill(images, grid, take, todo)  # only the todo cells are encoded
+        seen = todo & (ages >= 0)  # re-encoded cells with a cached value: their change
+        self._observe(relative_change(fresh[seen.to(self.device)], old[seen]).cpu(),
+                      int((ages >= 0).sum()))
         ages[todo] = self.z_clock
         where = todo.to(self.device)[:, :, None]
         return torch.where(where, fresh, old.to(self.device)), ages
@@ -717,6 +763,7 @@ class PatchGD(Method):
         to an uninterrupted one."""
         if self.cfg.method.z_cache == "none":
             return {}
+        share = {"z_share": self.z_share.state_dict()} if self.z_share is not None else {}
         entries = self.z_cache.entries()
         size = sum(ZCache.entry_bytes(entry) for _, entry in entries)
         cap = parse_bytes(self.cfg.method.z_cache_checkpoint)
@@ -726,14 +773,25 @@ class PatchGD(Method):
                          "last.pt leaves it out, and a resumed run re-encodes it",
                          format_bytes(size), format_bytes(cap))
                 self._cache_skip_logged = True
-            return {"z_clock": self.z_clock}
-        return {"z_clock": self.z_clock,
+            return {"z_clock": self.z_clock, **share}
+        return {"z_clock": self.z_clock, **share,
                 "z_cache": [(key, z, extra) for key, (z, extra) in entries]}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.z_clock = int(state.get("z_clock", 0))
+        if self.z_share is not None:
+            self.z_share.load_state_dict(state.get("z_share", {}))
         for key, z, extra in state.get("z_cache", []):
             self.z_cache.put(key, z, extra)
+
+    def epoch_stats(self) -> dict[str, float]:
+        """With ``method.z_cache``: the epoch's ``z_staleness`` and ``z_refreshed``
+        (:class:`~gigapatch.methods.z_staleness.Staleness`; this process's fills), and with
+        ``z_tolerance`` the share ``z_share`` reached."""
+        out = self.staleness.epoch_stats()
+        if self.z_share is not None:
+            out["z_share"] = self.z_share.share
+        return out
 
     def set_run_dir(self, run_dir: Path) -> None:
         """Cached Z beyond ``method.z_cache_budget`` go to memory-mapped files in

@@ -1,0 +1,48 @@
+"""The Z cache's staleness figures and the refresh share steered by them
+(:mod:`gigapatch.methods.z_staleness`)."""
+
+import pytest
+import torch
+
+from gigapatch.methods.z_staleness import AdaptiveShare, Staleness, relative_change
+
+
+def test_relative_change_is_the_per_cell_norm_of_the_change_over_the_new_norm():
+    new = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]])
+    old = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.bfloat16)
+    torch.testing.assert_close(relative_change(new, old), torch.tensor([0.8, 0.0, 0.0]))
+    blocks = torch.ones(2, 3, 2, 2)  # (P, C, q, q) blocks of dense maps: one change per block
+    torch.testing.assert_close(relative_change(blocks, 0.5 * blocks), torch.tensor([0.5, 0.5]))
+
+
+def test_staleness_averages_an_epoch_of_fills_then_starts_again():
+    s = Staleness()
+    assert s.epoch_stats() == {}  # nothing cached yet (the first epoch): no figure
+    s.add(torch.tensor([0.1, 0.3]), cached=8)
+    s.add(torch.tensor([0.2]), cached=4)
+    stats = s.epoch_stats()
+    assert stats["z_staleness"] == pytest.approx(0.2) and stats["z_refreshed"] == 0.25
+    s.add(torch.tensor([]), cached=4)  # cached cells found, none re-encoded
+    assert s.epoch_stats() == {"z_staleness": 0.0, "z_refreshed": 0.0}
+
+
+def test_the_share_doubles_above_the_tolerance_and_shrinks_below_half_of_it():
+    share = AdaptiveShare(floor=0.1, tolerance=0.04)
+    assert share.share == 1.0  # the run starts filling exactly
+    share.update(0.01)
+    assert share.share == 0.75
+    share.update(0.03)  # between half the tolerance and the tolerance: kept
+    assert share.share == 0.75
+    for _ in range(20):
+        share.update(0.0)
+    assert share.share == 0.1  # never below method.z_refresh
+    share.update(0.05)
+    assert share.share == pytest.approx(0.2)
+    for _ in range(5):
+        share.update(1.0)
+    assert share.share == 1.0  # never above every cell
+    moved = AdaptiveShare(0.1, 0.04)
+    moved.update(0.0)
+    again = AdaptiveShare(0.1, 0.04)
+    again.load_state_dict(moved.state_dict())
+    assert again.share == moved.share == 0.75
