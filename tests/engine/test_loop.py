@@ -116,16 +116,20 @@ def test_lr_schedule_warms_up_then_decays():
 def test_tensorboard_logger_writes_the_epoch_rows_and_the_steps(tiny_config):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     tiny_config.train.logger = "tensorboard"
+    tiny_config.method.z_cache, tiny_config.method.z_refresh = "refresh", 0.25
     summary = train(tiny_config)
     run = __import__("pathlib").Path(summary["run_dir"])
     acc = event_accumulator.EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"loss/train", "loss/val", "loss/train_step", "val/accuracy", "lr/lr",
-            "memory/peak_step_MiB", "speed/images_per_second"} <= tags
+            "memory/peak_step_MiB", "speed/images_per_second", "zcache/staleness",
+            "zcache/refreshed"} <= tags
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     val = acc.Scalars("loss/val")
     assert [e.step for e in val] == [3, 6]  # 12 images, batch 4: 3 steps per epoch
     assert [round(e.value, 5) for e in val] == [round(float(r["val_loss"]), 5) for r in rows]
     assert len(acc.Scalars("loss/train_step")) == 6
     assert "images_per_second" in rows[0]
+    assert rows[0]["z_staleness"] == "" and float(rows[1]["z_refreshed"]) == 0.25  # epoch 2
+    assert acc.Scalars("zcache/refreshed")[0].value == 0.25

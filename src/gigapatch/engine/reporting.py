@@ -12,7 +12,7 @@ from gigapatch.core.errors import ConfigError
 from gigapatch.core.files import write_text
 from gigapatch.plots import plt, save_figure
 
-__all__ = ["METRIC_FIELDS", "TensorBoardLog", "plot_curves", "write_metrics"]
+__all__ = ["METRIC_FIELDS", "TensorBoardLog", "Z_CACHE_FIELDS", "plot_curves", "write_metrics"]
 
 #: The first columns of ``metrics.csv``; the task's metrics (``val_<name>``) follow.
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "lr", "epoch_seconds"]
@@ -29,12 +29,21 @@ def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
     write_text(path, buf.getvalue())
 
 
+#: The Z cache's epoch figures (PatchGD's ``method.z_cache``) and their labels in the plot.
+Z_CACHE_FIELDS = {"z_staleness": "staleness (mean change of re-encoded cells)",
+                  "z_refreshed": "share of cached cells re-encoded",
+                  "z_share": "refresh share (z_tolerance)"}
+
+
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str, monitor: str) -> None:
     """Loss curves (train, validation) and the monitored validation metric per epoch (the
-    validated epochs only, with ``train.val_every`` > 1)."""
+    validated epochs only, with ``train.val_every`` > 1); with a Z cache, a third panel of its
+    :data:`Z_CACHE_FIELDS` per epoch."""
     epochs = [r["epoch"] for r in history]
     checked = [r for r in history if "val_loss" in r]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    cache = [k for k in Z_CACHE_FIELDS if any(k in r for r in history)]
+    fig, axes = plt.subplots(1, 3 if cache else 2, figsize=(13.5 if cache else 9, 3.4))
+    a1, a2 = axes[:2]
     a1.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     a1.plot([r["epoch"] for r in checked], [r["val_loss"] for r in checked], "s-",
             label="validation")
@@ -50,6 +59,15 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str, monitor: 
     a2.set_ylabel(f"validation {monitor}" + (" (%)" if percent else ""))
     if percent:
         a2.set_ylim(0, 100)
+    if cache:
+        a3 = axes[2]
+        for key in cache:
+            rows = [r for r in history if key in r]
+            a3.plot([r["epoch"] for r in rows], [r[key] for r in rows], "o-",
+                    label=Z_CACHE_FIELDS[key])
+        a3.set_xlabel("epoch")
+        a3.set_ylabel("Z cache")
+        a3.legend(fontsize="small")
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -61,7 +79,8 @@ class TensorBoardLog:
 
     Tags: ``loss/train``, ``loss/val``, ``loss/train_step`` (per optimizer step), ``val/<metric>``,
     ``lr/lr`` (and ``lr/encoder_lr``), ``memory/peak_step_MiB``, ``speed/images_per_second``,
-    ``time/epoch_seconds``, all against the optimizer step (an epoch's values at its last
+    ``time/epoch_seconds``, ``zcache/staleness``, ``zcache/refreshed`` and ``zcache/share``
+    (with PatchGD's ``method.z_cache``), all against the optimizer step (an epoch's values at its last
     step), as TensorBoard users read them. A resumed run drops what the crashed run logged
     after its last checkpoint (``purge_step``: the first step it will redo)."""
 
@@ -84,6 +103,8 @@ class TensorBoardLog:
             tag = {"train_loss": "loss/train", "val_loss": "loss/val", "lr": "lr/lr",
                    "encoder_lr": "lr/encoder_lr", "epoch_seconds": "time/epoch_seconds",
                    "images_per_second": "speed/images_per_second"}.get(key)
+            if tag is None and key in Z_CACHE_FIELDS:
+                tag = "zcache/" + key.removeprefix("z_")
             if tag is None:
                 tag = "val/" + key.removeprefix("val_")
             self.writer.add_scalar(tag, value, step)
