@@ -186,6 +186,16 @@ def test_settings_an_epoch_makes_moot_are_warned_about(caplog):
     assert "covers all 100 optimizer steps of the run (10 epochs of 10)" in caplog.text
 
 
+def test_under_torchrun_only_the_first_process_warns(caplog, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for rank, warnings in ((1, 0), (0, 1)):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gigapatch"):
+            create_method(_cfg(z_cache="refresh", z_max_age=9)).set_epoch_length(10)
+        assert caplog.text.count("z_max_age = ") == warnings, rank
+
+
 def test_the_training_loop_tells_the_method_its_epoch_length(tiny_config, caplog):
     cfg = copy.deepcopy(tiny_config)
     cfg.method.z_cache, cfg.method.z_max_age, cfg.train.epochs = "refresh", 0, 1

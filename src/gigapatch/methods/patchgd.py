@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from gigapatch.config import Config
@@ -803,9 +804,11 @@ class PatchGD(Method):
         """Warn about Z-cache settings an epoch of ``batches`` batches makes moot: each image
         comes back about an epoch of optimizer steps later, so a ``z_max_age`` below that
         re-encodes all of its cells on nearly every visit (the exact fill's cost), and a
-        ``z_cache_warmup`` as long as the run never lets the cache take over."""
+        ``z_cache_warmup`` as long as the run never lets the cache take over. Under torchrun
+        only the first process warns (the settings are the same in all)."""
         m = self.cfg.method
-        if m.z_cache == "none" or self.encoder_frozen:
+        if m.z_cache == "none" or self.encoder_frozen or (dist.is_initialized()
+                                                           and dist.get_rank() > 0):
             return
         steps = optimizer_steps(self.cfg, batches)
         if m.z_cache == "refresh" and m.z_max_age is not None and m.z_max_age < steps:
