@@ -1,9 +1,11 @@
-"""What the benchmark scripts share: whether a generated data set is the one they want, and
-``key=value`` overrides of one method's config."""
+"""What the benchmark scripts share: whether a generated data set is the one they want,
+``key=value`` overrides of one method's config, and merging a run's results into the stored
+ones."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +32,22 @@ def with_overrides(cfg: Config, items: list[str] | None, source: str) -> Config:
     for item in items:
         apply_override(raw, item)
     return config_from_dict(raw, source)
+
+
+#: Where the benchmarks write ``<name>.json`` and ``<name>.md``.
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_results(name: str, new: dict[str, Any],
+                 table: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    """Merge ``new`` into ``RESULTS/<name>.json`` (parts not rerun keep their last results;
+    read now, as another run may have finished meanwhile), write ``<name>.md`` from ``table``
+    of the whole, print it and return its lines."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    saved = RESULTS / f"{name}.json"
+    results = {**(json.loads(saved.read_text()) if saved.is_file() else {}), **new}
+    saved.write_text(json.dumps(results, indent=2))
+    lines = table(results)
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return lines

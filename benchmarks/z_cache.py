@@ -23,7 +23,9 @@
    (``method.z_cache_warmup``), while θ1 moves fastest. ``--z-tolerance T`` (3): the cached
    run's share re-encoded per visit follows the measured change of the re-encoded cells
    (``method.z_tolerance``, from every cell down to ``--mm-z-refresh``). The cached run's
-   ``z_staleness`` and ``z_refreshed`` per epoch are kept with its results.
+   ``z_staleness`` and ``z_refreshed`` per epoch are kept with its results. ``--z-correct``:
+   the cached run maps its kept cells by the affine change fitted on the re-encoded ones
+   (``method.z_correct``).
 4. **IPS selection reuse** (``--ips``): IPS's CPU config (M = 16, I = 32; majority only) on the
    same data, the exact scan vs ``method.selection_refresh: 0.2`` (each image's previous top-M
    plus a fifth of the other cells), the same two measures; ``--mm-side`` and ``--tag`` as in 3.
@@ -61,8 +63,9 @@ from gigapatch.synth.megapixel_mnist import (DIGIT_SIDE, generate_megapixel_mnis
                                              load_megapixel_mnist, render_image)
 from gigapatch.synth.ultramnist import generate_ultramnist
 
+from bench_data import save_results  # benchmarks/: run as scripts
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 POLICIES = {"none": {}, "refresh": {"z_cache": "refresh", "z_refresh": 0.1}}
 #: IPS: the exact selection scan vs reusing each image's previous top-M plus a fifth of the rest.
 IPS_POLICIES = {"none": {}, "refresh": {"selection_refresh": 0.2}}
@@ -282,22 +285,23 @@ def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
 def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
                    side: int = 500, encoder_lr: float | None = None,
                    z_refresh: float = 0.1, seed: int = 0,
-                   warmup_epochs: int = 0, tolerance: float | None = None) -> dict[str, Any]:
+                   warmup_epochs: int = 0, tolerance: float | None = None,
+                   correct: bool = False) -> dict[str, Any]:
     """:func:`megapixel_config` with each policy; ``encoder_lr``: θ1's learning rate
     (``train.encoder_lr``; default the head's 1e-3), ``z_refresh``: the cached policy's share
     of cells re-encoded per visit (the least share with ``tolerance``: ``method.z_tolerance``),
-    ``warmup_epochs``: its first epochs fill Z exactly."""
+    ``warmup_epochs``: its first epochs fill Z exactly, ``correct``: ``method.z_correct``."""
     data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
     if pretrained:
         _from_cells(cfg, data)
     policies = _warm_policies(cfg, n_train, warmup_epochs, z_refresh=z_refresh,
-                              z_tolerance=tolerance)
+                              z_tolerance=tolerance, z_correct=correct)
     out = policy_runs(cfg, "megapixel", n_train, policies)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     out["encoder_lr"], out["z_refresh"], out["seed"] = encoder_lr, z_refresh, seed
-    out["warmup_epochs"], out["z_tolerance"] = warmup_epochs, tolerance
+    out["warmup_epochs"], out["z_tolerance"], out["z_correct"] = warmup_epochs, tolerance, correct
     return out
 
 
@@ -338,6 +342,7 @@ def table(results: dict[str, Any]) -> list[str]:
                              f"{a.get('z_refresh', 0.1):g})")
                      + (f", exact fill for the first {a['warmup_epochs']} epochs"
                         if a.get("warmup_epochs") else "")
+                     + (", kept cells mapped (`z_correct`)" if a.get("z_correct") else "")
                      + f", seed {a.get('seed', 0)})")
         lines += ["", f"{title}, {a['epochs']} epochs:", "", "| policy | held-out accuracy "
                   "per epoch | time (training only) |", "|---|---|---|"]
@@ -398,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Megapixel MNIST: the cached policy's method.z_tolerance (the share "
                         "re-encoded per visit follows the measured change, from every cell "
                         "down to --mm-z-refresh)")
+    p.add_argument("--z-correct", action="store_true",
+                   help="Megapixel MNIST: the cached policy maps its kept cells by the change "
+                        "fitted on the re-encoded ones (method.z_correct)")
     p.add_argument("--mm-seed", type=int, default=0,
                    help="Megapixel MNIST: the training seed (θ2's start, sampling, order)")
     p.add_argument("--tag", default="",
@@ -416,18 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         key = f"megapixel_{args.tag}" if args.tag else "megapixel"
         results[key] = megapixel_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                       args.mm_side, args.mm_encoder_lr, args.mm_z_refresh,
-                                      args.mm_seed, args.z_warmup, args.z_tolerance)
+                                      args.mm_seed, args.z_warmup, args.z_tolerance,
+                                      args.z_correct)
     if args.ips:
         results[f"ips_{args.tag}" if args.tag else "ips"] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                   args.mm_side)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    saved = RESULTS / "z_cache.json"  # parts not rerun keep their last results (read now:
-    if saved.is_file():               # another part may have finished meanwhile)
-        results = {**json.loads(saved.read_text()), **results}
-    saved.write_text(json.dumps(results, indent=2))
-    lines = table(results)
-    (RESULTS / "z_cache.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results("z_cache", results, table)
     return 0
 
 

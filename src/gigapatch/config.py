@@ -177,6 +177,7 @@ class MethodConfig:
     z_refresh: float | None = None
     z_cache_warmup: int = 0
     z_tolerance: float | None = None
+    z_correct: bool = False
     selection_refresh: float | None = None
 
 
@@ -336,6 +337,10 @@ class Config:
                               "cached cells re-encoded per visit: it needs method.z_cache: "
                               "refresh with method.z_refresh (the least share), not "
                               f"z_cache = {m.z_cache}, z_refresh = {m.z_refresh}.")
+        if m.z_correct and m.z_cache != "refresh":
+            raise ConfigError("method.z_correct maps the cached cells by the change measured "
+                              "on the re-encoded ones: it needs method.z_cache: refresh (now "
+                              f"{m.z_cache}).")
         if m.z_cache == "refresh" and (m.z_max_age is None) == (m.z_refresh is None):
             raise ConfigError("method.z_cache = refresh re-encodes the cached cells older than "
                               "method.z_max_age optimizer steps, or the oldest share "

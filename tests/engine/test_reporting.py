@@ -8,8 +8,10 @@ def _rows(cache: bool):
     rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_accuracy": 0.1 * e}
             for e in (1, 2, 3)]
     if cache:  # epoch 1 finds nothing cached: no figure
-        rows[1].update(z_staleness=0.30, z_refreshed=1.0, z_share=0.5)
-        rows[2].update(z_staleness=0.05, z_refreshed=0.5, z_share=0.25)
+        rows[1].update(z_staleness=0.30, z_refreshed=1.0, z_share=0.5, z_corrected=0.0,
+                       z_residual=0.04)
+        rows[2].update(z_staleness=0.05, z_refreshed=0.5, z_share=0.25, z_corrected=0.5,
+                       z_residual=0.01)
     return rows
 
 

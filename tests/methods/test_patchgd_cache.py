@@ -14,7 +14,7 @@ from gigapatch.engine.loop import train
 from gigapatch.methods.base import create_method
 from gigapatch.methods.frozen_cache import ZCache, image_keys
 from gigapatch.methods.patchgd import PatchGD
-from gigapatch.methods.z_staleness import relative_change
+from gigapatch.methods.z_staleness import apply_affine, fit_affine, relative_change
 from gigapatch.memory.tracker import measure_step_peaks
 from gigapatch.step import StepContext
 
@@ -157,10 +157,65 @@ def test_z_tolerance_steers_the_share_re_encoded_per_visit(monkeypatch):
     for _ in range(30):
         method.z_share.update(0.0)
     assert method.z_share.share == 0.25  # floor: method.z_refresh
+    steer = create_method(_cfg(z_cache="refresh", z_refresh=0.25, z_tolerance=0.5,
+                               z_correct=True))
+    steer._observe(torch.tensor([1.0]), 1, residual=torch.zeros(0))  # no check: the change
+    assert steer.z_share.share == 1.0
+    steer._observe(torch.tensor([1.0]), 1, 1, residual=torch.tensor([0.1]))  # the check's
+    assert steer.z_share.share == 0.75  # residual steers: what the mapped cells still carry
     with pytest.raises(ConfigError, match="method.z_tolerance"):
         _cfg(z_cache="refresh", z_max_age=3, z_tolerance=0.05)  # steers a share, not an age
     with pytest.raises(ConfigError, match="method.z_tolerance"):
         _cfg(z_cache="refresh", z_refresh=0.25, z_tolerance=0)
+
+
+def test_z_correct_maps_the_kept_cells_by_the_fit_on_the_re_encoded_ones(monkeypatch):
+    torch.manual_seed(0)
+    method = create_method(_cfg(z_cache="refresh", z_refresh=0.75, z_correct=True))
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)  # 16 cells each
+    targets = torch.tensor([0, 2])
+    ctx = StepContext(method, torch.optim.SGD(method.parameters(), lr=0.2))
+    method.train_step(images, targets, ctx)
+    keys = image_keys(images)
+    old, ages = (torch.stack(t) for t in zip(*(method.z_cache.get(k) for k in keys)))
+    with torch.no_grad(), method._fill_mode("train"):
+        fresh = method.fill(images, method.grid(images))  # every cell, with θ1 as it is now
+    used = {}
+    real = PatchGD._cached_fill
+
+    def spy(self, *args):
+        out = real(self, *args)
+        used["out"] = [t.clone() for t in out]  # (the step goes on to change them)
+        return out
+
+    monkeypatch.setattr(PatchGD, "_cached_fill", spy)
+    method.train_step(images, targets, ctx)
+    z, new_ages, corrected, found = used["out"]
+    todo = new_ages == 1  # re-encoded at step 1: 12 of 16 cells per image, ties at random
+    assert todo.sum(1).tolist() == [12, 12] and torch.equal(found, old)
+    kept = ~todo  # both images were encoded at step 0: one bucket, 24 pairs > C = 8
+    want = apply_affine(old[kept], fit_affine(old[todo], fresh[todo]))
+    torch.testing.assert_close(z[kept], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z[todo], fresh[todo], rtol=1e-4, atol=1e-5)
+    # the map brings the kept cells closer to what θ1 gives now
+    assert relative_change(fresh[kept], want).mean() < 0.5 * relative_change(fresh[kept],
+                                                                             old[kept]).mean()
+    # the cache keeps θ1's own old values for the mapped cells not re-encoded since
+    after, stamp = (torch.stack(t) for t in zip(*(method.z_cache.get(k) for k in keys)))
+    still = corrected & (stamp == 0)  # mapped and not re-encoded by the inner steps since
+    assert still.any() and torch.equal(corrected, kept)
+    torch.testing.assert_close(after[still], old[still], rtol=0, atol=0)
+    stats = method.epoch_stats()
+    assert stats["z_corrected"] == 8 / 32
+    # the check: a map fitted on every other pair, measured on the others (24 ≥ 2·(C + 1))
+    was, now = old[todo], fresh[todo]
+    left = relative_change(now[1::2], apply_affine(was[1::2], fit_affine(was[0::2], now[0::2])))
+    assert stats["z_residual"] == pytest.approx(float(left.mean()), rel=1e-3)
+    assert stats["z_residual"] < stats["z_staleness"]
+    with pytest.raises(ConfigError, match="method.z_correct"):
+        _cfg(z_cache="epoch", z_correct=True)
+    with pytest.raises(ConfigError, match="method.z_correct"):  # dense maps: not yet
+        create_method(_dense_cfg("segment", z_cache="refresh", z_refresh=0.25, z_correct=True))
 
 
 def test_settings_an_epoch_makes_moot_are_warned_about(caplog):

@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from gigapatch.methods.z_staleness import AdaptiveShare, Staleness, relative_change
+from gigapatch.methods.z_staleness import (AdaptiveShare, Staleness, apply_affine, fit_affine,
+                                           relative_change)
 
 
 def test_relative_change_is_the_per_cell_norm_of_the_change_over_the_new_norm():
@@ -46,3 +47,19 @@ def test_the_share_doubles_above_the_tolerance_and_shrinks_below_half_of_it():
     again = AdaptiveShare(0.1, 0.04)
     again.load_state_dict(moved.state_dict())
     assert again.share == moved.share == 0.75
+
+
+def test_fit_affine_recovers_an_affine_map_and_stays_tame_on_few_pairs():
+    torch.manual_seed(0)
+    old = torch.randn(200, 8)
+    a, b = torch.eye(8) + 0.3 * torch.randn(8, 8), torch.randn(8)
+    new = old @ a + b
+    w = fit_affine(old, new, ridge=0.0)
+    torch.testing.assert_close(apply_affine(old, w), new, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w[:-1], a, atol=1e-4, rtol=1e-4)
+    few = fit_affine(old[:3], new[:3])  # 3 pairs for 72 numbers: the ridge keeps it finite
+    assert torch.isfinite(few).all()
+    same = fit_affine(old[:3], old[:3])  # pairs that did not change: no change
+    torch.testing.assert_close(apply_affine(old, same), old, atol=1e-4, rtol=1e-4)
+    half = apply_affine(old.to(torch.bfloat16), w)  # in the cache's dtype
+    assert half.dtype == torch.bfloat16

@@ -32,6 +32,8 @@ def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
 #: The Z cache's epoch figures (PatchGD's ``method.z_cache``) and their labels in the plot.
 Z_CACHE_FIELDS = {"z_staleness": "staleness (mean change of re-encoded cells)",
                   "z_refreshed": "share of cached cells re-encoded",
+                  "z_corrected": "share of cached cells mapped (z_correct)",
+                  "z_residual": "change left after the map (z_correct)",
                   "z_share": "refresh share (z_tolerance)"}
 
 
@@ -79,8 +81,8 @@ class TensorBoardLog:
 
     Tags: ``loss/train``, ``loss/val``, ``loss/train_step`` (per optimizer step), ``val/<metric>``,
     ``lr/lr`` (and ``lr/encoder_lr``), ``memory/peak_step_MiB``, ``speed/images_per_second``,
-    ``time/epoch_seconds``, ``zcache/staleness``, ``zcache/refreshed`` and ``zcache/share``
-    (with PatchGD's ``method.z_cache``), all against the optimizer step (an epoch's values at its last
+    ``time/epoch_seconds``, ``zcache/staleness``, ``zcache/refreshed``, ``zcache/corrected``,
+    ``zcache/residual`` and ``zcache/share`` (with PatchGD's ``method.z_cache``), all against the optimizer step (an epoch's values at its last
     step), as TensorBoard users read them. A resumed run drops what the crashed run logged
     after its last checkpoint (``purge_step``: the first step it will redo)."""
 

@@ -74,7 +74,8 @@ from gigapatch.methods.latent_map import (
     windows_of,
 )
 from gigapatch.methods.latent_pool import MapPool, PoolSums
-from gigapatch.methods.z_staleness import AdaptiveShare, Staleness, relative_change
+from gigapatch.methods.z_staleness import (AdaptiveShare, Staleness, apply_affine, fit_affine,
+                                           relative_change)
 from gigapatch.models.dense import create_dense_net
 from gigapatch.models.detection import create_detector, merge_detections
 from gigapatch.models.encoders import create_encoder
@@ -167,6 +168,13 @@ class PatchGD(Method):
         #: ``method.z_tolerance``: the share re-encoded per visit, steered by those changes.
         self.z_share = (AdaptiveShare(m.z_refresh, m.z_tolerance)
                         if m.z_tolerance is not None and m.z_refresh is not None else None)
+        #: ``method.z_correct``: cells encoded within this many optimizer steps of each
+        #: other share one affine map (a quarter epoch, once the loop tells the epoch length).
+        self.z_bucket_steps = 1
+        if m.z_correct and (task.dense or task.detects):
+            raise ConfigError(f"method.z_correct maps cached latent vectors (classification); "
+                              f"task.kind = {cfg.task.kind} caches dense maps, which it does "
+                              "not correct yet. Leave method.z_correct: false.")
         if task.detects:
             self._init_detect(cfg)
             return
@@ -398,12 +406,16 @@ class PatchGD(Method):
         ages[todo] = self.z_clock
         return zs, ages, keys
 
-    def _observe(self, change: torch.Tensor, cached: int) -> None:
+    def _observe(self, change: torch.Tensor, cached: int, corrected: int = 0,
+                 residual: torch.Tensor | None = None) -> None:
         """Count a fill's re-encoded cached cells' changes ``(P,)`` (of ``cached`` cached
-        cells) in :attr:`staleness`, and steer :attr:`z_share` by their mean."""
-        self.staleness.add(change, cached)
-        if self.z_share is not None and change.numel():
-            self.z_share.update(float(change.mean()))
+        cells, ``corrected`` of them mapped; ``residual`` ``(R,)``: ``z_correct``'s check) in
+        :attr:`staleness`, and steer :attr:`z_share` by their mean: the residual's where
+        there is one (the error the kept cells carry once mapped), else the change's."""
+        self.staleness.add(change, cached, corrected, residual)
+        signal = residual if residual is not None and residual.numel() else change
+        if self.z_share is not None and signal.numel():
+            self.z_share.update(float(signal.mean()))
 
     def _age_sampled(self, ages: torch.Tensor, order: torch.Tensor, k: int, steps: int,
                      clock: int) -> None:
@@ -682,7 +694,7 @@ class PatchGD(Method):
         cached = bool(keys) and None not in keys  # (fake tensors of estimates: exact fill)
         with torch.no_grad(), ctx.autocast(), self._fill_mode(self.cfg.method.fill_mode):
             if cached:
-                z, ages = self._cached_fill(images, grid, take, mask, keys)
+                z, ages, corrected, found = self._cached_fill(images, grid, take, mask, keys)
             else:
                 z = self.fill(images, grid, take, mask)  # (B, N, C) in the compute dtype
         order = sample_cells(b, grid.num_patches, k * steps, mask=mask)  # (B, k·J), host
@@ -702,6 +714,9 @@ class PatchGD(Method):
             self._age_sampled(ages, order, k, steps, clock)
             with host_maps():  # the cache is host memory, on CUDA too
                 host = z.cpu()
+                if corrected is not None:  # the cache keeps what θ1 gave, not the mapped view
+                    corrected[torch.arange(b)[:, None], order] = False  # (re-encoded since)
+                    host[corrected] = found[corrected]
                 for i, key in enumerate(keys):
                     self.z_cache.put(key, host[i].clone(), ages[i].clone())
         return loss
@@ -709,9 +724,10 @@ class PatchGD(Method):
     def _stale(self, ages: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: the cached cells to re-encode now, among ``candidates`` ``(N,)``
         (``method.z_cache``: none for ``epoch``; older than ``z_max_age`` optimizer steps, or
-        the oldest share ``z_refresh``, ties by cell index, for ``refresh``; with
-        ``z_tolerance``, the share :attr:`z_share` steers); every candidate during the first
-        ``method.z_cache_warmup`` optimizer steps, while θ1 moves fastest."""
+        the oldest share ``z_refresh``, ties by cell index (at random with ``z_correct``),
+        for ``refresh``; with ``z_tolerance``, the share :attr:`z_share` steers); every
+        candidate during the first ``method.z_cache_warmup`` optimizer steps, while θ1 moves
+        fastest."""
         m = self.cfg.method
         if self.z_clock < m.z_cache_warmup:
             return candidates.clone()
@@ -722,6 +738,8 @@ class PatchGD(Method):
         pool = candidates.nonzero().flatten()
         share = m.z_refresh if self.z_share is None else self.z_share.share
         count = math.ceil(share * len(pool))
+        if m.z_correct:  # ties at random: the re-encoded cells are a fair sample to fit on
+            pool = pool[torch.randperm(len(pool))]
         oldest = pool[torch.sort(ages[pool], stable=True).indices[:count]]
         out = torch.zeros_like(candidates)
         out[oldest] = True
@@ -729,11 +747,12 @@ class PatchGD(Method):
 
     def _cached_fill(self, images: Images, grid: PatchGrid, take: Take,
                      mask: torch.Tensor | None, keys: list[Any]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Z ``(B, N, C)`` on the device from the cache (``method.z_cache``), the stale cells
         (:meth:`_stale`; all of an image not cached, or cached for another shape or dtype)
-        re-encoded; and the cells' ages ``(B, N)`` (optimizer step of their encoding; -1:
-        never encoded, background)."""
+        re-encoded; the cells' ages ``(B, N)`` (optimizer step of their encoding; -1: never
+        encoded, background); with ``method.z_correct`` the cells mapped (:meth:`_correct`)
+        ``(B, N)`` bool (else ``None``), and the cached values as found ``(B, N, C)`` (host)."""
         b, n, c = images.shape[0], grid.num_patches, self.latent_dim
         dtype = self.compute_dtype()
         with host_maps():  # the cached Z is host memory, on CUDA too
@@ -750,11 +769,43 @@ class PatchGD(Method):
             todo[i] = self._stale(ages[i], todo[i])
         fresh = self.fill(images, grid, take, todo)  # only the todo cells are encoded
         seen = todo & (ages >= 0)  # re-encoded cells with a cached value: their change
+        z = torch.where(todo.to(self.device)[:, :, None], fresh, old.to(self.device))
+        corrected, residual = self._correct(z, old, ages, seen, ~todo & (ages >= 0)) \
+            if self.cfg.method.z_correct else (None, None)
         self._observe(relative_change(fresh[seen.to(self.device)], old[seen]).cpu(),
-                      int((ages >= 0).sum()))
+                      int((ages >= 0).sum()), 0 if corrected is None else int(corrected.sum()),
+                      residual)
         ages[todo] = self.z_clock
-        where = todo.to(self.device)[:, :, None]
-        return torch.where(where, fresh, old.to(self.device)), ages
+        return z, ages, corrected, old
+
+    def _correct(self, z: torch.Tensor, old: torch.Tensor, ages: torch.Tensor,
+                 seen: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``method.z_correct``: in ``z`` ``(B, N, C)`` (device), map the cached cells
+        ``rest`` ``(B, N)`` kept as found by the affine map fitted on the re-encoded cells
+        ``seen`` ``(B, N)`` (old → new) encoded in the same bucket of
+        :attr:`z_bucket_steps` optimizer steps (at least C + 1 pairs per bucket, else the
+        bucket's cells stay as they are). ``old`` ``(B, N, C)`` host, ``ages`` the cells'
+        encoding steps. Returns the cells mapped ``(B, N)`` bool and the residual change
+        ``(R,)`` of a check: where a bucket has at least 2·(C + 1) pairs, a map fitted on
+        every other pair, measured on the rest (the error the mapped cells keep)."""
+        bucket = torch.div(ages, self.z_bucket_steps, rounding_mode="floor")
+        done, residual = torch.zeros_like(rest), []
+        c = z.shape[-1]
+        dev_z = z.view(-1, c)
+        for b in bucket[seen].unique().tolist():
+            pairs = seen & (bucket == b)
+            cells = rest & (bucket == b)
+            if int(pairs.sum()) <= c or not cells.any():
+                continue
+            flat = pairs.flatten().nonzero().flatten().to(self.device)
+            was, now = old[pairs], dev_z[flat]  # (P, C) host, device
+            if len(flat) >= 2 * (c + 1):
+                check = fit_affine(was[0::2], now[0::2])
+                residual.append(relative_change(now[1::2], apply_affine(was[1::2], check)))
+            into = cells.flatten().nonzero().flatten().to(self.device)
+            dev_z[into] = apply_affine(old[cells], fit_affine(was, now))
+            done |= cells
+        return done, (torch.cat(residual).cpu() if residual else torch.zeros(0))
 
     def training_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights: the Z cache (``method.z_cache``) and
@@ -787,9 +838,10 @@ class PatchGD(Method):
 
     def epoch_stats(self) -> dict[str, float]:
         """With ``method.z_cache``: the epoch's ``z_staleness`` and ``z_refreshed``
-        (:class:`~gigapatch.methods.z_staleness.Staleness`; this process's fills), and with
-        ``z_tolerance`` the share ``z_share`` reached."""
-        out = self.staleness.epoch_stats()
+        (:class:`~gigapatch.methods.z_staleness.Staleness`; this process's fills), with
+        ``z_correct`` ``z_corrected`` and ``z_residual``, and with ``z_tolerance`` the share
+        ``z_share`` reached."""
+        out = self.staleness.epoch_stats(correcting=self.cfg.method.z_correct)
         if self.z_share is not None:
             out["z_share"] = self.z_share.share
         return out
@@ -805,12 +857,14 @@ class PatchGD(Method):
         comes back about an epoch of optimizer steps later, so a ``z_max_age`` below that
         re-encodes all of its cells on nearly every visit (the exact fill's cost), and a
         ``z_cache_warmup`` as long as the run never lets the cache take over. Under torchrun
-        only the first process warns (the settings are the same in all)."""
+        only the first process warns (the settings are the same in all). Also sets
+        ``z_correct``'s buckets to a quarter of the epoch's steps."""
         m = self.cfg.method
+        steps = optimizer_steps(self.cfg, batches)
+        self.z_bucket_steps = max(1, steps // 4)
         if m.z_cache == "none" or self.encoder_frozen or (dist.is_initialized()
                                                            and dist.get_rank() > 0):
             return
-        steps = optimizer_steps(self.cfg, batches)
         if m.z_cache == "refresh" and m.z_max_age is not None and m.z_max_age < steps:
             log.warning("method.z_max_age = %d optimizer steps is below the %d steps of an "
                         "epoch: an image comes back about an epoch later, so nearly every "

@@ -14,6 +14,12 @@ staleness.
   than the tolerance, cut by a quarter (down to ``method.z_refresh``) while they changed by
   less than half of it. It starts at every cell, so the first epochs, while θ1 moves
   fastest, fill exactly until the change is measured small: a warm-up the run finds itself.
+- :func:`fit_affine` / :func:`apply_affine` (``method.z_correct``): most of θ1's drift acts on
+  Z as an affine map of the channels, so the old → new pairs of the re-encoded cells give a
+  map (least squares, a ridge towards "no change") that brings the other cached cells of the
+  same age close to what θ1 would give now. A map fitted on every other pair and measured on
+  the rest gives the error the mapped cells keep (``z_residual``); with ``z_tolerance`` that,
+  not the raw change, steers the share.
 """
 
 from __future__ import annotations
@@ -28,25 +34,64 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return (new - old).norm(dim=1) / new.norm(dim=1).clamp_min(1e-12)
 
 
+def fit_affine(old: torch.Tensor, new: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """The affine map ``W`` ``(C + 1, C)`` with ``[old, 1] @ W ≈ new`` for the pairs ``old``,
+    ``new`` ``(P, C)`` (on ``new``'s device, float32): least squares with a ridge of ``ridge``
+    × the mean channel energy pulling ``W`` towards the identity (no change), so that few or
+    alike pairs cannot give a wild map."""
+    x = old.to(new.device).float()
+    x = torch.cat([x, torch.ones(len(x), 1, device=x.device)], 1)  # (P, C + 1)
+    c = new.shape[1]
+    gram = x.T @ x
+    alpha = ridge * float(gram.diagonal()[:c].mean().clamp_min(1e-12))
+    pull = torch.eye(c + 1, device=x.device)
+    pull[c, c] = 0  # the offset is not pulled
+    prior = torch.eye(c + 1, c, device=x.device)  # [I; 0]: new = old
+    return torch.linalg.solve(gram + alpha * pull, x.T @ new.float() + alpha * prior)
+
+
+def apply_affine(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``[z, 1] @ w``: ``(P, C)`` and ``(C + 1, C)`` → ``(P, C)`` in ``z``'s dtype, on ``w``'s
+    device."""
+    x = z.to(w.device).float()
+    return (x @ w[:-1] + w[-1]).to(z.dtype)
+
+
 class Staleness:
     """An epoch's sums of the re-encoded cached cells' changes (see the module doc)."""
 
     def __init__(self) -> None:
-        self.change_sum, self.measured, self.cached = 0.0, 0, 0
+        self._reset()
 
-    def add(self, change: torch.Tensor, cached: int) -> None:
+    def _reset(self) -> None:
+        self.change_sum, self.measured, self.cached, self.corrected = 0.0, 0, 0, 0
+        self.residual_sum, self.checked = 0.0, 0
+
+    def add(self, change: torch.Tensor, cached: int, corrected: int = 0,
+            residual: torch.Tensor | None = None) -> None:
         """Count one fill: ``change`` ``(P,)`` of its re-encoded cached cells, out of
-        ``cached`` cached cells it found."""
+        ``cached`` cached cells it found, ``corrected`` of them mapped by ``z_correct``,
+        whose check left ``residual`` ``(R,)``."""
         self.change_sum += float(change.sum())
         self.measured += int(change.numel())
         self.cached += cached
+        self.corrected += corrected
+        if residual is not None:
+            self.residual_sum += float(residual.sum())
+            self.checked += int(residual.numel())
 
-    def epoch_stats(self) -> dict[str, float]:
-        """``z_staleness`` and ``z_refreshed`` of the fills since the last call (none when no
-        cached cell was found), and a fresh count."""
+    def epoch_stats(self, correcting: bool = False) -> dict[str, float]:
+        """``z_staleness`` and ``z_refreshed`` (and with ``correcting`` ``z_corrected``, the
+        share of the cached cells mapped, and ``z_residual``, the mean change the check's map
+        left) of the fills since the last call (none when no cached cell was found), and a
+        fresh count."""
         out = ({"z_staleness": self.change_sum / max(1, self.measured),
                 "z_refreshed": self.measured / self.cached} if self.cached else {})
-        self.change_sum, self.measured, self.cached = 0.0, 0, 0
+        if self.cached and correcting:
+            out["z_corrected"] = self.corrected / self.cached
+            if self.checked:
+                out["z_residual"] = self.residual_sum / self.checked
+        self._reset()
         return out
 
 
