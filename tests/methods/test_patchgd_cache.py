@@ -169,6 +169,18 @@ def test_z_tolerance_steers_the_share_re_encoded_per_visit(monkeypatch):
         _cfg(z_cache="refresh", z_refresh=0.25, z_tolerance=0)
 
 
+def test_z_correct_breaks_ties_among_the_oldest_cells_at_random():
+    method = create_method(_cfg(z_cache="refresh", z_refresh=0.25, z_correct=True))
+    ages = torch.tensor([0] * 12 + [5] * 4)  # 12 oldest cells tie; ⌈0.25·16⌉ = 4 re-encoded
+    picks = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        stale = method._stale(ages, torch.ones(16, dtype=torch.bool))
+        assert int(stale.sum()) == 4 and not stale[12:].any()  # still the oldest, as many
+        picks.add(tuple(stale.nonzero().flatten().tolist()))
+    assert len(picks) > 1  # a fair sample to fit the map on, not the first cells by index
+
+
 def test_z_correct_maps_the_kept_cells_by_the_fit_on_the_re_encoded_ones(monkeypatch):
     torch.manual_seed(0)
     method = create_method(_cfg(z_cache="refresh", z_refresh=0.75, z_correct=True))
