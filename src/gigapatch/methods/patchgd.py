@@ -109,10 +109,11 @@ def _write_blocks(z: torch.Tensor, geo: MapGeometry, image: list[int], cells: li
 def _block_changes(zs: list[torch.Tensor], geos: list[MapGeometry], image: list[int],
                    cells: list[int], maps: list[torch.Tensor], seen: torch.Tensor
                    ) -> torch.Tensor:
-    """The change ``(S,)`` of the ``seen`` ``(B, N)`` cells among ``cells`` of ``image`` from
-    their blocks in the host maps ``zs`` ``[(B, C_l, Hz_l, Wz_l)]`` to their new blocks
-    ``maps`` ``[(P, C_l, q_l, q_l)]``: one :func:`relative_change` over all levels."""
-    pick = [i for i, (bi, cell) in enumerate(zip(image, cells)) if seen[bi, cell]]
+    """The change ``(S,)`` of the chunk's cells (``cells`` of ``image``, ``P`` of them) marked
+    in ``seen`` ``(P,)`` bool, from their blocks in the host maps ``zs``
+    ``[(B, C_l, Hz_l, Wz_l)]`` to their new blocks ``maps`` ``[(P, C_l, q_l, q_l)]``: one
+    :func:`relative_change` over all levels."""
+    pick = seen.nonzero().flatten().tolist()
     if not pick:
         return torch.zeros(0)
     olds, news = [], []
@@ -367,7 +368,8 @@ class PatchGD(Method):
             flat_list = flat.tolist()
             image, cells = [f // n for f in flat_list], [f % n for f in flat_list]
             if seen is not None and changes is not None:
-                changes.append(_block_changes(zs, geos, image, cells, maps, seen))
+                changes.append(_block_changes(zs, geos, image, cells, maps,
+                                              seen.flatten()[flat]))
             for z, geo, blocks in zip(zs, geos, maps):
                 _write_blocks(z, geo, image, cells, blocks)
         return zs
