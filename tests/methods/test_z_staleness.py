@@ -4,8 +4,9 @@
 import pytest
 import torch
 
-from gigapatch.methods.z_staleness import (AdaptiveShare, Staleness, apply_affine, fit_affine,
-                                           relative_change)
+from gigapatch.methods.z_staleness import (AdaptiveShare, BucketMaps, Staleness, affine_sums,
+                                           apply_affine, fit_affine, relative_change,
+                                           solve_affine)
 
 
 def test_relative_change_is_the_per_cell_norm_of_the_change_over_the_new_norm():
@@ -63,3 +64,29 @@ def test_fit_affine_recovers_an_affine_map_and_stays_tame_on_few_pairs():
     torch.testing.assert_close(apply_affine(old, same), old, atol=1e-4, rtol=1e-4)
     half = apply_affine(old.to(torch.bfloat16), w)  # in the cache's dtype
     assert half.dtype == torch.bfloat16
+
+
+def test_bucket_maps_fit_the_decayed_sums_of_every_fills_pairs_and_drop_spent_buckets():
+    torch.manual_seed(0)
+    maps = BucketMaps(decay=0.5)
+    x1, x2 = torch.randn(12, 4), torch.randn(6, 4)
+    y1, y2 = x1 @ torch.randn(4, 4), x2 @ torch.randn(4, 4)
+    maps.step()  # nothing yet: a no-op
+    maps.add(7, x1, y1)
+    torch.testing.assert_close(maps.map(7, 5), fit_affine(x1, y1))  # one fill: its own fit
+    assert maps.map(7, 13) is None and maps.map(3, 1) is None  # too few pairs; no pairs
+    maps.step()
+    maps.add(7, x2, y2)  # 0.5·12 + 6 = 12 pairs' weight
+    g1, c1 = affine_sums(x1, y1)
+    g2, c2 = affine_sums(x2, y2)
+    torch.testing.assert_close(maps.map(7, 12), solve_affine(0.5 * g1 + g2, 0.5 * c1 + c2))
+    assert maps.map(7, 12.5) is None
+    state = maps.state_dict()
+    again = BucketMaps(decay=0.5)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.map(7, 1), maps.map(7, 1), rtol=0, atol=0)  # round trip
+    for _ in range(3):
+        maps.step()  # 12 → 6 → 3 → 1.5 pairs
+    assert maps.map(7, 1) is not None
+    maps.step()  # 0.75 < 1 pair: dropped
+    assert maps.sums == {}

@@ -74,7 +74,7 @@ from gigapatch.methods.latent_map import (
     windows_of,
 )
 from gigapatch.methods.latent_pool import MapPool, PoolSums
-from gigapatch.methods.z_staleness import (AdaptiveShare, Staleness, apply_affine, fit_affine,
+from gigapatch.methods.z_staleness import (AdaptiveShare, BucketMaps, Staleness, apply_affine,
                                            relative_change)
 from gigapatch.models.dense import create_dense_net
 from gigapatch.models.detection import create_detector, merge_detections
@@ -172,6 +172,8 @@ class PatchGD(Method):
         #: ``method.z_correct``: cells encoded within this many optimizer steps of each
         #: other share one affine map (a quarter epoch, once the loop tells the epoch length).
         self.z_bucket_steps = 1
+        #: ``method.z_correct``: each bucket's map, from the recent fills' pairs.
+        self.z_maps = BucketMaps()
         if m.z_correct and (task.dense or task.detects):
             raise ConfigError(f"method.z_correct maps cached latent vectors (classification); "
                               f"task.kind = {cfg.task.kind} caches dense maps, which it does "
@@ -726,10 +728,11 @@ class PatchGD(Method):
     def _stale(self, ages: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: the cached cells to re-encode now, among ``candidates`` ``(N,)``
         (``method.z_cache``: none for ``epoch``; older than ``z_max_age`` optimizer steps, or
-        the oldest share ``z_refresh``, ties by cell index (at random with ``z_correct``),
-        for ``refresh``; with ``z_tolerance``, the share :attr:`z_share` steers); every
-        candidate during the first ``method.z_cache_warmup`` optimizer steps, while θ1 moves
-        fastest."""
+        the oldest share ``z_refresh``, ties by cell index, for ``refresh``; with
+        ``z_tolerance``, the share :attr:`z_share` steers); every candidate during the first
+        ``method.z_cache_warmup`` optimizer steps, while θ1 moves fastest. With ``z_correct``
+        half of the share is the oldest (ties at random), half a random sample of the other
+        candidates, of every age: pairs for every bucket's map (:meth:`_correct`)."""
         m = self.cfg.method
         if self.z_clock < m.z_cache_warmup:
             return candidates.clone()
@@ -742,9 +745,15 @@ class PatchGD(Method):
         count = math.ceil(share * len(pool))
         if m.z_correct:  # ties at random: the re-encoded cells are a fair sample to fit on
             pool = pool[torch.randperm(len(pool))]
-        oldest = pool[torch.sort(ages[pool], stable=True).indices[:count]]
+        by_age = pool[torch.sort(ages[pool], stable=True).indices]
         out = torch.zeros_like(candidates)
-        out[oldest] = True
+        if m.z_correct:
+            first = math.ceil(count / 2)
+            younger = by_age[first:]
+            out[by_age[:first]] = True
+            out[younger[torch.randperm(len(younger))[: count - first]]] = True
+        else:
+            out[by_age[:count]] = True
         return out
 
     def _cached_fill(self, images: Images, grid: PatchGrid, take: Take,
@@ -783,29 +792,34 @@ class PatchGD(Method):
     def _correct(self, z: torch.Tensor, old: torch.Tensor, ages: torch.Tensor,
                  seen: torch.Tensor, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``method.z_correct``: in ``z`` ``(B, N, C)`` (device), map the cached cells
-        ``rest`` ``(B, N)`` kept as found by the affine map fitted on the re-encoded cells
-        ``seen`` ``(B, N)`` (old → new) encoded in the same bucket of
-        :attr:`z_bucket_steps` optimizer steps (at least C + 1 pairs per bucket, else the
-        bucket's cells stay as they are). ``old`` ``(B, N, C)`` host, ``ages`` the cells'
-        encoding steps. Returns the cells mapped ``(B, N)`` bool and the residual change
-        ``(R,)`` of a check: where a bucket has at least 2·(C + 1) pairs, a map fitted on
-        every other pair, measured on the rest (the error the mapped cells keep)."""
+        ``rest`` ``(B, N)`` kept as found by their bucket's affine map (:attr:`z_maps`: cells
+        encoded within the same :attr:`z_bucket_steps` optimizer steps), fitted on the old →
+        new pairs of the re-encoded cells ``seen`` ``(B, N)`` of this fill and the recent
+        ones (decayed; a bucket whose pairs weigh less than C + 1 keeps its cells as they
+        are). ``old`` ``(B, N, C)`` host, ``ages`` the cells' encoding steps. Returns the
+        cells mapped ``(B, N)`` bool and the residual change ``(R,)`` of this fill's pairs
+        under their bucket's map from the fills before (held out: the error the mapped
+        cells keep)."""
         bucket = torch.div(ages, self.z_bucket_steps, rounding_mode="floor")
         done, residual = torch.zeros_like(rest), []
         c = z.shape[-1]
         dev_z = z.view(-1, c)
+        self.z_maps.step()
         for b in bucket[seen].unique().tolist():
             pairs = seen & (bucket == b)
-            cells = rest & (bucket == b)
-            if int(pairs.sum()) <= c or not cells.any():
-                continue
             flat = pairs.flatten().nonzero().flatten().to(self.device)
             was, now = old[pairs], dev_z[flat]  # (P, C) host, device
-            if len(flat) >= 2 * (c + 1):
-                check = fit_affine(was[0::2], now[0::2])
-                residual.append(relative_change(now[1::2], apply_affine(was[1::2], check)))
+            before = self.z_maps.map(b, c + 1)
+            if before is not None:
+                residual.append(relative_change(now, apply_affine(was, before)))
+            self.z_maps.add(b, was, now)
+        for b in bucket[rest].unique().tolist():
+            w = self.z_maps.map(b, c + 1)
+            if w is None:
+                continue
+            cells = rest & (bucket == b)
             into = cells.flatten().nonzero().flatten().to(self.device)
-            dev_z[into] = apply_affine(old[cells], fit_affine(was, now))
+            dev_z[into] = apply_affine(old[cells], w).to(dev_z.device)
             done |= cells
         return done, (torch.cat(residual).cpu() if residual else torch.zeros(0))
 
@@ -818,6 +832,8 @@ class PatchGD(Method):
         if self.cfg.method.z_cache == "none":
             return {}
         share = {"z_share": self.z_share.state_dict()} if self.z_share is not None else {}
+        if self.cfg.method.z_correct:
+            share["z_maps"] = self.z_maps.state_dict()
         entries = self.z_cache.entries()
         size = sum(ZCache.entry_bytes(entry) for _, entry in entries)
         cap = parse_bytes(self.cfg.method.z_cache_checkpoint)
@@ -835,6 +851,7 @@ class PatchGD(Method):
         self.z_clock = int(state.get("z_clock", 0))
         if self.z_share is not None:
             self.z_share.load_state_dict(state.get("z_share", {}))
+        self.z_maps.load_state_dict(state.get("z_maps", {}))
         for key, z, extra in state.get("z_cache", []):
             self.z_cache.put(key, z, extra)
 

@@ -17,12 +17,16 @@ staleness.
 - :func:`fit_affine` / :func:`apply_affine` (``method.z_correct``): most of θ1's drift acts on
   Z as an affine map of the channels, so the old → new pairs of the re-encoded cells give a
   map (least squares, a ridge towards "no change") that brings the other cached cells of the
-  same age close to what θ1 would give now. A map fitted on every other pair and measured on
-  the rest gives the error the mapped cells keep (``z_residual``); with ``z_tolerance`` that,
-  not the raw change, steers the share.
+  same age close to what θ1 would give now. :class:`BucketMaps` keeps one map per age bucket
+  from the decayed sums of the recent fills' pairs, so every bucket has one, not only the
+  bucket being re-encoded. A bucket's map from the fills before, measured on this fill's
+  pairs, gives the error the mapped cells keep (``z_residual``, held out); with
+  ``z_tolerance`` that, not the raw change, steers the share.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -34,20 +38,31 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return (new - old).norm(dim=1) / new.norm(dim=1).clamp_min(1e-12)
 
 
-def fit_affine(old: torch.Tensor, new: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
-    """The affine map ``W`` ``(C + 1, C)`` with ``[old, 1] @ W ≈ new`` for the pairs ``old``,
-    ``new`` ``(P, C)`` (on ``new``'s device, float32): least squares with a ridge of ``ridge``
-    × the mean channel energy pulling ``W`` towards the identity (no change), so that few or
-    alike pairs cannot give a wild map."""
+def affine_sums(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normal equations' sums of the pairs ``old``, ``new`` ``(P, C)``: ``[old, 1]ᵀ[old,
+    1]`` ``(C + 1, C + 1)`` and ``[old, 1]ᵀ new`` ``(C + 1, C)``, float32 on ``new``'s device
+    (sums of several batches' pairs add up)."""
     x = old.to(new.device).float()
     x = torch.cat([x, torch.ones(len(x), 1, device=x.device)], 1)  # (P, C + 1)
-    c = new.shape[1]
-    gram = x.T @ x
+    return x.T @ x, x.T @ new.float()
+
+
+def solve_affine(gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """The affine map ``W`` ``(C + 1, C)`` of :func:`affine_sums`' sums: least squares with a
+    ridge of ``ridge`` × the mean channel energy pulling ``W`` towards the identity (no
+    change), so that few or alike pairs cannot give a wild map."""
+    c = cross.shape[1]
     alpha = ridge * float(gram.diagonal()[:c].mean().clamp_min(1e-12))
-    pull = torch.eye(c + 1, device=x.device)
+    pull = torch.eye(c + 1, device=gram.device)
     pull[c, c] = 0  # the offset is not pulled
-    prior = torch.eye(c + 1, c, device=x.device)  # [I; 0]: new = old
-    return torch.linalg.solve(gram + alpha * pull, x.T @ new.float() + alpha * prior)
+    prior = torch.eye(c + 1, c, device=gram.device)  # [I; 0]: new = old
+    return torch.linalg.solve(gram + alpha * pull, cross + alpha * prior)
+
+
+def fit_affine(old: torch.Tensor, new: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """The affine map ``W`` ``(C + 1, C)`` with ``[old, 1] @ W ≈ new`` for the pairs ``old``,
+    ``new`` ``(P, C)`` (on ``new``'s device, float32; :func:`solve_affine`)."""
+    return solve_affine(*affine_sums(old, new), ridge)
 
 
 def apply_affine(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -115,3 +130,56 @@ class AdaptiveShare:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.share = float(state.get("share", 1.0))
+
+
+#: :class:`BucketMaps`: each fill keeps this much of the pairs' weight of the fills before
+#: (a memory of about ten batches, over which θ1 moves little).
+MAP_DECAY = 0.9
+
+
+class BucketMaps:
+    """``method.z_correct``'s affine maps, one per bucket of encoding steps, fitted on the
+    decayed sums (:func:`affine_sums`) of every recent fill's old → new pairs of that bucket,
+    so a bucket's kept cells are mapped even by a fill that re-encodes none of its cells.
+    Buckets whose pairs' weight fell below one pair are dropped. The sums live on the pairs'
+    device (host after :meth:`load_state_dict` until the next pairs come)."""
+
+    def __init__(self, decay: float = MAP_DECAY) -> None:
+        self.decay = decay
+        #: bucket → [gram (C + 1, C + 1), cross (C + 1, C), weight in pairs]
+        self.sums: dict[int, list[Any]] = {}
+
+    def step(self) -> None:
+        """A new fill: the earlier pairs weigh ``decay`` times as much."""
+        for bucket in list(self.sums):
+            entry = self.sums[bucket]
+            entry[0], entry[1], entry[2] = (entry[0] * self.decay, entry[1] * self.decay,
+                                            entry[2] * self.decay)
+            if entry[2] < 1:
+                del self.sums[bucket]
+
+    def add(self, bucket: int, old: torch.Tensor, new: torch.Tensor) -> None:
+        """This fill's pairs ``old``, ``new`` ``(P, C)`` of cells encoded in ``bucket``."""
+        gram, cross = affine_sums(old, new)
+        entry = self.sums.get(bucket)
+        if entry is None:
+            self.sums[bucket] = [gram, cross, float(len(old))]
+        else:
+            entry[0] = entry[0].to(gram.device) + gram
+            entry[1] = entry[1].to(cross.device) + cross
+            entry[2] += len(old)
+
+    def map(self, bucket: int, min_pairs: float) -> torch.Tensor | None:
+        """``bucket``'s map ``(C + 1, C)`` (:func:`solve_affine`), or ``None`` while its pairs
+        weigh less than ``min_pairs``."""
+        entry = self.sums.get(bucket)
+        if entry is None or entry[2] < min_pairs:
+            return None
+        return solve_affine(entry[0], entry[1])
+
+    def state_dict(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+        return {b: (g.cpu(), x.cpu(), w) for b, (g, x, w) in self.sums.items()}
+
+    def load_state_dict(self, state: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
+                        ) -> None:
+        self.sums = {int(b): [g, x, float(w)] for b, (g, x, w) in state.items()}
