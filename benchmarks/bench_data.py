@@ -1,6 +1,6 @@
 """What the benchmark scripts share: whether a generated data set is the one they want,
-``key=value`` overrides of one method's config, and merging a run's results into the stored
-ones."""
+``key=value`` overrides of one method's config, and writing (or merging) a run's results
+beside the stored ones."""
 
 from __future__ import annotations
 
@@ -43,11 +43,17 @@ def save_results(name: str, new: dict[str, Any],
     """Merge ``new`` into ``RESULTS/<name>.json`` (parts not rerun keep their last results;
     read now, as another run may have finished meanwhile), write ``<name>.md`` from ``table``
     of the whole, print it and return its lines."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
     saved = RESULTS / f"{name}.json"
     results = {**(json.loads(saved.read_text()) if saved.is_file() else {}), **new}
-    saved.write_text(json.dumps(results, indent=2))
     lines = table(results)
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(RESULTS, name, results, lines)
     return lines
+
+
+def write_results(folder: Path, name: str, results: dict[str, Any], lines: list[str]) -> None:
+    """Write ``results`` to ``folder/<name>.json`` (what JSON cannot hold as its ``str``) and
+    the table ``lines`` to ``folder/<name>.md``, and print the table."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -39,7 +39,7 @@ from gigapatch.engine.loop import train
 from gigapatch.memory.budget import measure_method_peak
 from gigapatch.synth.detection import generate_detection
 
-from bench_data import generated_with, with_overrides  # benchmarks/: run as scripts
+from bench_data import generated_with, with_overrides, write_results  # benchmarks/: run as scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "detection"
@@ -223,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             generate_detection(args.data_dir, **data)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.methods, args.epochs,
                                         args.inner_steps, args.val_every, args.patchgd_set)
-    (OUT / name).write_text(json.dumps(results, indent=2, default=str))
-    lines = table(results)
-    (OUT / name.replace(".json", ".md")).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(OUT, name.removesuffix(".json"), results, table(results))
     return 0
 
 

@@ -38,6 +38,8 @@ from gigapatch.io.readers import open_image
 from gigapatch.methods import create_method
 from gigapatch.synth.gigapixel import generate_gigapixel
 
+from bench_data import write_results  # benchmarks/: run as scripts
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
 
@@ -119,11 +121,8 @@ def main() -> None:
           "| pass | patches/s | ratio to bare encoder |", "|---|---|---|"]
     for k in rows:
         md.append(f"| {k} | {rate[k]:.0f} | {rate[k] / rate['bare']:.2f} |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "fill_speed.md").write_text("\n".join(md) + "\n")
-    (OUT / "fill_speed.json").write_text(json.dumps({"args": vars(args) | {"data_dir": str(
-        args.data_dir)}, "seconds": rows, "patches_per_second": rate, "patches": n}, indent=2))
-    print("\n".join(md))
+    write_results(OUT, "fill_speed", {"args": vars(args), "seconds": rows,
+                                      "patches_per_second": rate, "patches": n}, md)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
 
 from gigapatch.demo import DemoSettings, _ensure_data, demo_configs
 from gigapatch.engine.loop import train
+
+from bench_data import write_results  # benchmarks/: run as scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
@@ -66,11 +67,7 @@ def main() -> None:
                   f"{100 * r['accuracy']:.1f} % |")
     md.append(f"\nfrozen encoder, epochs 2–{args.epochs}: cached **{speedup:.1f}×** faster than "
               "filling Z at every step.")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "frozen_encoder.md").write_text("\n".join(md) + "\n")
-    (OUT / "frozen_encoder.json").write_text(json.dumps({"runs": runs, "speedup": speedup},
-                                                        indent=2, default=str))
-    print("\n".join(md))
+    write_results(OUT, "frozen_encoder", {"runs": runs, "speedup": speedup}, md)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from gigapatch.core.units import format_bytes
 from gigapatch.io.readers import open_image
 from gigapatch.synth.gigapixel import generate_gigapixel
 
+from bench_data import write_results  # benchmarks/: run as scripts
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PATCH = 512
@@ -194,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(results: dict[str, Any], args: argparse.Namespace) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gigapixel.json").write_text(json.dumps(results, indent=2))
     rss = {(r["side"], r["method"]): r["peak_rss_bytes"] for r in results["runs"]}
     sides = sorted({r["side"] for r in results["runs"]})
     lines = ["| method | side | peak RSS | training step peak | epoch time |",
@@ -219,8 +219,7 @@ def write(results: dict[str, Any], args: argparse.Namespace) -> None:
         p = results["predict"]
         lines.append(f"\npredict --explain at {p['side']:,}²: peak RSS "
                      f"{format_bytes(p['peak_rss_bytes'])}, {p['seconds']:.0f} s")
-    (args.out / "gigapixel.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "gigapixel", results, lines)
 
 
 if __name__ == "__main__":

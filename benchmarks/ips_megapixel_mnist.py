@@ -37,6 +37,8 @@ from gigapatch.memory.estimates import estimate_step_peak
 from gigapatch.synth.megapixel_mnist import (DIGIT_SIDE, MegapixelMNISTDataset,
                                              generate_megapixel_mnist)
 
+from bench_data import write_results  # benchmarks/: run as scripts
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CPU_CONFIG = ROOT / "configs" / "megapixel_mnist_ips_cpu.yaml"
@@ -150,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     results["memory"] = memory_rows()
     if not args.memory_only:
         results["training"] = train_run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ips_megapixel_mnist.json").write_text(json.dumps(results, indent=2))
     lines = ["| config | M | I | batch | peak at N = 900 | peak at N = 14,400 | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in results["memory"]:
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"held-out selection (last epoch): {100 * sel['precision']:.1f} % of the "
                   f"selected patches touch a digit ({100 * sel['base_rate']:.1f} % of all "
                   f"patches do); {100 * sel['recall']:.1f} % of the digit patches are selected"]
-    (args.out / "ips_megapixel_mnist.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "ips_megapixel_mnist", results, lines)
     return 0
 
 

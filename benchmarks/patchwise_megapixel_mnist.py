@@ -29,6 +29,7 @@ from gigapatch.config import load_config
 from gigapatch.core.units import format_bytes
 from gigapatch.engine.loop import train
 from ips_megapixel_mnist import CPU_CONFIG as IPS_CONFIG
+from bench_data import write_results  # benchmarks/: run as scripts
 from ips_megapixel_mnist import DATA, ROOT, ensure_data
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -102,12 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(results: dict[str, Any], out: Path) -> None:
     """``patchwise_megapixel_mnist.{json,md}`` in ``out``, and the table on stdout."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "patchwise_megapixel_mnist.json").write_text(json.dumps(results, indent=2))
     lines = table(results["runs"]) + ["", f"IPS: {results['ips_from']}; "
                                       f"{results['threads']} thread(s)."]
-    (out / "patchwise_megapixel_mnist.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "patchwise_megapixel_mnist", results, lines)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from gigapatch.models.dense import create_dense_net
 from gigapatch.synth.segmentation import generate_segmentation
 from gigapatch.tasks.segment import fit_to
 
-from bench_data import generated_with, with_overrides  # benchmarks/: run as scripts
+from bench_data import generated_with, with_overrides, write_results  # benchmarks/: run as scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "segmentation"
@@ -391,10 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             results["theta1_digits"] = pretrain_theta1(args.data_dir, weights, args.theta1_digits)
         results["runs"] = accuracy_runs(args.data_dir, args.runs, args.labelings, args.methods,
                                         args.inner_steps, args.epochs, args.patchgd_set, weights)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    lines = table(results)
-    (OUT / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(OUT, "results", results, table(results))
     return 0
 
 
