@@ -1,8 +1,9 @@
 """Training steps of each method in float64, in one process or as one rank of several.
 
 Run by ``tests/engine/test_distributed.py`` under ``torchrun --nproc_per_node=2`` (each rank
-takes every second image of the batch and writes its weights), and imported by the test for
-the one-process reference with the whole batch. Not a test module itself.
+takes every second image of the batch and writes its weights, and PatchGD's Z-cache figures),
+and imported by the test for the one-process reference with the whole batch. Not a test
+module itself.
 """
 
 from __future__ import annotations
@@ -76,11 +77,32 @@ def train_steps(method_name: str, rank: int = 0, world: int = 1) -> dict[str, to
     return {**out, "syncs": torch.tensor(syncs[0])}
 
 
+def cache_stats(rank: int = 0, world: int = 1) -> dict[str, float]:
+    """PatchGD's ``epoch_stats`` (counts summed over the ranks) after ``STEPS`` float64
+    steps on the first batch again and again, with ``method.z_cache: refresh`` and
+    ``z_max_age: 0``: from the second step on, every cached cell is re-encoded and its change
+    measured. Rank ``rank`` of ``world`` takes images ``rank::world``, each rank its own
+    cache."""
+    cfg = config("patchgd")
+    cfg.method.z_cache, cfg.method.z_max_age = "refresh", 0
+    torch.manual_seed(0)
+    method = create_method(cfg.validate()).double()
+    ddp = (distributed.wrap(method, distributed.Dist(rank, world), torch.device("cpu"), False)
+           if world > 1 else None)
+    ctx = StepContext(method, make_optimizer(method, cfg), ddp=ddp)
+    images, targets = batches()[0]
+    for step in range(STEPS):
+        torch.manual_seed(100 + step + 7 * rank)
+        method.train_step(method.host_transform(images[rank::world]), targets[rank::world], ctx)
+    return method.epoch_stats(lambda counts: distributed.all_sum(counts, torch.device("cpu")))
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    result = {name: train_steps(name, rank, world) for name in METHODS}
+    result: dict = {name: train_steps(name, rank, world) for name in METHODS}
+    result["cache_stats"] = cache_stats(rank, world)
     if rank == 0:
         torch.save(result, Path(out))
     dist.destroy_process_group()

@@ -59,6 +59,15 @@ def test_patchgd_synchronises_once_per_update(two_processes):
     assert int(two_processes["full"]["syncs"]) == steps
 
 
+def test_z_cache_figures_count_the_fills_of_every_process(two_processes):
+    # Each rank caches and re-encodes its own images; the history's staleness is the mean
+    # change over both ranks' cells, as one process with the whole batch measures it.
+    reference = _worker().cache_stats()
+    got = two_processes["cache_stats"]
+    assert reference["z_refreshed"] == 1.0 and reference["z_staleness"] > 0
+    assert got == pytest.approx(reference, rel=1e-6)
+
+
 def _config_file(cfg, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     return path

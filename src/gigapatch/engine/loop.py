@@ -350,7 +350,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, place: distributed.Dist,
             "images_per_second": n_images / epoch_train_seconds if epoch_train_seconds else 0.0,
             **{f"val_{k}": v for k, v in val.items() if k != "loss"},
         }
-        stats = method.epoch_stats()
+        stats = method.epoch_stats(lambda counts: distributed.all_sum(counts, method.device))
         row.update(stats)
         history.append(row)
         if validated:

@@ -32,6 +32,9 @@ from gigapatch.core.registry import Registry
 from gigapatch.models.weights import output_layer_prefix
 from gigapatch.tasks import Logits, Targets, Task, create_task
 
+#: Sums a list of counts over all processes (element-wise; the list itself with one).
+Totals = Callable[[list[float]], list[float]]
+
 
 class Context(Protocol):
     """What a method needs of the step context (see
@@ -260,9 +263,12 @@ class Method(nn.Module):
         """The batches an epoch takes (this process), told once before training: methods
         check the settings that count in optimizer steps against it (PatchGD's Z cache)."""
 
-    def epoch_stats(self) -> dict[str, float]:
+    def epoch_stats(self, total: Totals = list) -> dict[str, float]:
         """Figures of the epoch just trained for its history row (e.g. PatchGD's Z-cache
-        staleness); the loop reads them once per epoch, which starts the next epoch's count."""
+        staleness); the loop reads them once per epoch, which starts the next epoch's count.
+        ``total`` sums a list of counts over the processes (the loop passes
+        :func:`gigapatch.engine.distributed.all_sum`): every process calls it alike, so the
+        figures are the whole run's, not one process's."""
         return {}
 
     def host_transform(self, images: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,8 @@ from gigapatch.core.units import format_bytes, parse_bytes
 from gigapatch.core.sampling import sample_cells
 from gigapatch.data.batch import Images, LazyBatch, first_image, one_image, read_chunks
 from gigapatch.explain import draw_saliency, occlusion_explain
-from gigapatch.methods.base import METHODS, Context, Method, StepProxy, grid_proxy, repeated
+from gigapatch.methods.base import (METHODS, Context, Method, StepProxy, Totals, grid_proxy,
+                                    repeated)
 from gigapatch.methods.frozen_cache import ZCache, image_keys
 from gigapatch.methods.latent_levels import block_anchors, crop_blocks, level_geometries, per_image
 from gigapatch.methods.latent_map import (
@@ -855,14 +856,16 @@ class PatchGD(Method):
         for key, z, extra in state.get("z_cache", []):
             self.z_cache.put(key, z, extra)
 
-    def epoch_stats(self) -> dict[str, float]:
+    def epoch_stats(self, total: Totals = list) -> dict[str, float]:
         """With ``method.z_cache``: the epoch's ``z_staleness`` and ``z_refreshed``
-        (:class:`~gigapatch.methods.z_staleness.Staleness`; this process's fills), with
-        ``z_correct`` ``z_corrected`` and ``z_residual``, and with ``z_tolerance`` the share
-        ``z_share`` reached."""
-        out = self.staleness.epoch_stats(correcting=self.cfg.method.z_correct)
+        (:class:`~gigapatch.methods.z_staleness.Staleness`; the fills of all processes, by
+        ``total``), with ``z_correct`` ``z_corrected`` and ``z_residual``, and with
+        ``z_tolerance`` the share ``z_share`` reached (its mean over the processes, each of
+        which steers its own)."""
+        out = self.staleness.epoch_stats(self.cfg.method.z_correct, total)
         if self.z_share is not None:
-            out["z_share"] = self.z_share.share
+            share, processes = total([self.z_share.share, 1.0])
+            out["z_share"] = share / processes
         return out
 
     def set_run_dir(self, run_dir: Path) -> None:

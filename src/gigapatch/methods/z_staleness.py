@@ -26,6 +26,7 @@ staleness.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -95,17 +96,22 @@ class Staleness:
             self.residual_sum += float(residual.sum())
             self.checked += int(residual.numel())
 
-    def epoch_stats(self, correcting: bool = False) -> dict[str, float]:
+    def epoch_stats(self, correcting: bool = False,
+                    total: Callable[[list[float]], list[float]] = list) -> dict[str, float]:
         """``z_staleness`` and ``z_refreshed`` (and with ``correcting`` ``z_corrected``, the
         share of the cached cells mapped, and ``z_residual``, the mean change the check's map
         left) of the fills since the last call (none when no cached cell was found), and a
-        fresh count."""
-        out = ({"z_staleness": self.change_sum / max(1, self.measured),
-                "z_refreshed": self.measured / self.cached} if self.cached else {})
-        if self.cached and correcting:
-            out["z_corrected"] = self.corrected / self.cached
-            if self.checked:
-                out["z_residual"] = self.residual_sum / self.checked
+        fresh count. The counts are first summed by ``total`` (over the processes, each
+        with its own cache)."""
+        change_sum, measured, cached, corrected, residual_sum, checked = total(
+            [self.change_sum, self.measured, self.cached, self.corrected, self.residual_sum,
+             self.checked])
+        out = ({"z_staleness": change_sum / max(1, measured),
+                "z_refreshed": measured / cached} if cached else {})
+        if cached and correcting:
+            out["z_corrected"] = corrected / cached
+            if checked:
+                out["z_residual"] = residual_sum / checked
         self._reset()
         return out
 
