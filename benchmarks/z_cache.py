@@ -35,6 +35,9 @@
    see; the exact run is reused from the stored results of a row with the same settings
    (it is deterministic here), else run too.
 
+The table ends with each variant's mean over the seeds run (:func:`seed_means`): one seed's
+gap is within the noise floor, a mean over seeds less so.
+
 Writes ``benchmarks/results/z_cache.{json,md}``.
 
     python benchmarks/z_cache.py --side 8192 --epochs 3           # ~5 min
@@ -55,6 +58,7 @@ import argparse
 import copy
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +389,43 @@ def noise_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def seed_means(results: dict[str, Any]) -> list[str]:
+    """Each Megapixel-MNIST variant over its seeds (stored keys that differ only in
+    ``_seedS``; two or more seeds, the same epochs): the mean final accuracy of the exact and
+    the cached (or perturbed) runs, the gap of the means and each seed's, and where the mean
+    cached curve first reaches the mean exact final accuracy (epoch; its mean training time
+    over the exact runs' mean)."""
+    groups: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for key in sorted(results):
+        row = results[key]
+        if key.startswith(("megapixel", "noise")) and "refresh" in row:
+            groups.setdefault(re.sub(r"_seed\d+", "", key), []).append((row.get("seed", 0), row))
+    lines = ["", "Over seeds (each seed's exact and cached runs from its own row; the means "
+             "of the curves; in the noise rows the perturbed exact run stands for the cached one):",
+             "", "| rows | seeds | exact, mean final | cached, mean final | "
+             "gap of the means | gap per seed | mean curve reaches the exact mean |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in groups.items():
+        if len(rows) < 2 or len({len(r["none"]["accuracy"]) for _, r in rows}) > 1:
+            continue
+        exact, cached = (torch.tensor([r[p]["accuracy"] for _, r in rows]).mean(0)
+                         for p in ("none", "refresh"))
+        final = float(exact[-1])
+        reached = (cached >= final).nonzero().flatten().tolist()
+        if reached:
+            e = reached[0]
+            spent = sum(r["refresh"]["training"][e] for _, r in rows)
+            whole = sum(r["none"]["training"][-1] for _, r in rows)
+            where = f"epoch {e + 1}, {spent / whole:.2f} of the training time"
+        else:
+            where = "not reached"
+        gaps = ", ".join(f"{r['gap_points']:+.1f}" for _, r in rows)
+        lines.append(f"| {name} | {', '.join(str(s) for s, _ in rows)} | {final:.3f} | "
+                     f"{float(cached[-1]):.3f} | {100 * (float(cached[-1]) - final):+.1f} | "
+                     f"{gaps} | {where} |")
+    return lines if len(lines) > 5 else []
+
+
 def table(results: dict[str, Any]) -> list[str]:
     lines = []
     s = results.get("speed")
@@ -448,7 +489,7 @@ def table(results: dict[str, Any]) -> list[str]:
                   f"only {share(a.get('training_time_to_exact_final'))} (target ≤ 1/3); "
                   f"training time, all epochs: refresh / none = "
                   f"{a.get('training_ratio', float('nan')):.2f}."]
-    return lines + noise_table(results)
+    return lines + noise_table(results) + seed_means(results)
 
 
 def main(argv: list[str] | None = None) -> int:
