@@ -396,22 +396,23 @@ def noise_table(results: dict[str, Any]) -> list[str]:
 
 def seed_means(results: dict[str, Any]) -> list[str]:
     """Each Megapixel-MNIST variant over its seeds (stored keys that differ only in
-    ``_seedS``; two or more seeds, the same epochs): the mean final accuracy of the exact and
+    ``_seedS``, of the same canvas side and epochs; two or more seeds): the mean final accuracy of the exact and
     the cached (or perturbed) runs, the gap of the means and each seed's, and where the mean
     cached curve first reaches the mean exact final accuracy (epoch; its mean training time
     over the exact runs' mean)."""
-    groups: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    groups: dict[tuple[str, int, int], list[tuple[int, dict[str, Any]]]] = {}
     for key in sorted(results):
         row = results[key]
         if key.startswith(("megapixel", "noise")) and "refresh" in row:
-            groups.setdefault(re.sub(r"_seed\d+", "", key), []).append((row.get("seed", 0), row))
+            variant = (re.sub(r"_seed\d+", "", key), row.get("side", 500), row["epochs"])
+            groups.setdefault(variant, []).append((row.get("seed", 0), row))
     lines = ["", "Over seeds (each seed's exact and cached runs from its own row; the means "
              "of the curves; in the noise rows the perturbed exact run stands for the cached one):",
              "", "| rows | seeds | exact, mean final | cached, mean final | "
              "gap of the means | gap per seed | mean curve reaches the exact mean |",
              "|---|---|---|---|---|---|---|"]
-    for name, rows in groups.items():
-        if len(rows) < 2 or len({len(r["none"]["accuracy"]) for _, r in rows}) > 1:
+    for (name, side, epochs), rows in groups.items():
+        if len(rows) < 2:
             continue
         exact, cached = (torch.tensor([r[p]["accuracy"] for _, r in rows]).mean(0)
                          for p in ("none", "refresh"))
@@ -425,7 +426,8 @@ def seed_means(results: dict[str, Any]) -> list[str]:
         else:
             where = "not reached"
         gaps = ", ".join(f"{r['gap_points']:+.1f}" for _, r in rows)
-        lines.append(f"| {name} | {', '.join(str(s) for s, _ in rows)} | {final:.3f} | "
+        lines.append(f"| {name} ({side}², {epochs} epochs) | "
+                     f"{', '.join(str(s) for s, _ in rows)} | {final:.3f} | "
                      f"{float(cached[-1]):.3f} | {100 * (float(cached[-1]) - final):+.1f} | "
                      f"{gaps} | {where} |")
     return lines if len(lines) > 5 else []
