@@ -28,8 +28,8 @@ import torch
 from gigapatch.config import load_config
 from gigapatch.core.units import format_bytes
 from gigapatch.engine.loop import train
-from ips_megapixel_mnist import CPU_CONFIG as IPS_CONFIG
 from bench_data import write_results  # benchmarks/: run as scripts
+from ips_megapixel_mnist import CPU_CONFIG as IPS_CONFIG
 from ips_megapixel_mnist import DATA, ROOT, ensure_data
 
 RESULTS = ROOT / "benchmarks" / "results"

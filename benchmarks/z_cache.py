@@ -146,6 +146,8 @@ def policy_runs(cfg: Config, label: str, n_train: int,
         out[name] = {"accuracy": [row["val_accuracy"] for row in hist],
                      "staleness": [row.get("z_staleness") for row in hist],
                      "refreshed": [row.get("z_refreshed") for row in hist],
+                     "corrected": [row.get("z_corrected") for row in hist],
+                     "residual": [row.get("z_residual") for row in hist],
                      "elapsed": [sum(r["epoch_seconds"] for r in hist[: i + 1])
                                  for i in range(len(hist))],
                      "training": [sum(training[: i + 1]) for i in range(len(hist))]}
@@ -433,6 +435,16 @@ def seed_means(results: dict[str, Any]) -> list[str]:
     return lines if len(lines) > 5 else []
 
 
+def later(a: dict[str, Any]) -> str:
+    """``a``'s training time per epoch after the first (which fills every cell under both
+    policies), cached and exact, and their ratio: ``"; epochs 2+: … s vs … s (…)"``."""
+    clocks = [a[name].get("training", []) for name in ("refresh", "none")]
+    if any(len(c) < 2 for c in clocks):
+        return ""
+    cached, exact = ((c[-1] - c[0]) / (len(c) - 1) for c in clocks)
+    return f"; epochs 2+: {cached:.0f} vs {exact:.0f} s per epoch ({cached / exact:.2f})"
+
+
 def table(results: dict[str, Any]) -> list[str]:
     lines = []
     s = results.get("speed")
@@ -488,6 +500,13 @@ def table(results: dict[str, Any]) -> list[str]:
                       + "; share of the cached cells re-encoded "
                       + ", ".join("–" if v is None else f"{v:.2f}"
                                   for v in a["refresh"]["refreshed"]) + "."]
+        if any(v is not None for v in a["refresh"].get("corrected", [])):
+            lines += ["", "z_correct, per epoch: share of the cached cells mapped "
+                      + ", ".join("–" if v is None else f"{v:.2f}"
+                                  for v in a["refresh"]["corrected"])
+                      + "; held-out change left after the map (z_residual) "
+                      + ", ".join("–" if v is None else f"{v:.3f}"
+                                  for v in a["refresh"]["residual"]) + "."]
 
         def share(v: float | None) -> str:
             return f"{v:.2f} of its time" if v is not None else "not reached"
@@ -496,7 +515,7 @@ def table(results: dict[str, Any]) -> list[str]:
                   f"exact run's final accuracy: {share(a['time_to_exact_final'])}, training "
                   f"only {share(a.get('training_time_to_exact_final'))} (target ≤ 1/3); "
                   f"training time, all epochs: refresh / none = "
-                  f"{a.get('training_ratio', float('nan')):.2f}."]
+                  f"{a.get('training_ratio', float('nan')):.2f}" + later(a) + "."]
     return lines + noise_table(results) + seed_means(results)
 
 

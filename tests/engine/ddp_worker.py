@@ -17,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from gigapatch.config import Config
 from gigapatch.engine import distributed
-from gigapatch.methods import create_method
+from gigapatch.methods import Method, create_method
 from gigapatch.step import StepContext, make_optimizer
 
 METHODS = ("full", "patchgd", "ips")
@@ -52,12 +52,13 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def train_steps(method_name: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """Weights after ``STEPS`` float64 steps; rank ``rank`` of ``world`` takes images
-    ``rank::world`` (as :class:`gigapatch.data.batch.ShardedSampler` shards a batch). With
-    several ranks, ``"syncs"`` counts DDP's gradient all-reduces (one per bucket each)."""
+def _trained(cfg: Config, data: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
+             world: int) -> tuple[Method, int]:
+    """``cfg``'s method in float64 after one step on each batch of ``data``; rank ``rank`` of
+    ``world`` takes images ``rank::world`` (as :class:`gigapatch.data.batch.ShardedSampler`
+    shards a batch). Also the count of DDP's gradient all-reduces (one per bucket each; 0
+    with one rank)."""
     syncs = [0]
-    cfg = config(method_name)
     torch.manual_seed(0)
     method = create_method(cfg).double()
     ddp = None
@@ -70,30 +71,28 @@ def train_steps(method_name: str, rank: int = 0, world: int = 1) -> dict[str, to
 
         ddp.register_comm_hook(None, counting)
     ctx = StepContext(method, make_optimizer(method, cfg), ddp=ddp)
-    for step, (images, targets) in enumerate(batches()):
+    for step, (images, targets) in enumerate(data):
         torch.manual_seed(100 + step + 7 * rank)  # ranks sample different cells
         method.train_step(method.host_transform(images[rank::world]), targets[rank::world], ctx)
+    return method, syncs[0]
+
+
+def train_steps(method_name: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """Weights after ``STEPS`` float64 steps (:func:`_trained` on :func:`batches`); with
+    several ranks, ``"syncs"`` counts DDP's gradient all-reduces."""
+    method, syncs = _trained(config(method_name), batches(), rank, world)
     out = {k: v.detach().clone() for k, v in method.state_dict().items()}
-    return {**out, "syncs": torch.tensor(syncs[0])}
+    return {**out, "syncs": torch.tensor(syncs)}
 
 
 def cache_stats(rank: int = 0, world: int = 1) -> dict[str, float]:
     """PatchGD's ``epoch_stats`` (counts summed over the ranks) after ``STEPS`` float64
     steps on the first batch again and again, with ``method.z_cache: refresh`` and
     ``z_max_age: 0``: from the second step on, every cached cell is re-encoded and its change
-    measured. Rank ``rank`` of ``world`` takes images ``rank::world``, each rank its own
-    cache."""
+    measured. Each rank keeps its own cache of its images."""
     cfg = config("patchgd")
     cfg.method.z_cache, cfg.method.z_max_age = "refresh", 0
-    torch.manual_seed(0)
-    method = create_method(cfg.validate()).double()
-    ddp = (distributed.wrap(method, distributed.Dist(rank, world), torch.device("cpu"), False)
-           if world > 1 else None)
-    ctx = StepContext(method, make_optimizer(method, cfg), ddp=ddp)
-    images, targets = batches()[0]
-    for step in range(STEPS):
-        torch.manual_seed(100 + step + 7 * rank)
-        method.train_step(method.host_transform(images[rank::world]), targets[rank::world], ctx)
+    method, _ = _trained(cfg.validate(), [batches()[0]] * STEPS, rank, world)
     return method.epoch_stats(lambda counts: distributed.all_sum(counts, torch.device("cpu")))
 
 
