@@ -33,7 +33,11 @@
    fill again with θ1's starting weights scaled by ``1 + EPS·N(0, 1)`` (EPS 1e-6: a few
    float32 ulps), to see how far one seed's final accuracy moves for a change no one could
    see; the exact run is reused from the stored results of a row with the same settings
-   (it is deterministic here), else run too.
+   (it is deterministic here), else run too. ``--noise-task demo``: the same on the demo task
+   (2's settings), θ1 from scratch: its seeded start is saved to a file
+   (:func:`initial_encoder`) and both runs start from it, one perturbed.
+
+``--demo-seed S`` trains the demo task (2, and its noise floor) with seed S.
 
 The table ends with each variant's mean over the seeds run (:func:`seed_means`): one seed's
 gap is within the noise floor, a mean over seeds less so.
@@ -50,6 +54,10 @@ Writes ``benchmarks/results/z_cache.{json,md}``.
     python benchmarks/z_cache.py --no-speed --mm-pretrained --mm-side 1000 --mm-train 3000 \
         --epochs 10 --threads 1 --mm-encoder-lr 1e-4 --mm-seed 2 --noise-floor 1e-6 \
         --tag lr1e-4_seed2_noise                             # ~35 min
+    python benchmarks/z_cache.py --no-speed --accuracy --epochs 4 --threads 1 --z-warmup 2 \
+        --demo-seed 1 --tag warm2_seed1                      # ~8 min
+    python benchmarks/z_cache.py --no-speed --epochs 4 --threads 1 --noise-floor 1e-6 \
+        --noise-task demo --demo-seed 1 --tag demo_seed1     # ~8 min
 """
 
 from __future__ import annotations
@@ -67,13 +75,15 @@ import torch
 from gigapatch.config import Config, load_config
 from gigapatch.demo import DemoSettings, demo_configs
 from gigapatch.engine.checkpoint import load_checkpoint
-from gigapatch.engine.loop import train
+from gigapatch.engine.loop import seed_everything, train
+from gigapatch.methods import create_method
 from gigapatch.methods.patchgd import optimizer_steps
-from gigapatch.synth.gigapixel import generate_gigapixel
 from gigapatch.models.encoders import create_encoder
+from gigapatch.synth.gigapixel import generate_gigapixel
 from gigapatch.synth.megapixel_mnist import (DIGIT_SIDE, generate_megapixel_mnist,
                                              load_megapixel_mnist, render_image)
 from gigapatch.synth.ultramnist import generate_ultramnist
+from gigapatch.tasks import create_task
 
 from bench_data import RESULTS, save_results  # benchmarks/: run as scripts
 
@@ -175,11 +185,8 @@ def _warm_policies(cfg: Config, n_train: int, warmup_epochs: int,
     return {**POLICIES, "refresh": {**POLICIES["refresh"], **refresh, "z_cache_warmup": steps}}
 
 
-def accuracy_rows(epochs: int, runs: Path, warmup_epochs: int = 0,
-                  z_correct: bool = False) -> dict[str, Any]:
-    """The demo task's PatchGD run with each policy (:func:`policy_runs`); the cached one
-    fills exactly for its first ``warmup_epochs`` epochs and with ``z_correct`` maps its kept
-    cells (``method.z_correct``)."""
+def demo_patchgd(epochs: int, runs: Path, seed: int = 0) -> Config:
+    """The demo task's PatchGD config (data written unless there), trained with ``seed``."""
     settings = DemoSettings(epochs=epochs)
     data = ROOT / "data" / "ultramnist-demo"
     if not (data / "train.csv").is_file():
@@ -188,11 +195,22 @@ def accuracy_rows(epochs: int, runs: Path, warmup_epochs: int = 0,
                             scale_range=settings.scale_range, num_classes=settings.num_classes,
                             seed=settings.data_seed)
     pgd = demo_configs(settings, data, runs)[1]
-    pgd.name = "zcache_demo"
-    out = policy_runs(pgd, "demo", settings.n_train,
-                      _warm_policies(pgd, settings.n_train, warmup_epochs,
+    pgd.name, pgd.seed = "zcache_demo", seed
+    return pgd
+
+
+def accuracy_rows(epochs: int, runs: Path, warmup_epochs: int = 0,
+                  z_correct: bool = False, seed: int = 0) -> dict[str, Any]:
+    """The demo task's PatchGD run with each policy (:func:`policy_runs`); the cached one
+    fills exactly for its first ``warmup_epochs`` epochs and with ``z_correct`` maps its kept
+    cells (``method.z_correct``); ``seed``: the training seed (θ's start, sampling, order)."""
+    pgd = demo_patchgd(epochs, runs, seed)
+    n_train = DemoSettings().n_train
+    out = policy_runs(pgd, "demo", n_train,
+                      _warm_policies(pgd, n_train, warmup_epochs,
                                      **({"z_correct": True} if z_correct else {})))
-    out.update(warmup_epochs=warmup_epochs, z_correct=z_correct)
+    out.update(warmup_epochs=warmup_epochs, z_correct=z_correct, seed=seed,
+               side=DemoSettings().side)
     return out
 
 
@@ -352,30 +370,70 @@ def stored_exact(results: dict[str, Any], want: dict[str, Any]) -> dict[str, Any
     return None
 
 
-def noise_rows(epochs: int, n_train: int, runs: Path, side: int, encoder_lr: float | None,
-               seed: int, eps: float, exact: dict[str, Any] | None) -> dict[str, Any]:
-    """The noise floor of one seed's comparison: :func:`megapixel_config`'s exact fill with θ1
-    pretrained (``exact``: a stored run of it; run here when ``None``) and again with θ1
-    perturbed by a relative ``eps`` (:func:`perturbed_weights`); the same measures as
-    :func:`policy_runs`, the perturbed run in the cached run's place."""
-    data = megapixel_data(n_train, side)
-    cfg = megapixel_config(data, runs, epochs, side)
-    cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
-    _from_cells(cfg, data)
-    base = {"none": {}}
-    if exact is None:
-        out = policy_runs(cfg, "noise", n_train, base)
-    else:
-        out = {"epochs": epochs, "none": exact}
-    cfg.model.weights = str(perturbed_weights(Path(cfg.model.weights), eps))
-    cfg.name = f"{cfg.name}_perturbed"
-    out["refresh"] = policy_runs(cfg, "noise (θ1 perturbed)", n_train, base)["none"]
+def initial_encoder(cfg: Config, out: Path) -> Path:
+    """θ1 as the method built from scratch under ``cfg.seed`` starts it, saved to ``out`` for
+    ``model.weights``: a start from a file, which :func:`perturbed_weights` can move. Checks
+    that with it the method starts exactly as without (every parameter of θ1 and θ2 equal)
+    and raises ``RuntimeError`` otherwise."""
+    seed_everything(cfg.seed)
+    method = create_method(cfg, create_task(cfg))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(method.encoder.state_dict(), out)
+    again = copy.deepcopy(cfg)
+    again.model.weights = str(out)
+    seed_everything(cfg.seed)
+    other = create_method(again, create_task(again))
+    a, b = method.state_dict(), other.state_dict()
+    if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+        raise RuntimeError(f"{out}: the method built with model.weights = this file does not "
+                           "start as the one built from scratch; the noise floor would "
+                           "compare two different starts.")
+    return out
+
+
+def _noise_pair(cfg: Config, label: str, n_train: int, eps: float,
+                exact: dict[str, Any] | None) -> dict[str, Any]:
+    """``cfg`` (θ1 from the file ``cfg.model.weights``) with the exact fill (``exact``: a
+    stored run of it; run here when ``None``) and again with θ1 perturbed by a relative
+    ``eps`` (:func:`perturbed_weights`); :func:`policy_runs`' measures, the perturbed run in
+    the cached run's place, and the epoch at which it first reaches the exact final."""
+    base: dict[str, dict[str, Any]] = {"none": {}}
+    out = (policy_runs(cfg, label, n_train, base) if exact is None
+           else {"epochs": cfg.train.epochs, "none": exact})
+    moved = copy.deepcopy(cfg)
+    moved.model.weights = str(perturbed_weights(Path(cfg.model.weights), eps))
+    moved.name = f"{cfg.name}_perturbed"
+    out["refresh"] = policy_runs(moved, f"{label} (θ1 perturbed)", n_train, base)["none"]
     final = out["none"]["accuracy"][-1]
     out["gap_points"] = 100 * (out["refresh"]["accuracy"][-1] - final)
     reached = [i for i, a in enumerate(out["refresh"]["accuracy"]) if a >= final]
     out["epoch_to_exact_final"] = reached[0] + 1 if reached else None
-    out.update(n_train=n_train, side=side, encoder_lr=encoder_lr, seed=seed, eps=eps,
-               reused_exact=exact is not None)
+    out.update(seed=cfg.seed, eps=eps, reused_exact=exact is not None)
+    return out
+
+
+def noise_rows(epochs: int, n_train: int, runs: Path, side: int, encoder_lr: float | None,
+               seed: int, eps: float, exact: dict[str, Any] | None) -> dict[str, Any]:
+    """The noise floor of one seed's Megapixel-MNIST comparison (:func:`_noise_pair`):
+    :func:`megapixel_config`'s exact fill with θ1 pretrained, and with θ1 perturbed."""
+    data = megapixel_data(n_train, side)
+    cfg = megapixel_config(data, runs, epochs, side)
+    cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
+    _from_cells(cfg, data)
+    out = _noise_pair(cfg, "noise", n_train, eps, exact)
+    out.update(n_train=n_train, side=side, encoder_lr=encoder_lr)
+    return out
+
+
+def demo_noise_rows(epochs: int, runs: Path, seed: int, eps: float) -> dict[str, Any]:
+    """The noise floor of one seed's demo-task comparison (:func:`_noise_pair`): θ1 from
+    scratch, as the demo trains it, started from a file (:func:`initial_encoder`) with the
+    exact fill, and from that file perturbed. Both runs are made here: a stored exact demo
+    run started from no file, so it stands for the first only if the file holds its start."""
+    cfg = demo_patchgd(epochs, runs, seed)
+    cfg.model.weights = str(initial_encoder(cfg, runs / f"theta1_demo_init_seed{seed}.pt"))
+    out = _noise_pair(cfg, "demo noise", DemoSettings().n_train, eps, None)
+    out.update(side=DemoSettings().side, task="demo")
     return out
 
 
@@ -384,29 +442,32 @@ def noise_table(results: dict[str, Any]) -> list[str]:
     rows = [results[k] for k in sorted(results) if k.startswith("noise")]
     if not rows:
         return []
-    lines = ["", "Noise floor: the exact fill twice, θ1 as pretrained and θ1 scaled by "
-             "(1 + eps·N(0, 1)) (Megapixel MNIST, the rows' settings):", "",
-             "| seed | side | eps | exact final | perturbed final | gap (points) | "
-             "perturbed, per epoch |", "|---|---|---|---|---|---|---|"]
+    lines = ["", "Noise floor: the exact fill twice, θ1 at its start and θ1 scaled by "
+             "(1 + eps·N(0, 1)) (Megapixel MNIST: θ1 pretrained, the rows' settings; demo: θ1 "
+             "from scratch, the demo's settings):", "",
+             "| task | seed | side | eps | exact final | perturbed final | gap (points) | "
+             "perturbed, per epoch |", "|---|---|---|---|---|---|---|---|"]
     for a in rows:
         acc = ", ".join(f"{v:.3f}" for v in a["refresh"]["accuracy"])
-        lines.append(f"| {a['seed']} | {a['side']}² | {a['eps']:g} | "
+        task = "demo" if a.get("task") == "demo" else "Megapixel MNIST"
+        lines.append(f"| {task} | {a['seed']} | {a['side']}² | {a['eps']:g} | "
                      f"{a['none']['accuracy'][-1]:.3f} | {a['refresh']['accuracy'][-1]:.3f} | "
                      f"{a['gap_points']:+.1f} | {acc} |")
     return lines
 
 
 def seed_means(results: dict[str, Any]) -> list[str]:
-    """Each Megapixel-MNIST variant over its seeds (stored keys that differ only in
-    ``_seedS``, of the same canvas side and epochs; two or more seeds): the mean final accuracy of the exact and
-    the cached (or perturbed) runs, the gap of the means and each seed's, and where the mean
-    cached curve first reaches the mean exact final accuracy (epoch; its mean training time
-    over the exact runs' mean)."""
+    """Each demo-task and Megapixel-MNIST variant over its seeds (stored keys that differ
+    only in ``_seedS``, of the same canvas side and epochs; two or more seeds): the mean final
+    accuracy of the exact and the cached (or perturbed) runs, the gap of the means and each
+    seed's, and where the mean cached curve first reaches the mean exact final accuracy
+    (epoch; its mean training time over the exact runs' mean)."""
     groups: dict[tuple[str, int, int], list[tuple[int, dict[str, Any]]]] = {}
     for key in sorted(results):
         row = results[key]
-        if key.startswith(("megapixel", "noise")) and "refresh" in row:
-            variant = (re.sub(r"_seed\d+", "", key), row.get("side", 500), row["epochs"])
+        if key.startswith(("accuracy", "megapixel", "noise")) and "refresh" in row:
+            side = row.get("side", DemoSettings().side if key.startswith("accuracy") else 500)
+            variant = (re.sub(r"_seed\d+", "", key), side, row["epochs"])
             groups.setdefault(variant, []).append((row.get("seed", 0), row))
     lines = ["", "Over seeds (each seed's exact and cached runs from its own row; the means "
              "of the curves; in the noise rows the perturbed exact run stands for the cached one):",
@@ -466,7 +527,8 @@ def table(results: dict[str, Any]) -> list[str]:
         if key.startswith("accuracy"):
             title = ("Demo task" + (f" (exact fill for the first {a['warmup_epochs']} epochs)"
                                     if a.get("warmup_epochs") else "")
-                     + (" (kept cells mapped, `z_correct`)" if a.get("z_correct") else ""))
+                     + (" (kept cells mapped, `z_correct`)" if a.get("z_correct") else "")
+                     + (f", seed {a['seed']}" if a.get("seed") else ""))
         elif key.startswith("ips"):
             side = a.get("side", 500)
             title = (f"IPS, Megapixel MNIST majority ({side}², M = 16, I = 32, "
@@ -558,6 +620,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="Megapixel MNIST (pretrained θ1): instead of the cache, the exact fill "
                         "again with θ1 scaled by (1 + EPS·N(0, 1)); the exact run is reused "
                         "from the stored results when one matches (seed, side, sizes, lr)")
+    p.add_argument("--noise-task", choices=("megapixel", "demo"), default="megapixel",
+                   help="the task of --noise-floor: Megapixel MNIST (θ1 pretrained) or the "
+                        "demo task (θ1 from scratch: its seeded start saved, then perturbed)")
+    p.add_argument("--demo-seed", type=int, default=0,
+                   help="demo task: the training seed (θ's start, sampling, order)")
     p.add_argument("--mm-seed", type=int, default=0,
                    help="Megapixel MNIST: the training seed (θ2's start, sampling, order)")
     p.add_argument("--tag", default="",
@@ -571,14 +638,18 @@ def main(argv: list[str] | None = None) -> int:
         results["speed"] = speed_rows(args.side, args.patch, args.epochs, args.runs)
     if args.accuracy:
         key = f"accuracy_{args.tag}" if args.tag else "accuracy"
-        results[key] = accuracy_rows(args.epochs, args.runs, args.z_warmup, args.z_correct)
+        results[key] = accuracy_rows(args.epochs, args.runs, args.z_warmup, args.z_correct,
+                                     args.demo_seed)
     if args.megapixel:
         key = f"megapixel_{args.tag}" if args.tag else "megapixel"
         results[key] = megapixel_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                       args.mm_side, args.mm_encoder_lr, args.mm_z_refresh,
                                       args.mm_seed, args.z_warmup, args.z_tolerance,
                                       args.z_correct)
-    if args.noise_floor is not None:
+    if args.noise_floor is not None and args.noise_task == "demo":
+        results[f"noise_{args.tag}" if args.tag else "noise_demo"] = demo_noise_rows(
+            args.epochs, args.runs, args.demo_seed, args.noise_floor)
+    elif args.noise_floor is not None:
         saved = RESULTS / "z_cache.json"
         want = {"seed": args.mm_seed, "side": args.mm_side, "n_train": args.mm_train,
                 "encoder_lr": args.mm_encoder_lr, "pretrained": True, "epochs": args.epochs}
