@@ -510,8 +510,8 @@ def table(results: dict[str, Any]) -> list[str]:
     lines = []
     s = results.get("speed")
     if s:
-        lines += [f"PatchGD, tiny_cnn_small, {s['side']:,}² (2 images), patch {s['patch']}, k = 4, "
-                  f"J = 2, batch 1, {s['epochs']} epochs:", "",
+        lines += [f"PatchGD, tiny_cnn_small, {s['side']:,}² (2 images), patch {s['patch']}, "
+                  f"k = 4, J = 2, batch 1, {s['epochs']} epochs:", "",
                   "| z_cache | training time per epoch (s) | mean of epochs 2+ |",
                   "|---|---|---|"]
         for name in POLICIES:
@@ -658,8 +658,9 @@ def main(argv: list[str] | None = None) -> int:
             args.epochs, args.mm_train, args.runs, args.mm_side, args.mm_encoder_lr,
             args.mm_seed, args.noise_floor, exact)
     if args.ips:
-        results[f"ips_{args.tag}" if args.tag else "ips"] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
-                                  args.mm_side)
+        key = f"ips_{args.tag}" if args.tag else "ips"
+        results[key] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
+                                args.mm_side)
     save_results("z_cache", results, table)
     return 0
 
