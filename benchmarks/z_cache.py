@@ -617,9 +617,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="demo task and Megapixel MNIST: the cached policy maps its kept cells "
                         "by the change fitted on the re-encoded ones (method.z_correct)")
     p.add_argument("--noise-floor", type=float, default=None, metavar="EPS",
-                   help="Megapixel MNIST (pretrained θ1): instead of the cache, the exact fill "
-                        "again with θ1 scaled by (1 + EPS·N(0, 1)); the exact run is reused "
-                        "from the stored results when one matches (seed, side, sizes, lr)")
+                   help="instead of the cache, the exact fill again with θ1 scaled by "
+                        "(1 + EPS·N(0, 1)), on --noise-task; on Megapixel MNIST (θ1 "
+                        "pretrained) the exact run is reused from the stored results when one "
+                        "matches (seed, side, sizes, lr)")
     p.add_argument("--noise-task", choices=("megapixel", "demo"), default="megapixel",
                    help="the task of --noise-floor: Megapixel MNIST (θ1 pretrained) or the "
                         "demo task (θ1 from scratch: its seeded start saved, then perturbed)")
@@ -628,8 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mm-seed", type=int, default=0,
                    help="Megapixel MNIST: the training seed (θ2's start, sampling, order)")
     p.add_argument("--tag", default="",
-                   help="store the demo, Megapixel-MNIST and IPS results under accuracy_<tag>, "
-                        "megapixel_<tag> and ips_<tag> (keeps others)")
+                   help="store the demo, Megapixel-MNIST, IPS and noise-floor results under "
+                        "accuracy_<tag>, megapixel_<tag>, ips_<tag> and noise_<tag> (keeps "
+                        "others)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zcache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
