@@ -164,15 +164,22 @@ def policy_runs(cfg: Config, label: str, n_train: int,
         print(f"{label} {name}: accuracy {[round(a, 3) for a in out[name]['accuracy']]}, "
               f"{out[name]['elapsed'][-1]:.0f} s ({out[name]['training'][-1]:.0f} s training)",
               flush=True)
-    if "refresh" not in out:
-        return out
+    return compared(out) if "refresh" in out else out
+
+
+def compared(out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` (:func:`policy_runs`' rows of ``none`` and ``refresh``) with the final gap in
+    points, the epoch at which ``refresh`` first reaches ``none``'s final accuracy and the
+    share of ``none``'s time (elapsed, and training only) it needs for that (``None``: not
+    reached), and the training-time ratio."""
     final = out["none"]["accuracy"][-1]
     out["gap_points"] = 100 * (out["refresh"]["accuracy"][-1] - final)
+    reached = [i for i, a in enumerate(out["refresh"]["accuracy"]) if a >= final]
+    out["epoch_to_exact_final"] = reached[0] + 1 if reached else None
     for key, clock in (("time_to_exact_final", "elapsed"),
                        ("training_time_to_exact_final", "training")):
-        reached = [t for a, t in zip(out["refresh"]["accuracy"], out["refresh"][clock])
-                   if a >= final]
-        out[key] = reached[0] / out["none"][clock][-1] if reached else None
+        out[key] = (out["refresh"][clock][reached[0]] / out["none"][clock][-1] if reached
+                    else None)
     out["training_ratio"] = out["refresh"]["training"][-1] / out["none"]["training"][-1]
     return out
 
@@ -395,8 +402,8 @@ def _noise_pair(cfg: Config, label: str, n_train: int, eps: float,
                 exact: dict[str, Any] | None) -> dict[str, Any]:
     """``cfg`` (θ1 from the file ``cfg.model.weights``) with the exact fill (``exact``: a
     stored run of it; run here when ``None``) and again with θ1 perturbed by a relative
-    ``eps`` (:func:`perturbed_weights`); :func:`policy_runs`' measures, the perturbed run in
-    the cached run's place, and the epoch at which it first reaches the exact final."""
+    ``eps`` (:func:`perturbed_weights`); :func:`compared`'s measures, the perturbed run in
+    the cached run's place."""
     base: dict[str, dict[str, Any]] = {"none": {}}
     out = (policy_runs(cfg, label, n_train, base) if exact is None
            else {"epochs": cfg.train.epochs, "none": exact})
@@ -404,12 +411,8 @@ def _noise_pair(cfg: Config, label: str, n_train: int, eps: float,
     moved.model.weights = str(perturbed_weights(Path(cfg.model.weights), eps))
     moved.name = f"{cfg.name}_perturbed"
     out["refresh"] = policy_runs(moved, f"{label} (θ1 perturbed)", n_train, base)["none"]
-    final = out["none"]["accuracy"][-1]
-    out["gap_points"] = 100 * (out["refresh"]["accuracy"][-1] - final)
-    reached = [i for i, a in enumerate(out["refresh"]["accuracy"]) if a >= final]
-    out["epoch_to_exact_final"] = reached[0] + 1 if reached else None
     out.update(seed=cfg.seed, eps=eps, reused_exact=exact is not None)
-    return out
+    return compared(out)
 
 
 def noise_rows(epochs: int, n_train: int, runs: Path, side: int, encoder_lr: float | None,
