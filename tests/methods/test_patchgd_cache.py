@@ -14,7 +14,7 @@ from gigapatch.engine.loop import train
 from gigapatch.methods.base import create_method
 from gigapatch.methods.frozen_cache import ZCache, image_keys
 from gigapatch.methods.patchgd import PatchGD
-from gigapatch.methods.z_staleness import apply_affine, fit_affine, relative_change
+from gigapatch.methods.z_staleness import BucketMaps, apply_affine, fit_affine, relative_change
 from gigapatch.memory.tracker import measure_step_peaks
 from gigapatch.step import StepContext
 
@@ -224,6 +224,43 @@ def test_z_correct_maps_each_bucket_by_its_pairs_from_the_recent_fills():
                                                          apply_affine(old3[first], fit2)))
     assert 0 < residual.mean() < 0.05
     assert set(method.z_maps.sums) == {0, 1}
+
+
+def test_z_correct_over_many_buckets_equals_a_map_per_bucket_mask():
+    """The sorted, batched :meth:`PatchGD._correct` gives what fitting and applying each
+    bucket's map through its own mask gives, over fills that meet a dozen buckets."""
+    torch.manual_seed(0)
+    method = create_method(_cfg(z_cache="refresh", z_refresh=0.25, z_correct=True))
+    method.z_bucket_steps, c = 3, 8
+    reference = BucketMaps()
+    for _ in range(4):
+        old = torch.randn(4, 64, c)
+        ages = torch.randint(-1, 40, (4, 64))  # 14 buckets and never-encoded cells
+        seen = (torch.rand(4, 64) < 0.5) & (ages >= 0)
+        rest = ~seen & (ages >= 0)
+        new = apply_affine(old, torch.eye(c + 1, c) + 0.1 * torch.randn(c + 1, c))
+        z = torch.where(seen[..., None], new, old)
+        want, bucket = z.clone(), ages // 3
+        reference.step()
+        residual = []
+        for b in bucket[seen].unique().tolist():
+            pairs = seen & (bucket == b)
+            before = reference.map(b, c + 1)
+            if before is not None:
+                residual.append(relative_change(new[pairs], apply_affine(old[pairs], before)))
+            reference.add(b, old[pairs], new[pairs])
+        mapped = torch.zeros_like(rest)
+        for b in bucket[rest].unique().tolist():
+            w = reference.map(b, c + 1)
+            if w is not None:
+                cells = rest & (bucket == b)
+                want[cells], mapped = apply_affine(old[cells], w), mapped | cells
+        done, got_residual = method._correct(z, old, ages, seen, rest)
+        assert torch.equal(done, mapped) and mapped.any()
+        torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-5)
+        want_residual = torch.cat(residual) if residual else torch.zeros(0)
+        torch.testing.assert_close(got_residual, want_residual, rtol=1e-4, atol=1e-5)
+    assert residual  # the later fills checked earlier maps
 
 
 def test_z_correct_maps_the_kept_cells_by_the_fit_on_the_re_encoded_ones(monkeypatch):
@@ -469,10 +506,14 @@ def test_a_resumed_run_with_a_cache_gives_the_uninterrupted_weights(tiny_config,
         torch.testing.assert_close(got["model"][name], value, rtol=0, atol=0, msg=name)
     maps, want_maps = (c["method_state"].get("z_maps", {}) for c in (got, want))
     assert maps.keys() == want_maps.keys()  # the maps carried over the resume, too
-    for bucket, (gram, cross, weight) in want_maps.items():
+    for bucket, (gram, cross, weight, solved) in want_maps.items():
         torch.testing.assert_close(maps[bucket][0], gram, rtol=0, atol=0)
         torch.testing.assert_close(maps[bucket][1], cross, rtol=0, atol=0)
         assert maps[bucket][2] == weight
+        if solved is None:  # (not asked for since its last pairs)
+            assert maps[bucket][3] is None
+        else:  # the kept maps carried over too: the resumed run solves none again
+            torch.testing.assert_close(maps[bucket][3], solved, rtol=0, atol=0)
     assert "method_state" not in load_checkpoint(Path(cfg.train.out_dir) / cfg.name / "best.pt")
 
 

@@ -90,3 +90,45 @@ def test_bucket_maps_fit_the_decayed_sums_of_every_fills_pairs_and_drop_spent_bu
     assert maps.map(7, 1) is not None
     maps.step()  # 0.75 < 1 pair: dropped
     assert maps.sums == {}
+
+
+def test_solve_affine_batched_gives_each_pair_of_sums_its_own_map_and_ridge():
+    torch.manual_seed(0)
+    sums = [affine_sums(torch.randn(n, 4), torch.randn(n, 4)) for n in (3, 20, 50)]
+    sums[0] = (100 * sums[0][0], 100 * sums[0][1])  # another scale: its own ridge
+    batched = solve_affine(torch.stack([g for g, _ in sums]), torch.stack([x for _, x in sums]))
+    assert batched.shape == (3, 5, 4)
+    for w, (g, x) in zip(batched, sums):
+        torch.testing.assert_close(w, solve_affine(g, x), rtol=1e-5, atol=1e-6)
+
+
+def test_bucket_maps_keep_a_solved_map_through_the_decay_until_new_pairs_come(monkeypatch):
+    torch.manual_seed(0)
+    maps = BucketMaps(decay=0.5)
+    maps.add(1, torch.randn(12, 4), torch.randn(12, 4))
+    maps.add(2, torch.randn(12, 4), torch.randn(12, 4))
+    first = maps.maps([1, 2, 3], 5)  # bucket 3 has no pairs
+    assert first.keys() == {1, 2}
+    solves = []
+    real = solve_affine
+
+    def counted(gram, cross, *args):
+        solves.append(len(gram))
+        return real(gram, cross, *args)
+
+    monkeypatch.setattr("gigapatch.methods.z_staleness.solve_affine", counted)
+    maps.step()  # the decay scales sums and ridge alike: the kept maps are the solution still
+    for b in (1, 2):
+        g, x = maps.sums[b][:2]
+        torch.testing.assert_close(first[b], real(g, x), rtol=1e-5, atol=1e-6)
+    again = maps.maps([1, 2], 5)
+    assert solves == [] and all(again[b] is first[b] for b in (1, 2))  # none solved again
+    maps.add(2, torch.randn(6, 4), torch.randn(6, 4))
+    third = maps.maps([1, 2], 5)
+    assert solves == [1] and third[1] is first[1]  # only bucket 2, which got pairs
+    g, x = maps.sums[2][:2]
+    torch.testing.assert_close(third[2], real(g, x), rtol=0, atol=0)
+    old = {b: e[:3] for b, e in maps.state_dict().items()}  # an earlier version's state
+    fresh = BucketMaps(decay=0.5)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.map(2, 5), third[2], rtol=0, atol=0)  # solved on ask

@@ -132,6 +132,21 @@ def _flat_reader(take: Take, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda flat: take(flat // n, flat % n)
 
 
+def _bucket_groups(cells: torch.Tensor, bucket: torch.Tensor
+                   ) -> tuple[torch.Tensor, list[tuple[int, slice]]]:
+    """The flat indices ``(P,)`` of the ``cells`` ``(B, N)`` bool, ordered by their
+    ``bucket`` ``(B, N)`` (stable: in flat order within a bucket), and each bucket, ascending,
+    with its slice of them: one sort instead of a mask per bucket."""
+    flat = cells.flatten().nonzero().flatten()
+    keys = bucket.flatten()[flat]
+    order = torch.sort(keys, stable=True).indices
+    flat = flat[order]
+    values, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return flat, [(b, slice(end - n, end)) for b, n, end in zip(values.tolist(),
+                                                                counts.tolist(), ends)]
+
+
 def optimizer_steps(cfg: Config, batches: int) -> int:
     """The optimizer steps PatchGD takes over ``batches`` batches: one per batch with
     ``method.accumulate`` (the default), else one per inner step (J per batch). The unit of
@@ -802,26 +817,25 @@ class PatchGD(Method):
         under their bucket's map from the fills before (held out: the error the mapped
         cells keep)."""
         bucket = torch.div(ages, self.z_bucket_steps, rounding_mode="floor")
-        done, residual = torch.zeros_like(rest), []
         c = z.shape[-1]
-        dev_z = z.view(-1, c)
+        dev_z, host_old = z.view(-1, c), old.reshape(-1, c)
         self.z_maps.step()
-        for b in bucket[seen].unique().tolist():
-            pairs = seen & (bucket == b)
-            flat = pairs.flatten().nonzero().flatten().to(self.device)
-            was, now = old[pairs], dev_z[flat]  # (P, C) host, device
-            before = self.z_maps.map(b, c + 1)
-            if before is not None:
-                residual.append(relative_change(now, apply_affine(was, before)))
-            self.z_maps.add(b, was, now)
-        for b in bucket[rest].unique().tolist():
-            w = self.z_maps.map(b, c + 1)
-            if w is None:
-                continue
-            cells = rest & (bucket == b)
-            into = cells.flatten().nonzero().flatten().to(self.device)
-            dev_z[into] = apply_affine(old[cells], w).to(dev_z.device)
-            done |= cells
+        flat, groups = _bucket_groups(seen, bucket)
+        was, now = host_old[flat], dev_z[flat.to(z.device)]  # (P, C) host, device
+        before = self.z_maps.maps([b for b, _ in groups], c + 1, z.device)
+        residual = []
+        for b, part in groups:
+            if b in before:
+                residual.append(relative_change(now[part], apply_affine(was[part], before[b])))
+            self.z_maps.add(b, was[part], now[part])
+        flat, groups = _bucket_groups(rest, bucket)
+        kept = host_old[flat]  # (R, C) host
+        maps = self.z_maps.maps([b for b, _ in groups], c + 1, z.device)
+        done = torch.zeros_like(rest)
+        for b, part in groups:
+            if b in maps:
+                dev_z[flat[part].to(z.device)] = apply_affine(kept[part], maps[b])
+                done.view(-1)[flat[part]] = True
         return done, (torch.cat(residual).cpu() if residual else torch.zeros(0))
 
     def training_state(self) -> dict[str, Any]:

@@ -51,9 +51,12 @@ def affine_sums(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, tor
 def solve_affine(gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """The affine map ``W`` ``(C + 1, C)`` of :func:`affine_sums`' sums: least squares with a
     ridge of ``ridge`` × the mean channel energy pulling ``W`` towards the identity (no
-    change), so that few or alike pairs cannot give a wild map."""
-    c = cross.shape[1]
-    alpha = ridge * float(gram.diagonal()[:c].mean().clamp_min(1e-12))
+    change), so that few or alike pairs cannot give a wild map. Batched too: ``(K, C + 1,
+    C + 1)`` and ``(K, C + 1, C)`` sums → ``K`` maps ``(K, C + 1, C)``, each with its own
+    ridge, in one solve."""
+    c = cross.shape[-1]
+    energy = gram.diagonal(dim1=-2, dim2=-1)[..., :c].mean(-1).clamp_min(1e-12)
+    alpha = (ridge * energy)[..., None, None]  # () or (K, 1, 1)
     pull = torch.eye(c + 1, device=gram.device)
     pull[c, c] = 0  # the offset is not pulled
     prior = torch.eye(c + 1, c, device=gram.device)  # [I; 0]: new = old
@@ -148,11 +151,16 @@ class BucketMaps:
     decayed sums (:func:`affine_sums`) of every recent fill's old → new pairs of that bucket,
     so a bucket's kept cells are mapped even by a fill that re-encodes none of its cells.
     Buckets whose pairs' weight fell below one pair are dropped. The sums live on the pairs'
-    device (host after :meth:`load_state_dict` until the next pairs come)."""
+    device (host after :meth:`load_state_dict` until the next pairs come).
+
+    A bucket's map is solved once and kept until new pairs come: the decay scales the sums
+    and the ridge (a share of their energy) alike, which leaves the map as it was. Late in a
+    run a fill meets dozens of buckets but adds pairs to few, so this saves most solves."""
 
     def __init__(self, decay: float = MAP_DECAY) -> None:
         self.decay = decay
-        #: bucket → [gram (C + 1, C + 1), cross (C + 1, C), weight in pairs]
+        #: bucket → [gram (C + 1, C + 1), cross (C + 1, C), weight in pairs, its map
+        #: (C + 1, C) or None until solved]
         self.sums: dict[int, list[Any]] = {}
 
     def step(self) -> None:
@@ -169,23 +177,41 @@ class BucketMaps:
         gram, cross = affine_sums(old, new)
         entry = self.sums.get(bucket)
         if entry is None:
-            self.sums[bucket] = [gram, cross, float(len(old))]
+            self.sums[bucket] = [gram, cross, float(len(old)), None]
         else:
             entry[0] = entry[0].to(gram.device) + gram
             entry[1] = entry[1].to(cross.device) + cross
             entry[2] += len(old)
+            entry[3] = None  # solved again when next asked for
 
     def map(self, bucket: int, min_pairs: float) -> torch.Tensor | None:
         """``bucket``'s map ``(C + 1, C)`` (:func:`solve_affine`), or ``None`` while its pairs
         weigh less than ``min_pairs``."""
-        entry = self.sums.get(bucket)
-        if entry is None or entry[2] < min_pairs:
-            return None
-        return solve_affine(entry[0], entry[1])
+        return self.maps([bucket], min_pairs).get(bucket)
 
-    def state_dict(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
-        return {b: (g.cpu(), x.cpu(), w) for b, (g, x, w) in self.sums.items()}
+    def maps(self, buckets: list[int], min_pairs: float,
+             device: torch.device | None = None) -> dict[int, torch.Tensor]:
+        """:meth:`map` of each of ``buckets`` that has one, ``{bucket: (C + 1, C)}`` on
+        ``device`` (default the sums'); those not solved since their last pairs are solved
+        together, in one batched solve."""
+        have = [b for b in buckets if b in self.sums and self.sums[b][2] >= min_pairs]
+        todo = [b for b in have if self.sums[b][3] is None]
+        if todo:
+            at = self.sums[todo[0]][0].device
+            grams = torch.stack([self.sums[b][0].to(at) for b in todo])
+            crosses = torch.stack([self.sums[b][1].to(at) for b in todo])
+            for b, w in zip(todo, solve_affine(grams, crosses).unbind(0)):
+                self.sums[b][3] = w
+        return {b: self.sums[b][3] if device is None else self.sums[b][3].to(device)
+                for b in have}
 
-    def load_state_dict(self, state: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
-                        ) -> None:
-        self.sums = {int(b): [g, x, float(w)] for b, (g, x, w) in state.items()}
+    def state_dict(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, float,
+                                            torch.Tensor | None]]:
+        return {b: (g.cpu(), x.cpu(), n, None if w is None else w.cpu())
+                for b, (g, x, n, w) in self.sums.items()}
+
+    def load_state_dict(self, state: dict[int, tuple[Any, ...]]) -> None:
+        """:meth:`state_dict`'s buckets (or an earlier version's, without the maps: solved
+        when first asked for)."""
+        self.sums = {int(b): [e[0], e[1], float(e[2]), e[3] if len(e) > 3 else None]
+                     for b, e in state.items()}
