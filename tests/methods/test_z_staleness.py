@@ -68,7 +68,7 @@ def test_fit_affine_recovers_an_affine_map_and_stays_tame_on_few_pairs():
 
 def test_bucket_maps_fit_the_decayed_sums_of_every_fills_pairs_and_drop_spent_buckets():
     torch.manual_seed(0)
-    maps = BucketMaps(decay=0.5)
+    maps = BucketMaps(decay=0.5, reach=0)  # own pairs only (borrowing: below)
     x1, x2 = torch.randn(12, 4), torch.randn(6, 4)
     y1, y2 = x1 @ torch.randn(4, 4), x2 @ torch.randn(4, 4)
     maps.step()  # nothing yet: a no-op
@@ -82,7 +82,7 @@ def test_bucket_maps_fit_the_decayed_sums_of_every_fills_pairs_and_drop_spent_bu
     torch.testing.assert_close(maps.map(7, 12), solve_affine(0.5 * g1 + g2, 0.5 * c1 + c2))
     assert maps.map(7, 12.5) is None
     state = maps.state_dict()
-    again = BucketMaps(decay=0.5)
+    again = BucketMaps(decay=0.5, reach=0)
     again.load_state_dict(state)
     torch.testing.assert_close(again.map(7, 1), maps.map(7, 1), rtol=0, atol=0)  # round trip
     for _ in range(3):
@@ -104,7 +104,7 @@ def test_solve_affine_batched_gives_each_pair_of_sums_its_own_map_and_ridge():
 
 def test_bucket_maps_keep_a_solved_map_through_the_decay_until_new_pairs_come(monkeypatch):
     torch.manual_seed(0)
-    maps = BucketMaps(decay=0.5)
+    maps = BucketMaps(decay=0.5, reach=0)
     maps.add(1, torch.randn(12, 4), torch.randn(12, 4))
     maps.add(2, torch.randn(12, 4), torch.randn(12, 4))
     first = maps.maps([1, 2, 3], 5)  # bucket 3 has no pairs
@@ -129,6 +129,29 @@ def test_bucket_maps_keep_a_solved_map_through_the_decay_until_new_pairs_come(mo
     g, x = maps.sums[2][:2]
     torch.testing.assert_close(third[2], real(g, x), rtol=0, atol=0)
     old = {b: e[:3] for b, e in maps.state_dict().items()}  # an earlier version's state
-    fresh = BucketMaps(decay=0.5)
+    fresh = BucketMaps(decay=0.5, reach=0)
     fresh.load_state_dict(old)
     torch.testing.assert_close(fresh.map(2, 5), third[2], rtol=0, atol=0)  # solved on ask
+
+
+def test_a_thin_bucket_borrows_its_nearest_neighbours_pairs_widening_up_to_the_reach():
+    torch.manual_seed(0)
+    maps = BucketMaps(reach=2)
+    pairs = {b: (torch.randn(n, 4), torch.randn(n, 4)) for b, n in
+             ((10, 3), (11, 4), (13, 6), (20, 9))}
+    for b, (x, y) in pairs.items():
+        maps.add(b, x, y)
+
+    def fit(*buckets):
+        sums = [affine_sums(*pairs[b]) for b in buckets]
+        return solve_affine(sum(g for g, _ in sums), sum(x for _, x in sums))
+
+    got = maps.maps([10, 11, 12, 13, 17, 20, 30], 9)
+    assert got.keys() == {11, 12, 13, 20}
+    torch.testing.assert_close(got[20], fit(20))  # its own pairs weigh enough
+    torch.testing.assert_close(got[11], fit(10, 11, 13))  # ±1: 3 + 4 < 9; ±2: + 6 = 13
+    torch.testing.assert_close(got[12], fit(11, 13))  # ±1: 4 + 6 = 10 pairs
+    torch.testing.assert_close(got[13], fit(11, 13))  # own 6; ±1: 6; ±2: 11 … 15: 10
+    # 10: ±2 (8 … 12) still only 3 + 4; 17 and 30: no pairs within 2 buckets
+    assert maps.map(17, 9) is None and maps.map(30, 1) is None
+    assert maps.map(15, 6) is not None  # ±2 reaches 13's 6 pairs

@@ -144,6 +144,9 @@ class AdaptiveShare:
 #: :class:`BucketMaps`: each fill keeps this much of the pairs' weight of the fills before
 #: (a memory of about ten batches, over which θ1 moves little).
 MAP_DECAY = 0.9
+#: :class:`BucketMaps`: a bucket whose own pairs weigh too little borrows those of up to this
+#: many buckets on each side (cells encoded a little earlier or later).
+MAP_REACH = 4
 
 
 class BucketMaps:
@@ -154,11 +157,16 @@ class BucketMaps:
     device (host after :meth:`load_state_dict` until the next pairs come).
 
     A bucket's map is solved once and kept until new pairs come: the decay scales the sums
-    and the ridge (a share of their energy) alike, which leaves the map as it was. Late in a
-    run a fill meets dozens of buckets but adds pairs to few, so this saves most solves."""
+    and the ridge (a share of their energy) alike, which leaves the map as it was.
 
-    def __init__(self, decay: float = MAP_DECAY) -> None:
-        self.decay = decay
+    The oldest buckets hold few cells, so few pairs: late in a long run a quarter of the
+    cached cells, the stalest, sat in buckets whose own pairs weighed less than a map needs.
+    Such a bucket borrows the pairs of its neighbours (the nearest ``reach`` buckets on each
+    side, widening one bucket at a time until they weigh enough): cells encoded a little
+    earlier or later, by nearly the same θ1."""
+
+    def __init__(self, decay: float = MAP_DECAY, reach: int = MAP_REACH) -> None:
+        self.decay, self.reach = decay, reach
         #: bucket → [gram (C + 1, C + 1), cross (C + 1, C), weight in pairs, its map
         #: (C + 1, C) or None until solved]
         self.sums: dict[int, list[Any]] = {}
@@ -192,18 +200,44 @@ class BucketMaps:
     def maps(self, buckets: list[int], min_pairs: float,
              device: torch.device | None = None) -> dict[int, torch.Tensor]:
         """:meth:`map` of each of ``buckets`` that has one, ``{bucket: (C + 1, C)}`` on
-        ``device`` (default the sums'); those not solved since their last pairs are solved
-        together, in one batched solve."""
-        have = [b for b in buckets if b in self.sums and self.sums[b][2] >= min_pairs]
-        todo = [b for b in have if self.sums[b][3] is None]
-        if todo:
-            at = self.sums[todo[0]][0].device
-            grams = torch.stack([self.sums[b][0].to(at) for b in todo])
-            crosses = torch.stack([self.sums[b][1].to(at) for b in todo])
-            for b, w in zip(todo, solve_affine(grams, crosses).unbind(0)):
-                self.sums[b][3] = w
-        return {b: self.sums[b][3] if device is None else self.sums[b][3].to(device)
-                for b in have}
+        ``device`` (default the sums'): from its own pairs when they weigh ``min_pairs``
+        (solved once, kept until new pairs come), else from its neighbours' too (see the
+        class doc; none if even ``reach`` buckets on each side weigh too little). The maps
+        to solve are solved together, in one batched solve."""
+        own = [b for b in buckets if b in self.sums and self.sums[b][2] >= min_pairs]
+        todo = [b for b in own if self.sums[b][3] is None]
+        pooled = [(b, sums) for b in buckets if b not in own
+                  for sums in [self._pooled(b, min_pairs)] if sums is not None]
+        at = next((e[0].device for e in self.sums.values()), None)
+        solved = self._solve([(self.sums[b][0], self.sums[b][1]) for b in todo]
+                             + [sums for _, sums in pooled], at)
+        for b, w in zip(todo, solved):
+            self.sums[b][3] = w
+        out = {b: self.sums[b][3] for b in own}
+        out.update((b, w) for (b, _), w in zip(pooled, solved[len(todo):]))
+        return out if device is None else {b: w.to(device) for b, w in out.items()}
+
+    def _pooled(self, bucket: int, min_pairs: float
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The summed sums of ``bucket`` and its nearest neighbours, widened one bucket on
+        each side at a time up to :attr:`reach` until they weigh ``min_pairs``; ``None`` if
+        they never do."""
+        for r in range(1, self.reach + 1):
+            near = [self.sums[b] for b in range(bucket - r, bucket + r + 1) if b in self.sums]
+            if sum(e[2] for e in near) >= min_pairs:
+                at = near[0][0].device
+                return (sum(e[0].to(at) for e in near), sum(e[1].to(at) for e in near))
+        return None
+
+    @staticmethod
+    def _solve(sums: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device | None
+               ) -> list[torch.Tensor]:
+        """:func:`solve_affine` of each pair of ``sums``, in one batched solve on ``device``."""
+        if not sums:
+            return []
+        grams = torch.stack([g.to(device) for g, _ in sums])
+        crosses = torch.stack([x.to(device) for _, x in sums])
+        return list(solve_affine(grams, crosses).unbind(0))
 
     def state_dict(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, float,
                                             torch.Tensor | None]]:
