@@ -25,7 +25,9 @@
    (``method.z_tolerance``, from every cell down to ``--mm-z-refresh``). The cached run's
    ``z_staleness`` and ``z_refreshed`` per epoch are kept with its results. ``--z-correct``:
    the cached run maps its kept cells by the affine change fitted on the re-encoded ones
-   (``method.z_correct``).
+   (``method.z_correct``). ``--reuse-exact`` (θ1 pretrained) takes the exact run from a
+   stored row of the same settings (it is deterministic here) and trains only the cached one;
+   the time shares then compare with that earlier run's clock.
 4. **IPS selection reuse** (``--ips``): IPS's CPU config (M = 16, I = 32; majority only) on the
    same data, the exact scan vs ``method.selection_refresh: 0.2`` (each image's previous top-M
    plus a fifth of the other cells), the same two measures; ``--mm-side`` and ``--tag`` as in 3.
@@ -37,7 +39,8 @@
    (2's settings), θ1 from scratch: its seeded start is saved to a file
    (:func:`initial_encoder`) and both runs start from it, one perturbed.
 
-``--demo-seed S`` trains the demo task (2, and its noise floor) with seed S.
+``--demo-seed S`` trains the demo task (2, and its noise floor) with seed S;
+``--demo-encoder-lr LR`` gives its θ1 a learning rate of its own in both runs (2).
 
 The table ends with each variant's mean over the seeds run (:func:`seed_means`): one seed's
 gap is within the noise floor, a mean over seeds less so.
@@ -93,7 +96,8 @@ POLICIES = {"none": {}, "refresh": {"z_cache": "refresh", "z_refresh": 0.1}}
 IPS_POLICIES = {"none": {}, "refresh": {"selection_refresh": 0.2}}
 
 
-def _with_policy(cfg: Config, name: str, policies: dict[str, dict[str, Any]]) -> Config:
+def with_policy(cfg: Config, name: str, policies: dict[str, dict[str, Any]]) -> Config:
+    """A copy of ``cfg`` named ``<name>_<policy>`` with ``policies[name]``'s method keys set."""
     out = copy.deepcopy(cfg)
     out.name = f"{cfg.name}_{name}"
     for key, value in policies[name].items():
@@ -129,7 +133,7 @@ def speed_rows(side: int, patch: int, epochs: int, runs: Path) -> dict[str, Any]
                             "epochs": epochs}
     n_train = len((data / "train.csv").read_text().splitlines()) - 1
     for name in POLICIES:
-        summary = train(_with_policy(base, name, POLICIES), overwrite=True)
+        summary = train(with_policy(base, name, POLICIES), overwrite=True)
         hist = _history(summary)
         times = [n_train / row["images_per_second"] for row in hist]  # training only
         rows[name] = {"train_seconds": times,
@@ -143,14 +147,19 @@ def speed_rows(side: int, patch: int, epochs: int, runs: Path) -> dict[str, Any]
 
 
 def policy_runs(cfg: Config, label: str, n_train: int,
-                policies: dict[str, dict[str, Any]] = POLICIES) -> dict[str, Any]:
+                policies: dict[str, dict[str, Any]] = POLICIES,
+                exact: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cfg`` (``n_train`` training images) with each policy; held-out accuracy, elapsed
     and training time per epoch, the final gap in points and the share of the exact run's
     time (elapsed, and training only) the cached one needs to reach the exact run's final
-    accuracy (``None``: not reached)."""
+    accuracy (``None``: not reached). ``exact``: a stored run of ``none`` (:func:`stored_exact`)
+    that stands for training it again."""
     out: dict[str, Any] = {"epochs": cfg.train.epochs}
     for name in policies:
-        summary = train(_with_policy(cfg, name, policies), overwrite=True)
+        if name == "none" and exact is not None:
+            out["none"] = exact
+            continue
+        summary = train(with_policy(cfg, name, policies), overwrite=True)
         hist = _history(summary)
         training = [n_train / r["images_per_second"] for r in hist]
         out[name] = {"accuracy": [row["val_accuracy"] for row in hist],
@@ -207,17 +216,21 @@ def demo_patchgd(epochs: int, runs: Path, seed: int = 0) -> Config:
 
 
 def accuracy_rows(epochs: int, runs: Path, warmup_epochs: int = 0,
-                  z_correct: bool = False, seed: int = 0) -> dict[str, Any]:
+                  z_correct: bool = False, seed: int = 0,
+                  encoder_lr: float | None = None) -> dict[str, Any]:
     """The demo task's PatchGD run with each policy (:func:`policy_runs`); the cached one
     fills exactly for its first ``warmup_epochs`` epochs and with ``z_correct`` maps its kept
-    cells (``method.z_correct``); ``seed``: the training seed (θ's start, sampling, order)."""
+    cells (``method.z_correct``); ``seed``: the training seed (θ's start, sampling, order);
+    ``encoder_lr``: θ1's learning rate in both runs (``train.encoder_lr``; default the
+    demo's, the head's)."""
     pgd = demo_patchgd(epochs, runs, seed)
+    pgd.train.encoder_lr = encoder_lr
     n_train = DemoSettings().n_train
     out = policy_runs(pgd, "demo", n_train,
                       _warm_policies(pgd, n_train, warmup_epochs,
                                      **({"z_correct": True} if z_correct else {})))
     out.update(warmup_epochs=warmup_epochs, z_correct=z_correct, seed=seed,
-               side=DemoSettings().side)
+               side=DemoSettings().side, encoder_lr=encoder_lr)
     return out
 
 
@@ -306,7 +319,7 @@ def megapixel_data(n_train: int, side: int) -> Path:
     return data
 
 
-def _from_cells(cfg: Config, data: Path) -> None:
+def from_cells(cfg: Config, data: Path) -> None:
     """Start ``cfg``'s θ1 from :func:`pretrain_encoder`'s weights for ``data``."""
     cfg.model.weights = str(pretrain_encoder(data, data / "theta1_cells.pt",
                                              cfg.method.patch_size, cfg.model.latent_dim))
@@ -322,7 +335,7 @@ def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
     cfg.data.tasks, cfg.data.multilabel = ["majority"], []
     cfg.train.epochs, cfg.train.progress, cfg.train.out_dir = epochs, False, str(runs)
     if pretrained:
-        _from_cells(cfg, data)
+        from_cells(cfg, data)
     out = policy_runs(cfg.validate(), "ips", n_train, IPS_POLICIES)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     return out
@@ -332,20 +345,23 @@ def megapixel_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = Fal
                    side: int = 500, encoder_lr: float | None = None,
                    z_refresh: float = 0.1, seed: int = 0,
                    warmup_epochs: int = 0, tolerance: float | None = None,
-                   correct: bool = False) -> dict[str, Any]:
+                   correct: bool = False, exact: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     """:func:`megapixel_config` with each policy; ``encoder_lr``: θ1's learning rate
     (``train.encoder_lr``; default the head's 1e-3), ``z_refresh``: the cached policy's share
     of cells re-encoded per visit (the least share with ``tolerance``: ``method.z_tolerance``),
-    ``warmup_epochs``: its first epochs fill Z exactly, ``correct``: ``method.z_correct``."""
+    ``warmup_epochs``: its first epochs fill Z exactly, ``correct``: ``method.z_correct``;
+    ``exact``: a stored exact run of these settings, not trained again."""
     data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
     if pretrained:
-        _from_cells(cfg, data)
+        from_cells(cfg, data)
     policies = _warm_policies(cfg, n_train, warmup_epochs, z_refresh=z_refresh,
                               z_tolerance=tolerance, z_correct=correct)
-    out = policy_runs(cfg, "megapixel", n_train, policies)
+    out = policy_runs(cfg, "megapixel", n_train, policies, exact)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
+    out["reused_exact"] = exact is not None
     out["encoder_lr"], out["z_refresh"], out["seed"] = encoder_lr, z_refresh, seed
     out["warmup_epochs"], out["z_tolerance"], out["z_correct"] = warmup_epochs, tolerance, correct
     return out
@@ -405,8 +421,7 @@ def _noise_pair(cfg: Config, label: str, n_train: int, eps: float,
     ``eps`` (:func:`perturbed_weights`); :func:`compared`'s measures, the perturbed run in
     the cached run's place."""
     base: dict[str, dict[str, Any]] = {"none": {}}
-    out = (policy_runs(cfg, label, n_train, base) if exact is None
-           else {"epochs": cfg.train.epochs, "none": exact})
+    out = policy_runs(cfg, label, n_train, base, exact)
     moved = copy.deepcopy(cfg)
     moved.model.weights = str(perturbed_weights(Path(cfg.model.weights), eps))
     moved.name = f"{cfg.name}_perturbed"
@@ -422,7 +437,7 @@ def noise_rows(epochs: int, n_train: int, runs: Path, side: int, encoder_lr: flo
     data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
-    _from_cells(cfg, data)
+    from_cells(cfg, data)
     out = _noise_pair(cfg, "noise", n_train, eps, exact)
     out.update(n_train=n_train, side=side, encoder_lr=encoder_lr)
     return out
@@ -531,6 +546,8 @@ def table(results: dict[str, Any]) -> list[str]:
             title = ("Demo task" + (f" (exact fill for the first {a['warmup_epochs']} epochs)"
                                     if a.get("warmup_epochs") else "")
                      + (" (kept cells mapped, `z_correct`)" if a.get("z_correct") else "")
+                     + (f", θ1 learning rate {a['encoder_lr']:g}" if a.get("encoder_lr")
+                        else "")
                      + (f", seed {a['seed']}" if a.get("seed") else ""))
         elif key.startswith("ips"):
             side = a.get("side", 500)
@@ -629,8 +646,15 @@ def main(argv: list[str] | None = None) -> int:
                         "demo task (θ1 from scratch: its seeded start saved, then perturbed)")
     p.add_argument("--demo-seed", type=int, default=0,
                    help="demo task: the training seed (θ's start, sampling, order)")
+    p.add_argument("--demo-encoder-lr", type=float, default=None,
+                   help="demo task (--accuracy): θ1's learning rate in both runs "
+                        "(train.encoder_lr; default the demo's 3e-3, the head's)")
     p.add_argument("--mm-seed", type=int, default=0,
                    help="Megapixel MNIST: the training seed (θ2's start, sampling, order)")
+    p.add_argument("--reuse-exact", action="store_true",
+                   help="Megapixel MNIST (θ1 pretrained): take the exact run from a stored row "
+                        "with the same settings (deterministic here) instead of training it "
+                        "again; its times come from that earlier run")
     p.add_argument("--tag", default="",
                    help="store the demo, Megapixel-MNIST, IPS and noise-floor results under "
                         "accuracy_<tag>, megapixel_<tag>, ips_<tag> and noise_<tag> (keeps "
@@ -644,24 +668,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy:
         key = f"accuracy_{args.tag}" if args.tag else "accuracy"
         results[key] = accuracy_rows(args.epochs, args.runs, args.z_warmup, args.z_correct,
-                                     args.demo_seed)
+                                     args.demo_seed, args.demo_encoder_lr)
+    saved = RESULTS / "z_cache.json"
+    want = {"seed": args.mm_seed, "side": args.mm_side, "n_train": args.mm_train,
+            "encoder_lr": args.mm_encoder_lr, "pretrained": True, "epochs": args.epochs}
+    stored = stored_exact(json.loads(saved.read_text()) if saved.is_file() else {}, want)
     if args.megapixel:
         key = f"megapixel_{args.tag}" if args.tag else "megapixel"
+        if args.reuse_exact and (stored is None or not args.mm_pretrained):
+            p.error("--reuse-exact: no stored Megapixel-MNIST row has these settings (seed, "
+                    "side, sizes, lr, epochs, θ1 pretrained) in benchmarks/results/"
+                    "z_cache.json; run once without it")
         results[key] = megapixel_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                       args.mm_side, args.mm_encoder_lr, args.mm_z_refresh,
                                       args.mm_seed, args.z_warmup, args.z_tolerance,
-                                      args.z_correct)
+                                      args.z_correct, stored if args.reuse_exact else None)
     if args.noise_floor is not None and args.noise_task == "demo":
         results[f"noise_{args.tag}" if args.tag else "noise_demo"] = demo_noise_rows(
             args.epochs, args.runs, args.demo_seed, args.noise_floor)
     elif args.noise_floor is not None:
-        saved = RESULTS / "z_cache.json"
-        want = {"seed": args.mm_seed, "side": args.mm_side, "n_train": args.mm_train,
-                "encoder_lr": args.mm_encoder_lr, "pretrained": True, "epochs": args.epochs}
-        exact = stored_exact(json.loads(saved.read_text()) if saved.is_file() else {}, want)
         results[f"noise_{args.tag}" if args.tag else "noise"] = noise_rows(
             args.epochs, args.mm_train, args.runs, args.mm_side, args.mm_encoder_lr,
-            args.mm_seed, args.noise_floor, exact)
+            args.mm_seed, args.noise_floor, stored)
     if args.ips:
         key = f"ips_{args.tag}" if args.tag else "ips"
         results[key] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,

@@ -811,11 +811,12 @@ class PatchGD(Method):
         ``rest`` ``(B, N)`` kept as found by their bucket's affine map (:attr:`z_maps`: cells
         encoded within the same :attr:`z_bucket_steps` optimizer steps), fitted on the old →
         new pairs of the re-encoded cells ``seen`` ``(B, N)`` of this fill and the recent
-        ones (decayed; a bucket whose pairs weigh less than C + 1 keeps its cells as they
-        are). ``old`` ``(B, N, C)`` host, ``ages`` the cells' encoding steps. Returns the
-        cells mapped ``(B, N)`` bool and the residual change ``(R,)`` of this fill's pairs
-        under their bucket's map from the fills before (held out: the error the mapped
-        cells keep)."""
+        ones (decayed; a bucket whose pairs weigh less than C + 1 borrows its neighbours',
+        :class:`~gigapatch.methods.z_staleness.BucketMaps`, and keeps its cells as they are
+        if even those weigh too little). ``old`` ``(B, N, C)`` host, ``ages`` the cells'
+        encoding steps. Returns the cells mapped ``(B, N)`` bool and the residual change
+        ``(R,)`` of this fill's pairs under their bucket's map from the fills before (held
+        out: the error the mapped cells keep)."""
         bucket = torch.div(ages, self.z_bucket_steps, rounding_mode="floor")
         c = z.shape[-1]
         dev_z, host_old = z.view(-1, c), old.reshape(-1, c)

@@ -193,8 +193,9 @@ class BucketMaps:
             entry[3] = None  # solved again when next asked for
 
     def map(self, bucket: int, min_pairs: float) -> torch.Tensor | None:
-        """``bucket``'s map ``(C + 1, C)`` (:func:`solve_affine`), or ``None`` while its pairs
-        weigh less than ``min_pairs``."""
+        """``bucket``'s map ``(C + 1, C)`` (:func:`solve_affine`; :meth:`maps`), or ``None``
+        while its pairs, and its neighbours' within :attr:`reach`, weigh less than
+        ``min_pairs``."""
         return self.maps([bucket], min_pairs).get(bucket)
 
     def maps(self, buckets: list[int], min_pairs: float,
@@ -222,11 +223,15 @@ class BucketMaps:
         """The summed sums of ``bucket`` and its nearest neighbours, widened one bucket on
         each side at a time up to :attr:`reach` until they weigh ``min_pairs``; ``None`` if
         they never do."""
-        for r in range(1, self.reach + 1):
-            near = [self.sums[b] for b in range(bucket - r, bucket + r + 1) if b in self.sums]
-            if sum(e[2] for e in near) >= min_pairs:
+        weight = self.sums[bucket][2] if bucket in self.sums else 0.0
+        for r in range(1, self.reach + 1):  # the weights first: the sums are added once
+            weight += sum(self.sums[b][2] for b in (bucket - r, bucket + r) if b in self.sums)
+            if weight >= min_pairs:
+                near = [self.sums[b] for b in range(bucket - r, bucket + r + 1)
+                        if b in self.sums]
                 at = near[0][0].device
-                return (sum(e[0].to(at) for e in near), sum(e[1].to(at) for e in near))
+                return (torch.stack([e[0].to(at) for e in near]).sum(0),
+                        torch.stack([e[1].to(at) for e in near]).sum(0))
         return None
 
     @staticmethod
