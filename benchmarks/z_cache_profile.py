@@ -22,6 +22,10 @@ not measured, so the clock holds training only. Times are wall clock, one step a
 Writes ``benchmarks/results/z_cache_profile.{json,md}``.
 
     python benchmarks/z_cache_profile.py --epochs 20   # 160 images at 1000², ~4 min
+    python benchmarks/z_cache_profile.py --resume-from runs/<dir>/zcache_megapixel_refresh
+
+``--resume-from RUN_DIR`` times one more epoch of a finished run instead, resumed from its
+``last.pt`` (with the Z cache and maps it saved): a late epoch's phases at the run's size.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +41,8 @@ from typing import Any
 
 import torch
 
+from gigapatch.config import config_from_dict
+from gigapatch.engine.checkpoint import load_checkpoint
 from gigapatch.engine.loop import train
 from gigapatch.methods.patchgd import PatchGD
 
@@ -133,10 +140,39 @@ def profile_rows(epochs: int, n_train: int, side: int, encoder_lr: float, seed: 
     return out
 
 
+def resumed_epoch(run_dir: Path, runs: Path) -> dict[str, Any]:
+    """One more epoch of the finished run ``run_dir`` (a copy of it under ``runs``, resumed
+    from its ``last.pt`` with the Z cache and maps saved there), its training steps timed by
+    :func:`phase_clock` (the held-out pass after it is not): the phases of a late epoch at the run's own size, apart
+    from whatever else slowed the run's own late epochs."""
+    source = run_dir / "last.pt"
+    if not source.is_file():
+        raise SystemExit(f"--resume-from {run_dir}: no last.pt there; give the directory of "
+                         "a finished PatchGD run (e.g. runs/<dir>/zcache_megapixel_refresh)")
+    cfg = config_from_dict(load_checkpoint(source)["config"], str(source))
+    twin = runs / cfg.name  # where train() looks for the run to resume
+    shutil.rmtree(twin, ignore_errors=True)
+    shutil.copytree(run_dir, twin)
+    epochs = cfg.train.epochs
+    cfg.train.out_dir, cfg.train.epochs = str(runs), epochs + 1
+    with phase_clock() as steps:
+        train(cfg.validate(), resume=True)
+    epoch = per_epoch(steps, len(steps))[0]
+    print(f"epoch {epochs + 1} of {run_dir}: " + ", ".join(f"{p} {s:.1f} s"
+                                                          for p, s in epoch.items()), flush=True)
+    return {"run_dir": str(run_dir), "epoch": epochs + 1, "steps": len(steps), **epoch}
+
+
 def table(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for key in sorted(k for k in results if k.startswith("profile")):
         lines += ([""] if lines else []) + profile_table(key, results[key])
+    for key in sorted(k for k in results if k.startswith("resumed")):
+        a = results[key]
+        lines += ["", f"`{key}`: epoch {a['epoch']} of `{a['run_dir']}`, resumed ({a['steps']} "
+                  f"steps): step {a['step']:.1f} s, fill {a['fill']:.1f} s, z_correct maps "
+                  f"{a['correct']:.1f} s, inner steps {a['inner']:.1f} s, other "
+                  f"{a['other']:.1f} s."]
     return lines
 
 
@@ -171,12 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-lr", type=float, default=1e-4, help="θ1's learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tag", default="", help="store the results under profile_<tag>")
+    p.add_argument("--resume-from", type=Path, default=None, metavar="RUN_DIR",
+                   help="instead: time one more epoch of this finished run, resumed from its "
+                        "last.pt (its cache and maps; a copy under --runs)")
+    p.add_argument("--tag", default="",
+                   help="store the results under profile_<tag> (resumed_<tag>)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zcache-profile")
     args = p.parse_args(argv)
     if args.epochs < 2:
         p.error(f"--epochs {args.epochs}: need at least 2 (the first fills every cell)")
     torch.set_num_threads(args.threads)
+    if args.resume_from is not None:
+        key = f"resumed_{args.tag}" if args.tag else "resumed"
+        save_results("z_cache_profile", {key: resumed_epoch(args.resume_from, args.runs)},
+                     table)
+        return 0
     key = f"profile_{args.tag}" if args.tag else "profile"
     save_results("z_cache_profile", {key: profile_rows(
         args.epochs, args.train, args.side, args.encoder_lr, args.seed, args.runs)}, table)
