@@ -661,6 +661,16 @@ def main(argv: list[str] | None = None) -> int:
                         "others)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-zcache")
     args = p.parse_args(argv)
+    if args.reuse_exact and not (args.megapixel and args.mm_pretrained):
+        p.error("--reuse-exact: only with --megapixel --mm-pretrained (the stored exact runs "
+                "are of a pretrained θ1)")
+    saved = RESULTS / "z_cache.json"
+    want = {"seed": args.mm_seed, "side": args.mm_side, "n_train": args.mm_train,
+            "encoder_lr": args.mm_encoder_lr, "pretrained": True, "epochs": args.epochs}
+    stored = stored_exact(json.loads(saved.read_text()) if saved.is_file() else {}, want)
+    if args.reuse_exact and stored is None:  # (checked before anything trains)
+        p.error(f"--reuse-exact: no stored Megapixel-MNIST row in {saved} has these settings "
+                "(seed, side, sizes, lr, epochs, θ1 pretrained); run once without it")
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {}
     if not args.no_speed:
@@ -669,16 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         key = f"accuracy_{args.tag}" if args.tag else "accuracy"
         results[key] = accuracy_rows(args.epochs, args.runs, args.z_warmup, args.z_correct,
                                      args.demo_seed, args.demo_encoder_lr)
-    saved = RESULTS / "z_cache.json"
-    want = {"seed": args.mm_seed, "side": args.mm_side, "n_train": args.mm_train,
-            "encoder_lr": args.mm_encoder_lr, "pretrained": True, "epochs": args.epochs}
-    stored = stored_exact(json.loads(saved.read_text()) if saved.is_file() else {}, want)
     if args.megapixel:
         key = f"megapixel_{args.tag}" if args.tag else "megapixel"
-        if args.reuse_exact and (stored is None or not args.mm_pretrained):
-            p.error("--reuse-exact: no stored Megapixel-MNIST row has these settings (seed, "
-                    "side, sizes, lr, epochs, θ1 pretrained) in benchmarks/results/"
-                    "z_cache.json; run once without it")
         results[key] = megapixel_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
                                       args.mm_side, args.mm_encoder_lr, args.mm_z_refresh,
                                       args.mm_seed, args.z_warmup, args.z_tolerance,

@@ -143,24 +143,33 @@ def profile_rows(epochs: int, n_train: int, side: int, encoder_lr: float, seed: 
 def resumed_epoch(run_dir: Path, runs: Path) -> dict[str, Any]:
     """One more epoch of the finished run ``run_dir`` (a copy of it under ``runs``, resumed
     from its ``last.pt`` with the Z cache and maps saved there), its training steps timed by
-    :func:`phase_clock` (the held-out pass after it is not): the phases of a late epoch at the run's own size, apart
-    from whatever else slowed the run's own late epochs."""
+    :func:`phase_clock` (the held-out pass after it is not): the phases of a late epoch at
+    the run's own size, apart from whatever else slowed the run's own late epochs. Also how
+    the saved cache's ages spread: the oldest cell's age in epochs and the buckets mapped."""
     source = run_dir / "last.pt"
     if not source.is_file():
         raise SystemExit(f"--resume-from {run_dir}: no last.pt there; give the directory of "
                          "a finished PatchGD run (e.g. runs/<dir>/zcache_megapixel_refresh)")
-    cfg = config_from_dict(load_checkpoint(source)["config"], str(source))
+    saved = load_checkpoint(source)
+    cfg = config_from_dict(saved["config"], str(source))
+    state, epochs = saved.get("method_state", {}), cfg.train.epochs
+    ages = [int(extra[extra >= 0].min()) for _, _, extra in state.get("z_cache", [])
+            if (extra >= 0).any()]
+    clock = state.get("z_clock", 0)
+    spread = {"oldest_epochs": (clock - min(ages)) * epochs / clock if ages and clock else None,
+              "buckets": len(state.get("z_maps", {}))}
+    del saved, state  # train() reads last.pt again
     twin = runs / cfg.name  # where train() looks for the run to resume
     shutil.rmtree(twin, ignore_errors=True)
     shutil.copytree(run_dir, twin)
-    epochs = cfg.train.epochs
     cfg.train.out_dir, cfg.train.epochs = str(runs), epochs + 1
     with phase_clock() as steps:
         train(cfg.validate(), resume=True)
     epoch = per_epoch(steps, len(steps))[0]
     print(f"epoch {epochs + 1} of {run_dir}: " + ", ".join(f"{p} {s:.1f} s"
                                                           for p, s in epoch.items()), flush=True)
-    return {"run_dir": str(run_dir), "epoch": epochs + 1, "steps": len(steps), **epoch}
+    return {"run_dir": str(run_dir), "epoch": epochs + 1, "steps": len(steps), **epoch,
+            **spread}
 
 
 def table(results: dict[str, Any]) -> list[str]:
@@ -172,7 +181,9 @@ def table(results: dict[str, Any]) -> list[str]:
         lines += ["", f"`{key}`: epoch {a['epoch']} of `{a['run_dir']}`, resumed ({a['steps']} "
                   f"steps): step {a['step']:.1f} s, fill {a['fill']:.1f} s, z_correct maps "
                   f"{a['correct']:.1f} s, inner steps {a['inner']:.1f} s, other "
-                  f"{a['other']:.1f} s."]
+                  f"{a['other']:.1f} s."
+                  + (f" The saved cache: the oldest cell {a['oldest_epochs']:.1f} epochs old, "
+                     f"{a['buckets']} buckets mapped." if a.get("oldest_epochs") else "")]
     return lines
 
 

@@ -159,8 +159,8 @@ class BucketMaps:
     A bucket's map is solved once and kept until new pairs come: the decay scales the sums
     and the ridge (a share of their energy) alike, which leaves the map as it was.
 
-    The oldest buckets hold few cells, so few pairs: late in a long run a quarter of the
-    cached cells, the stalest, sat in buckets whose own pairs weighed less than a map needs.
+    The oldest buckets hold few cells, so few pairs: late in a long run about a sixth of
+    the cached cells, the stalest, sat in buckets whose own pairs weighed less than a map needs.
     Such a bucket borrows the pairs of its neighbours (the nearest ``reach`` buckets on each
     side, widening one bucket at a time until they weigh enough): cells encoded a little
     earlier or later, by nearly the same θ1."""
