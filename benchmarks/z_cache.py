@@ -20,7 +20,7 @@
    learning rate (a slowly moving θ1 keeps the cache fresh), ``--mm-z-refresh`` the cached
    policy's share, ``--tag`` keeps the results apart (``megapixel_<tag>``, ``accuracy_<tag>``).
    ``--z-warmup E`` (2 and 3): the cached run fills exactly for its first E epochs
-   (``method.z_cache_warmup``), while θ1 moves fastest. ``--z-tolerance T`` (3): the cached
+   (``method.z_cache_warmup``), while θ1 moves fastest. ``--z-tolerance T`` (2 and 3): the cached
    run's share re-encoded per visit follows the measured change of the re-encoded cells
    (``method.z_tolerance``, from every cell down to ``--mm-z-refresh``). The cached run's
    ``z_staleness`` and ``z_refreshed`` per epoch are kept with its results. ``--z-correct``:
@@ -217,20 +217,23 @@ def demo_patchgd(epochs: int, runs: Path, seed: int = 0) -> Config:
 
 def accuracy_rows(epochs: int, runs: Path, warmup_epochs: int = 0,
                   z_correct: bool = False, seed: int = 0,
-                  encoder_lr: float | None = None) -> dict[str, Any]:
+                  encoder_lr: float | None = None,
+                  tolerance: float | None = None) -> dict[str, Any]:
     """The demo task's PatchGD run with each policy (:func:`policy_runs`); the cached one
     fills exactly for its first ``warmup_epochs`` epochs and with ``z_correct`` maps its kept
     cells (``method.z_correct``); ``seed``: the training seed (θ's start, sampling, order);
     ``encoder_lr``: θ1's learning rate in both runs (``train.encoder_lr``; default the
-    demo's, the head's)."""
+    demo's, the head's); ``tolerance``: the cached run's ``method.z_tolerance`` (its share
+    re-encoded per visit follows the measured change, down to ``z_refresh``)."""
     pgd = demo_patchgd(epochs, runs, seed)
     pgd.train.encoder_lr = encoder_lr
     n_train = DemoSettings().n_train
     out = policy_runs(pgd, "demo", n_train,
                       _warm_policies(pgd, n_train, warmup_epochs,
-                                     **({"z_correct": True} if z_correct else {})))
+                                     **({"z_correct": True} if z_correct else {}),
+                                     **({"z_tolerance": tolerance} if tolerance else {})))
     out.update(warmup_epochs=warmup_epochs, z_correct=z_correct, seed=seed,
-               side=DemoSettings().side, encoder_lr=encoder_lr)
+               side=DemoSettings().side, encoder_lr=encoder_lr, z_tolerance=tolerance)
     return out
 
 
@@ -630,9 +633,9 @@ def main(argv: list[str] | None = None) -> int:
                         "its first EPOCHS epochs (method.z_cache_warmup), while θ1 moves "
                         "fastest")
     p.add_argument("--z-tolerance", type=float, default=None, metavar="T",
-                   help="Megapixel MNIST: the cached policy's method.z_tolerance (the share "
-                        "re-encoded per visit follows the measured change, from every cell "
-                        "down to --mm-z-refresh)")
+                   help="demo task and Megapixel MNIST: the cached policy's "
+                        "method.z_tolerance (the share re-encoded per visit follows the "
+                        "measured change, from every cell down to z_refresh)")
     p.add_argument("--z-correct", action="store_true",
                    help="demo task and Megapixel MNIST: the cached policy maps its kept cells "
                         "by the change fitted on the re-encoded ones (method.z_correct)")
@@ -678,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy:
         key = f"accuracy_{args.tag}" if args.tag else "accuracy"
         results[key] = accuracy_rows(args.epochs, args.runs, args.z_warmup, args.z_correct,
-                                     args.demo_seed, args.demo_encoder_lr)
+                                     args.demo_seed, args.demo_encoder_lr, args.z_tolerance)
     if args.megapixel:
         key = f"megapixel_{args.tag}" if args.tag else "megapixel"
         results[key] = megapixel_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,

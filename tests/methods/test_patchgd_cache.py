@@ -73,6 +73,19 @@ def test_with_max_age_zero_the_cached_path_is_the_exact_algorithm():
     assert cached.z_clock == 3
 
 
+def test_z_correct_re_encoding_every_cell_is_the_exact_algorithm():
+    """Its random picks do not touch the global generator: with every cell re-encoded
+    (``z_refresh: 1``) the cached run samples the exact run's inner-step cells, step for
+    step, and ends in its weights."""
+    torch.manual_seed(0)
+    exact = create_method(_cfg())
+    cached = copy.deepcopy(exact)
+    cached.cfg = _cfg(z_cache="refresh", z_refresh=1.0, z_correct=True)
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    _assert_same_weights(exact, cached, images, torch.tensor([0, 2]), n=4)
+    assert cached.z_cache.hits == 6  # steps 2-4 went through the cached path
+
+
 def test_refresh_re_encodes_exactly_the_oldest_share_and_epoch_none():
     method = create_method(_cfg(z_cache="refresh", z_refresh=0.25))
     ages = torch.tensor([5, 1, 1, 7, 0, 3, 2, 9])
@@ -173,12 +186,13 @@ def test_z_correct_re_encodes_half_the_oldest_and_half_a_random_sample_of_every_
     method = create_method(_cfg(z_cache="refresh", z_refresh=0.5, z_correct=True))
     ages = torch.tensor([0] * 6 + [5] * 10)  # ⌈0.5·16⌉ = 8: 4 oldest, 4 of the other 12
     picks, young = set(), 0
-    for seed in range(8):
-        torch.manual_seed(seed)
+    rng = torch.get_rng_state()
+    for _ in range(8):
         stale = method._stale(ages, torch.ones(16, dtype=torch.bool))
         assert int(stale.sum()) == 8 and int(stale[:6].sum()) >= 4  # as many; the oldest half
         picks.add(tuple(stale[:6].nonzero().flatten().tolist()))
         young += int(stale[6:].sum())
+    assert torch.equal(torch.get_rng_state(), rng)  # drawn from the method's own generator
     assert len(picks) > 1  # ties among the oldest at random: a fair sample to fit on
     assert young > 0  # younger buckets get pairs too (none without z_correct: below)
     plain = create_method(_cfg(z_cache="refresh", z_refresh=0.5))

@@ -190,6 +190,9 @@ class PatchGD(Method):
         self.z_bucket_steps = 1
         #: ``method.z_correct``: each bucket's map, from the recent fills' pairs.
         self.z_maps = BucketMaps()
+        #: ``method.z_correct``'s random picks of the cells to re-encode, apart from the global
+        #: generator, so a cached run samples the same inner-step cells as an exact one.
+        self.z_gen = torch.Generator().manual_seed(cfg.seed)
         if m.z_correct and (task.dense or task.detects):
             raise ConfigError(f"method.z_correct maps cached latent vectors (classification); "
                               f"task.kind = {cfg.task.kind} caches dense maps, which it does "
@@ -748,7 +751,8 @@ class PatchGD(Method):
         ``z_tolerance``, the share :attr:`z_share` steers); every candidate during the first
         ``method.z_cache_warmup`` optimizer steps, while θ1 moves fastest. With ``z_correct``
         half of the share is the oldest (ties at random), half a random sample of the other
-        candidates, of every age: pairs for every bucket's map (:meth:`_correct`)."""
+        candidates, of every age: pairs for every bucket's map (:meth:`_correct`), drawn from
+        :attr:`z_gen`, not the global generator."""
         m = self.cfg.method
         if self.z_clock < m.z_cache_warmup:
             return candidates.clone()
@@ -760,14 +764,15 @@ class PatchGD(Method):
         share = m.z_refresh if self.z_share is None else self.z_share.share
         count = math.ceil(share * len(pool))
         if m.z_correct:  # ties at random: the re-encoded cells are a fair sample to fit on
-            pool = pool[torch.randperm(len(pool))]
+            pool = pool[torch.randperm(len(pool), generator=self.z_gen)]
         by_age = pool[torch.sort(ages[pool], stable=True).indices]
         out = torch.zeros_like(candidates)
         if m.z_correct:
             first = math.ceil(count / 2)
             younger = by_age[first:]
             out[by_age[:first]] = True
-            out[younger[torch.randperm(len(younger))[: count - first]]] = True
+            picks = torch.randperm(len(younger), generator=self.z_gen)[: count - first]
+            out[younger[picks]] = True
         else:
             out[by_age[:count]] = True
         return out
@@ -850,6 +855,7 @@ class PatchGD(Method):
         share = {"z_share": self.z_share.state_dict()} if self.z_share is not None else {}
         if self.cfg.method.z_correct:
             share["z_maps"] = self.z_maps.state_dict()
+            share["z_gen"] = self.z_gen.get_state()
         entries = self.z_cache.entries()
         size = sum(ZCache.entry_bytes(entry) for _, entry in entries)
         cap = parse_bytes(self.cfg.method.z_cache_checkpoint)
@@ -868,6 +874,8 @@ class PatchGD(Method):
         if self.z_share is not None:
             self.z_share.load_state_dict(state.get("z_share", {}))
         self.z_maps.load_state_dict(state.get("z_maps", {}))
+        if "z_gen" in state:
+            self.z_gen.set_state(state["z_gen"])
         for key, z, extra in state.get("z_cache", []):
             self.z_cache.put(key, z, extra)
 
