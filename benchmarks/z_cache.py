@@ -549,6 +549,7 @@ def table(results: dict[str, Any]) -> list[str]:
             title = ("Demo task" + (f" (exact fill for the first {a['warmup_epochs']} epochs)"
                                     if a.get("warmup_epochs") else "")
                      + (" (kept cells mapped, `z_correct`)" if a.get("z_correct") else "")
+                     + (f", z_tolerance {a['z_tolerance']:g}" if a.get("z_tolerance") else "")
                      + (f", θ1 learning rate {a['encoder_lr']:g}" if a.get("encoder_lr")
                         else "")
                      + (f", seed {a['seed']}" if a.get("seed") else ""))
