@@ -229,9 +229,8 @@ def accuracy_rows(epochs: int, runs: Path, warmup_epochs: int = 0,
     pgd.train.encoder_lr = encoder_lr
     n_train = DemoSettings().n_train
     out = policy_runs(pgd, "demo", n_train,
-                      _warm_policies(pgd, n_train, warmup_epochs,
-                                     **({"z_correct": True} if z_correct else {}),
-                                     **({"z_tolerance": tolerance} if tolerance else {})))
+                      _warm_policies(pgd, n_train, warmup_epochs, z_correct=z_correct,
+                                     z_tolerance=tolerance))
     out.update(warmup_epochs=warmup_epochs, z_correct=z_correct, seed=seed,
                side=DemoSettings().side, encoder_lr=encoder_lr, z_tolerance=tolerance)
     return out
