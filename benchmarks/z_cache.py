@@ -37,7 +37,8 @@
    see; the exact run is reused from the stored results of a row with the same settings
    (it is deterministic here), else run too. ``--noise-task demo``: the same on the demo task
    (2's settings), θ1 from scratch: its seeded start is saved to a file
-   (:func:`initial_encoder`) and both runs start from it, one perturbed.
+   (:func:`initial_encoder`) and both runs start from it, one perturbed. ``--noise-draw K``
+   seeds the perturbation (default 0: one direction for every seed).
 
 ``--demo-seed S`` trains the demo task (2, and its noise floor) with seed S;
 ``--demo-encoder-lr LR`` gives its θ1 a learning rate of its own in both runs (2).
@@ -417,42 +418,44 @@ def initial_encoder(cfg: Config, out: Path) -> Path:
 
 
 def _noise_pair(cfg: Config, label: str, n_train: int, eps: float,
-                exact: dict[str, Any] | None) -> dict[str, Any]:
+                exact: dict[str, Any] | None, draw: int = 0) -> dict[str, Any]:
     """``cfg`` (θ1 from the file ``cfg.model.weights``) with the exact fill (``exact``: a
     stored run of it; run here when ``None``) and again with θ1 perturbed by a relative
-    ``eps`` (:func:`perturbed_weights`); :func:`compared`'s measures, the perturbed run in
-    the cached run's place."""
+    ``eps`` (:func:`perturbed_weights`, its noise seeded by ``draw``); :func:`compared`'s
+    measures, the perturbed run in the cached run's place."""
     base: dict[str, dict[str, Any]] = {"none": {}}
     out = policy_runs(cfg, label, n_train, base, exact)
     moved = copy.deepcopy(cfg)
-    moved.model.weights = str(perturbed_weights(Path(cfg.model.weights), eps))
+    moved.model.weights = str(perturbed_weights(Path(cfg.model.weights), eps, draw))
     moved.name = f"{cfg.name}_perturbed"
     out["refresh"] = policy_runs(moved, f"{label} (θ1 perturbed)", n_train, base)["none"]
-    out.update(seed=cfg.seed, eps=eps, reused_exact=exact is not None)
+    out.update(seed=cfg.seed, eps=eps, draw=draw, reused_exact=exact is not None)
     return compared(out)
 
 
 def noise_rows(epochs: int, n_train: int, runs: Path, side: int, encoder_lr: float | None,
-               seed: int, eps: float, exact: dict[str, Any] | None) -> dict[str, Any]:
+               seed: int, eps: float, exact: dict[str, Any] | None, draw: int = 0
+               ) -> dict[str, Any]:
     """The noise floor of one seed's Megapixel-MNIST comparison (:func:`_noise_pair`):
     :func:`megapixel_config`'s exact fill with θ1 pretrained, and with θ1 perturbed."""
     data = megapixel_data(n_train, side)
     cfg = megapixel_config(data, runs, epochs, side)
     cfg.train.encoder_lr, cfg.seed = encoder_lr, seed
     from_cells(cfg, data)
-    out = _noise_pair(cfg, "noise", n_train, eps, exact)
+    out = _noise_pair(cfg, "noise", n_train, eps, exact, draw)
     out.update(n_train=n_train, side=side, encoder_lr=encoder_lr)
     return out
 
 
-def demo_noise_rows(epochs: int, runs: Path, seed: int, eps: float) -> dict[str, Any]:
+def demo_noise_rows(epochs: int, runs: Path, seed: int, eps: float, draw: int = 0
+                    ) -> dict[str, Any]:
     """The noise floor of one seed's demo-task comparison (:func:`_noise_pair`): θ1 from
     scratch, as the demo trains it, started from a file (:func:`initial_encoder`) with the
     exact fill, and from that file perturbed. Both runs are made here: a stored exact demo
     run started from no file, so it stands for the first only if the file holds its start."""
     cfg = demo_patchgd(epochs, runs, seed)
     cfg.model.weights = str(initial_encoder(cfg, runs / f"theta1_demo_init_seed{seed}.pt"))
-    out = _noise_pair(cfg, "demo noise", DemoSettings().n_train, eps, None)
+    out = _noise_pair(cfg, "demo noise", DemoSettings().n_train, eps, None, draw)
     out.update(side=DemoSettings().side, task="demo")
     return out
 
@@ -470,7 +473,8 @@ def noise_table(results: dict[str, Any]) -> list[str]:
     for a in rows:
         acc = ", ".join(f"{v:.3f}" for v in a["refresh"]["accuracy"])
         task = "demo" if a.get("task") == "demo" else "Megapixel MNIST"
-        lines.append(f"| {task} | {a['seed']} | {a['side']}² | {a['eps']:g} | "
+        draw = f" (draw {a['draw']})" if a.get("draw") else ""
+        lines.append(f"| {task} | {a['seed']} | {a['side']}² | {a['eps']:g}{draw} | "
                      f"{a['none']['accuracy'][-1]:.3f} | {a['refresh']['accuracy'][-1]:.3f} | "
                      f"{a['gap_points']:+.1f} | {acc} |")
     return lines
@@ -644,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(1 + EPS·N(0, 1)), on --noise-task; on Megapixel MNIST (θ1 "
                         "pretrained) the exact run is reused from the stored results when one "
                         "matches (seed, side, sizes, lr)")
+    p.add_argument("--noise-draw", type=int, default=0, metavar="K",
+                   help="--noise-floor: the seed of the perturbation's noise (default 0; "
+                        "another K perturbs θ1 in another direction)")
     p.add_argument("--noise-task", choices=("megapixel", "demo"), default="megapixel",
                    help="the task of --noise-floor: Megapixel MNIST (θ1 pretrained) or the "
                         "demo task (θ1 from scratch: its seeded start saved, then perturbed)")
@@ -690,11 +697,11 @@ def main(argv: list[str] | None = None) -> int:
                                       args.z_correct, stored if args.reuse_exact else None)
     if args.noise_floor is not None and args.noise_task == "demo":
         results[f"noise_{args.tag}" if args.tag else "noise_demo"] = demo_noise_rows(
-            args.epochs, args.runs, args.demo_seed, args.noise_floor)
+            args.epochs, args.runs, args.demo_seed, args.noise_floor, args.noise_draw)
     elif args.noise_floor is not None:
         results[f"noise_{args.tag}" if args.tag else "noise"] = noise_rows(
             args.epochs, args.mm_train, args.runs, args.mm_side, args.mm_encoder_lr,
-            args.mm_seed, args.noise_floor, stored)
+            args.mm_seed, args.noise_floor, stored, args.noise_draw)
     if args.ips:
         key = f"ips_{args.tag}" if args.tag else "ips"
         results[key] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
