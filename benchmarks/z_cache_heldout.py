@@ -1,5 +1,5 @@
-"""The final accuracies of ``benchmarks/z_cache.py``'s Megapixel-MNIST runs, measured again
-on a larger held-out set, paired image by image.
+"""The final accuracies of ``benchmarks/z_cache.py``'s accuracy runs (Megapixel MNIST and the
+demo's UltraMNIST), measured again on a larger held-out set, paired image by image.
 
 Each of ``z_cache.py``'s rows compares an exact run (``z_cache: none``) with a cached one (or,
 in the noise rows, with the exact run from a perturbed θ1) on the 500 held-out images the runs
@@ -7,7 +7,8 @@ validate on. A gap measured on 500 images carries the test set's own sampling er
 the two runs are right on different images, which ones the 500 happen to hold moves the gap.
 Its paired standard error is ``sd(d) / √n`` of the per-image differences ``d`` (1 where only
 the second run is right, −1 where only the first is, 0 otherwise), about 1.4 points when a
-tenth of the images flip, as large as the 1-point target.
+tenth of the images flip, as large as the 1-point target (the demo's runs, right on about
+40 % of the images, flip more).
 
 This script loads each pair's finished runs (``last.pt``: the final epoch's weights), checks
 that they reproduce the final held-out accuracy each run recorded (``summary.json``), and
@@ -28,6 +29,9 @@ Writes ``benchmarks/results/z_cache_heldout.{json,md}``.
         --pair runs/e20s0/zcache_megapixel_none runs/e20g0/zcache_megapixel_refresh \\
         --pair runs/e20s1/zcache_megapixel_none runs/e20g1/zcache_megapixel_refresh
     # 3,000 images of 1,000²: about 4 min per run on one thread beside other jobs
+    python benchmarks/z_cache_heldout.py --label "demo: 2 exact epochs, then z_correct" \\
+        --pair runs/demo_w0/zcache_demo_none runs/demo_w0/zcache_demo_refresh
+    # the demo's 3,000 images of 256²: well under a minute per run
 """
 
 from __future__ import annotations
@@ -50,33 +54,59 @@ from gigapatch.engine.checkpoint import load_method
 from gigapatch.engine.loop import loader_for, resolve_device
 from gigapatch.methods import Method
 from gigapatch.synth.megapixel_mnist import generate_megapixel_mnist
+from gigapatch.synth.ultramnist import generate_ultramnist
 from gigapatch.tasks import Task
 
 from bench_data import RESULTS, generated_with, save_results  # benchmarks/: run as scripts
 
-#: The generator settings a fresh held-out set copies from the runs' data set.
-SETTINGS = ("side", "n_noise", "seed", "digits_sha256")
+def _megapixel(out: Path, meta: dict[str, Any], n_test: int) -> None:
+    generate_megapixel_mnist(out, n_train=0, n_test=n_test, side=meta["side"],
+                             n_noise=meta["n_noise"], seed=meta["seed"])
+
+
+def _ultramnist(out: Path, meta: dict[str, Any], n_test: int) -> None:
+    generate_ultramnist(out, n_train=0, n_test=n_test, side=meta["side"],
+                        digits_per_image=tuple(meta["digits_per_image"]),
+                        scale_range=tuple(meta["scale_range"]),
+                        num_classes=meta["num_classes"], seed=meta["seed"])
+
+
+#: Per generated data set (its ``meta.json``'s ``dataset``): the generator settings a fresh
+#: held-out set copies from the runs' data set, and the generator.
+GENERATORS = {
+    "megapixel_mnist": (("side", "n_noise", "seed", "digits_sha256"), _megapixel),
+    "ultramnist": (("side", "digits_per_image", "scale_range", "num_classes", "seed",
+                    "digits_source"), _ultramnist),
+}
 
 
 def heldout_data(data: Path, images: int) -> tuple[Path, range]:
     """A data set of ``data``'s generator settings with no training images and more held-out
     ones (at ``<data>-heldout<images>``, written unless there), and the ``images`` indices of
     its held-out split to predict. The same seed gives the same held-out digit pool, which no
-    training image draws from. The generator draws held-out image ``i`` from a random stream
+    training image draws from. Both generators draw held-out image ``i`` from a random stream
     of its own, the same in both data sets, so the first ``n_test`` (``data``'s held-out
-    images) are skipped: the ones predicted share no stream with the runs' own."""
+    images) are skipped: the ones predicted share no stream with the runs' own. (UltraMNIST
+    balances its labels over the split, so image ``i`` of the two sets is the same image
+    where its label is.)"""
     meta = json.loads((data / "meta.json").read_text())
-    if meta.get("dataset") != "megapixel_mnist":
-        raise SystemExit(f"{data}: not a Megapixel-MNIST data set (its meta.json says "
-                         f"{meta.get('dataset')!r}); this benchmark re-measures z_cache.py's "
-                         "Megapixel-MNIST runs.")
+    if meta.get("dataset") not in GENERATORS:
+        raise SystemExit(f"{data}: its meta.json says dataset {meta.get('dataset')!r}; this "
+                         f"benchmark regenerates {' and '.join(GENERATORS)} data sets only "
+                         "(benchmarks/z_cache.py's accuracy runs).")
+    settings, generate = GENERATORS[meta["dataset"]]
     skip = int(meta["n_test"])
     out = data.parent / f"{data.name}-heldout{images}"
-    want = {**{k: meta[k] for k in SETTINGS}, "n_train": 0, "n_test": skip + images}
+    want = {**{k: meta[k] for k in settings}, "n_train": 0, "n_test": skip + images}
     if not generated_with(out, want):
-        generate_megapixel_mnist(out, n_train=0, n_test=skip + images, side=meta["side"],
-                                 n_noise=meta["n_noise"], seed=meta["seed"])
+        generate(out, meta, skip + images)
     return out, range(skip, skip + images)
+
+
+def data_dir(cfg: Config) -> Path:
+    """The generated data set a run trained on: ``data.root``, or for a ``csv`` run (the
+    demo) the folder of its held-out CSV."""
+    return Path(cfg.data.root) if cfg.data.root else Path(cfg.data.val_csv).parent
 
 
 def correct(method: Method, task: Task, cfg: Config,
@@ -86,7 +116,10 @@ def correct(method: Method, task: Task, cfg: Config,
     ``fresh`` one's images (:func:`heldout_data`)."""
     if fresh is not None:
         cfg = copy.deepcopy(cfg)
-        cfg.data.root = str(fresh[0])
+        if cfg.data.root:
+            cfg.data.root = str(fresh[0])
+        else:  # a csv run: the same file names in the fresh set's folder
+            cfg.data.val_csv = str(fresh[0] / Path(cfg.data.val_csv).name)
     ds = open_dataset(cfg, "val")
     loader = loader_for(ds if fresh is None else Subset(ds, fresh[1]), cfg, task,
                         shuffle=False)
@@ -110,7 +143,7 @@ def run_results(run: Path, images: int, device: torch.device, kept: dict[str, An
     last, summary = run / "last.pt", run / "summary.json"
     if not last.is_file() or not summary.is_file():
         raise SystemExit(f"{run}: no last.pt and summary.json; pass a finished run directory "
-                         "of benchmarks/z_cache.py (runs/<dir>/zcache_megapixel_<policy>).")
+                         "of benchmarks/z_cache.py (runs/<dir>/zcache_<task>_<policy>).")
     stamp = f"{last.stat().st_size}:{last.stat().st_mtime_ns}"
     old = kept.get(str(run))
     if old is not None and old.get("stamp") == stamp and old.get("images") == images:
@@ -123,7 +156,7 @@ def run_results(run: Path, images: int, device: torch.device, kept: dict[str, An
         raise SystemExit(f"{run}: last.pt predicts {accuracy:.4f} of its held-out images, but "
                          f"the run recorded a final val_accuracy of {want:.4f}; is last.pt the "
                          "final epoch's (was the run resumed or cut off)?")
-    fresh = correct(method, task, cfg, heldout_data(Path(cfg.data.root), images))
+    fresh = correct(method, task, cfg, heldout_data(data_dir(cfg), images))
     return {"stamp": stamp, "images": images, "seed": cfg.seed,
             "own": "".join("1" if v else "0" for v in own.tolist()),
             "fresh": "".join("1" if v else "0" for v in fresh.tolist())}
@@ -199,11 +232,11 @@ def main() -> int:
         for run in (a, b):
             if not (run / "config.yaml").is_file():
                 p.error(f"--pair: {run} has no config.yaml; pass a run directory of "
-                        "benchmarks/z_cache.py (runs/<dir>/zcache_megapixel_<policy>)")
+                        "benchmarks/z_cache.py (runs/<dir>/zcache_<task>_<policy>)")
         first, second = (load_config(run / "config.yaml") for run in (a, b))
-        if (first.seed, first.data.root) != (second.seed, second.data.root):
-            p.error(f"--pair {a} {b}: seed {first.seed} on {first.data.root} and seed "
-                    f"{second.seed} on {second.data.root}; a pair is one seed's two runs on "
+        if (first.seed, data_dir(first)) != (second.seed, data_dir(second)):
+            p.error(f"--pair {a} {b}: seed {first.seed} on {data_dir(first)} and seed "
+                    f"{second.seed} on {data_dir(second)}; a pair is one seed's two runs on "
                     "one data set (their fresh held-out images are drawn from it)")
     for a, b in pairs:
         for run in (a, b):
