@@ -30,7 +30,8 @@
    the time shares then compare with that earlier run's clock.
 4. **IPS selection reuse** (``--ips``): IPS's CPU config (M = 16, I = 32; majority only) on the
    same data, the exact scan vs ``method.selection_refresh: 0.2`` (each image's previous top-M
-   plus a fifth of the other cells), the same two measures; ``--mm-side`` and ``--tag`` as in 3.
+   plus a fifth of the other cells; ``--ips-refresh R`` another share), the same two measures;
+   ``--mm-side``, ``--mm-seed`` and ``--tag`` as in 3.
 5. **Noise floor** (``--noise-floor EPS``, with 3's settings and a pretrained θ1): the exact
    fill again with θ1's starting weights scaled by ``1 + EPS·N(0, 1)`` (EPS 1e-6: a few
    float32 ulps), to see how far one seed's final accuracy moves for a change no one could
@@ -329,18 +330,21 @@ def from_cells(cfg: Config, data: Path) -> None:
 
 
 def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
-             side: int = 500) -> dict[str, Any]:
+             side: int = 500, refresh: float = 0.2, seed: int = 0) -> dict[str, Any]:
     """IPS (the CPU config: M = 16, I = 32, ``tiny_cnn_small``; majority only) with the exact
-    selection scan vs ``selection_refresh: 0.2``, the same two measures."""
+    selection scan vs ``selection_refresh: refresh`` (default 0.2, :data:`IPS_POLICIES`), the
+    same two measures, under ``seed``."""
     data = megapixel_data(n_train, side)
     cfg = load_config(ROOT / "configs" / "megapixel_mnist_ips_cpu.yaml")
-    cfg.name, cfg.data.root = "zcache_ips", str(data)
+    cfg.name, cfg.data.root, cfg.seed = "zcache_ips", str(data), seed
     cfg.data.tasks, cfg.data.multilabel = ["majority"], []
     cfg.train.epochs, cfg.train.progress, cfg.train.out_dir = epochs, False, str(runs)
     if pretrained:
         from_cells(cfg, data)
-    out = policy_runs(cfg.validate(), "ips", n_train, IPS_POLICIES)
+    policies = {**IPS_POLICIES, "refresh": {"selection_refresh": refresh}}
+    out = policy_runs(cfg.validate(), "ips", n_train, policies)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
+    out["selection_refresh"], out["seed"] = refresh, seed
     return out
 
 
@@ -559,7 +563,9 @@ def table(results: dict[str, Any]) -> list[str]:
         elif key.startswith("ips"):
             side = a.get("side", 500)
             title = (f"IPS, Megapixel MNIST majority ({side}², M = 16, I = 32, "
-                     f"{a['n_train']} training images; refresh = `selection_refresh: 0.2`)")
+                     f"{a['n_train']} training images; refresh = `selection_refresh: "
+                     f"{a.get('selection_refresh', 0.2):g}`"
+                     + (f", seed {a['seed']}" if a.get("seed") else "") + ")")
         else:
             side = a.get("side", 500)
             title = (f"Megapixel MNIST ({side}², N = {(side // 50) ** 2}, k = 10, J = 2, batch "
@@ -621,7 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mm-train", type=int, default=3000,
                    help="Megapixel-MNIST training images")
     p.add_argument("--ips", action="store_true",
-                   help="also IPS's selection reuse on Megapixel MNIST (--mm-* sizes)")
+                   help="also IPS's selection reuse on Megapixel MNIST (--mm-* sizes, "
+                        "--mm-seed)")
+    p.add_argument("--ips-refresh", type=float, default=0.2, metavar="R",
+                   help="--ips: the reusing run's method.selection_refresh (default 0.2)")
     p.add_argument("--mm-side", type=int, default=500,
                    help="Megapixel-MNIST canvas side (patch 50: N = (side / 50)² cells)")
     p.add_argument("--mm-pretrained", action="store_true",
@@ -705,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ips:
         key = f"ips_{args.tag}" if args.tag else "ips"
         results[key] = ips_rows(args.epochs, args.mm_train, args.runs, args.mm_pretrained,
-                                args.mm_side)
+                                args.mm_side, args.ips_refresh, args.mm_seed)
     save_results("z_cache", results, table)
     return 0
 
