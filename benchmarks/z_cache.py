@@ -683,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse_exact and not (args.megapixel and args.mm_pretrained):
         p.error("--reuse-exact: only with --megapixel --mm-pretrained (the stored exact runs "
                 "are of a pretrained θ1)")
+    if not 0 < args.ips_refresh <= 1:  # checked before the exact run trains, not after
+        p.error(f"--ips-refresh {args.ips_refresh:g}: method.selection_refresh must be in "
+                "(0, 1] (the share of the other cells scanned per step)")
     saved = RESULTS / "z_cache.json"
     want = {"seed": args.mm_seed, "side": args.mm_side, "n_train": args.mm_train,
             "encoder_lr": args.mm_encoder_lr, "pretrained": True, "epochs": args.epochs}
