@@ -94,8 +94,8 @@ from bench_data import RESULTS, save_results  # benchmarks/: run as scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = {"none": {}, "refresh": {"z_cache": "refresh", "z_refresh": 0.1}}
-#: IPS: the exact selection scan vs reusing each image's previous top-M plus a fifth of the rest.
-IPS_POLICIES = {"none": {}, "refresh": {"selection_refresh": 0.2}}
+#: IPS's reusing run: each image's previous top-M plus this share of the rest (``--ips-refresh``).
+IPS_REFRESH = 0.2
 
 
 def with_policy(cfg: Config, name: str, policies: dict[str, dict[str, Any]]) -> Config:
@@ -330,9 +330,9 @@ def from_cells(cfg: Config, data: Path) -> None:
 
 
 def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
-             side: int = 500, refresh: float = 0.2, seed: int = 0) -> dict[str, Any]:
+             side: int = 500, refresh: float = IPS_REFRESH, seed: int = 0) -> dict[str, Any]:
     """IPS (the CPU config: M = 16, I = 32, ``tiny_cnn_small``; majority only) with the exact
-    selection scan vs ``selection_refresh: refresh`` (default 0.2, :data:`IPS_POLICIES`), the
+    selection scan vs ``selection_refresh: refresh`` (default :data:`IPS_REFRESH`), the
     same two measures, under ``seed``."""
     data = megapixel_data(n_train, side)
     cfg = load_config(ROOT / "configs" / "megapixel_mnist_ips_cpu.yaml")
@@ -341,7 +341,7 @@ def ips_rows(epochs: int, n_train: int, runs: Path, pretrained: bool = False,
     cfg.train.epochs, cfg.train.progress, cfg.train.out_dir = epochs, False, str(runs)
     if pretrained:
         from_cells(cfg, data)
-    policies = {**IPS_POLICIES, "refresh": {"selection_refresh": refresh}}
+    policies = {"none": {}, "refresh": {"selection_refresh": refresh}}
     out = policy_runs(cfg.validate(), "ips", n_train, policies)
     out["n_train"], out["pretrained"], out["side"] = n_train, pretrained, side
     out["selection_refresh"], out["seed"] = refresh, seed
@@ -564,7 +564,7 @@ def table(results: dict[str, Any]) -> list[str]:
             side = a.get("side", 500)
             title = (f"IPS, Megapixel MNIST majority ({side}², M = 16, I = 32, "
                      f"{a['n_train']} training images; refresh = `selection_refresh: "
-                     f"{a.get('selection_refresh', 0.2):g}`"
+                     f"{a.get('selection_refresh', IPS_REFRESH):g}`"
                      + (f", seed {a['seed']}" if a.get("seed") else "") + ")")
         else:
             side = a.get("side", 500)
@@ -629,8 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ips", action="store_true",
                    help="also IPS's selection reuse on Megapixel MNIST (--mm-* sizes, "
                         "--mm-seed)")
-    p.add_argument("--ips-refresh", type=float, default=0.2, metavar="R",
-                   help="--ips: the reusing run's method.selection_refresh (default 0.2)")
+    p.add_argument("--ips-refresh", type=float, default=IPS_REFRESH, metavar="R",
+                   help=f"--ips: the reusing run's method.selection_refresh (default "
+                        f"{IPS_REFRESH:g})")
     p.add_argument("--mm-side", type=int, default=500,
                    help="Megapixel-MNIST canvas side (patch 50: N = (side / 50)² cells)")
     p.add_argument("--mm-pretrained", action="store_true",

